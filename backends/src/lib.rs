@@ -1,1 +1,26 @@
+//! Outboard's device backends, one binary each (`outboard-uart`,
+//! `outboard-scratch`). Each module holds a device model and the `main` of its
+//! binary; the binaries are thin wrappers so that the `outboard` CLI can also
+//! start a built-in backend when its binary is not installed beside it.
 
+#![deny(missing_docs)]
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+pub mod scratch;
+pub mod uart;
+
+/// `main` of a backend binary: takes its arguments, returns its exit status.
+pub type BackendMain = fn(Vec<OsString>) -> ExitCode;
+
+/// Every backend in this crate, by binary name.
+pub const BUILTIN: &[(&str, BackendMain)] = &[
+    ("outboard-uart", |a| uart::main(a)),
+    ("outboard-scratch", |a| scratch::main(a)),
+];
+
+/// The `main` of the built-in backend named `name`, if there is one.
+pub fn builtin(name: &str) -> Option<BackendMain> {
+    BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+}

@@ -1,1 +1,52 @@
+//! Outboard backend runtime: write a device model, get an out-of-process
+//! device that any Outboard frontend can drive.
+//!
+//! A backend is one process serving one [`Device`]. The frontend (the VMM
+//! side) connects to it over a Unix control socket, negotiates the protocol,
+//! reads the device's [`Region`]s, places them in guest address space and
+//! hands over one ioregionfd data socket per region. From then on every guest
+//! access arrives as a 32-byte command (see [`outboard_protocol::ioregionfd`])
+//! and the runtime calls [`Device::read`] or [`Device::write`] with the
+//! region index and the offset inside the region.
+//!
+//! A complete backend:
+//!
+//! ```no_run
+//! use outboard::{AccessSize, Device, Region};
+//!
+//! struct Latch(u64);
+//!
+//! impl Device for Latch {
+//!     fn name(&self) -> &str { "latch" }
+//!     fn regions(&self) -> Vec<Region> { vec![Region::mmio("latch", 8)] }
+//!     fn read(&mut self, _: u32, _: u64, _: AccessSize) -> u64 { self.0 }
+//!     fn write(&mut self, _: u32, _: u64, _: AccessSize, v: u64) { self.0 = v }
+//!     fn reset(&mut self) { self.0 = 0 }
+//! }
+//!
+//! #[derive(clap::Args)]
+//! struct NoOptions {}
+//!
+//! fn main() -> std::process::ExitCode {
+//!     outboard::run("latch", std::env::args_os(), |_: NoOptions| {
+//!         Ok::<_, std::io::Error>(Latch(0))
+//!     })
+//! }
+//! ```
+//!
+//! The runtime ([`runtime::Backend`]) is one epoll loop over the control
+//! socket, every data socket and the device's own fds ([`Device::event_fds`]).
+//! It drains each readable data socket in batches, serves commands in order,
+//! and answers only commands with the resp bit, so posted writes cost the
+//! guest no round trip.
 
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod device;
+pub mod runtime;
+
+pub use cli::{run, BackendArgs};
+pub use device::{Device, EventOutcome, Region, Space};
+pub use outboard_protocol::control::DeviceKind;
+pub use outboard_protocol::AccessSize;

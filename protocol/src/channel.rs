@@ -120,7 +120,11 @@ impl Channel {
 
     /// Sends a successful reply carrying `payload`.
     pub fn reply<P: Payload>(&self, request: u32, payload: &P) -> Result<(), Error> {
-        self.send(Header::reply(request, P::SIZE, false), &payload.encode(), &[])
+        self.send(
+            Header::reply(request, P::SIZE, false),
+            &payload.encode(),
+            &[],
+        )
     }
 
     /// Sends an acknowledgement ([`Status::Ok`]).
@@ -228,7 +232,8 @@ mod tests {
     #[test]
     fn recv_when_header_cut_short_then_truncated() {
         let (a, b) = pair();
-        a.send_raw(&[1, 0, 0], &[]).unwrap_or_else(|e| panic!("{e}"));
+        a.send_raw(&[1, 0, 0], &[])
+            .unwrap_or_else(|e| panic!("{e}"));
         drop(a);
         assert!(matches!(b.recv(), Err(Error::Truncated)));
     }
@@ -264,7 +269,8 @@ mod tests {
         let (a, b) = pair();
         let mut h = Header::request(Request::Reset, 0, true);
         h.flags = 7;
-        a.send_raw(&h.encode(), &[]).unwrap_or_else(|e| panic!("{e}"));
+        a.send_raw(&h.encode(), &[])
+            .unwrap_or_else(|e| panic!("{e}"));
         match b.recv() {
             Err(Error::Header { request, source }) => {
                 assert_eq!(request, Request::Reset as u32);

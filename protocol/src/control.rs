@@ -96,7 +96,9 @@ pub enum Error {
     #[error("unknown status code {0}")]
     UnknownStatus(u32),
     /// no common protocol version: ours {our_min}..={our_max}, peer {peer_min}..={peer_max}
-    #[error("no common protocol version: ours {our_min}..={our_max}, peer {peer_min}..={peer_max}")]
+    #[error(
+        "no common protocol version: ours {our_min}..={our_max}, peer {peer_min}..={peer_max}"
+    )]
     NoCommonVersion {
         /// Our oldest version.
         our_min: u32,
@@ -213,6 +215,8 @@ pub enum Status {
     DeviceError = 13,
     /// A request arrived as a reply, or a reply as a request.
     UnexpectedReply = 14,
+    /// A file descriptor of the wrong kind (a data socket must be a stream socket).
+    BadFd = 15,
 }
 
 impl Status {
@@ -234,6 +238,7 @@ impl Status {
             12 => Status::ReservedFlags,
             13 => Status::DeviceError,
             14 => Status::UnexpectedReply,
+            15 => Status::BadFd,
             other => return Err(Error::UnknownStatus(other)),
         })
     }
@@ -269,6 +274,7 @@ impl std::fmt::Display for Status {
             Status::ReservedFlags => "reserved flag bits set",
             Status::DeviceError => "device error",
             Status::UnexpectedReply => "unexpected reply",
+            Status::BadFd => "file descriptor of the wrong kind",
         };
         f.write_str(s)
     }
@@ -734,7 +740,10 @@ mod tests {
     fn header_when_reserved_flags_then_error() {
         let mut h = Header::request(Request::Reset, 0, true);
         h.flags |= 1 << 20;
-        assert_eq!(Header::decode(&h.encode()), Err(Error::ReservedFlags(1 << 20)));
+        assert_eq!(
+            Header::decode(&h.encode()),
+            Err(Error::ReservedFlags(1 << 20))
+        );
     }
 
     #[test]
@@ -757,7 +766,7 @@ mod tests {
     #[test]
     fn status_when_unknown_code_then_error() {
         assert_eq!(Status::from_u32(500), Err(Error::UnknownStatus(500)));
-        for code in 0..=14 {
+        for code in 0..=15 {
             let s = Status::from_u32(code).map(|s| s as u32);
             assert_eq!(s, Ok(code));
         }
@@ -846,8 +855,14 @@ mod tests {
         assert_eq!(check_name(&"x".repeat(65), 64), Err(Error::NameTooLong(64)));
         let mut r = [0u8; 8];
         r[4] = 1;
-        assert_eq!(DeviceInfo::decode(&[1u8; 80]), Err(Error::Reserved("device info")));
-        assert_eq!(RegionIndex::decode(&r), Err(Error::Reserved("region index")));
+        assert_eq!(
+            DeviceInfo::decode(&[1u8; 80]),
+            Err(Error::Reserved("device info"))
+        );
+        assert_eq!(
+            RegionIndex::decode(&r),
+            Err(Error::Reserved("region index"))
+        );
     }
 
     #[test]
@@ -882,7 +897,10 @@ mod tests {
         assert_eq!(SetRegion::decode(&s.encode()), Ok(s));
         let mut b = s.encode();
         b[4] = 2;
-        assert_eq!(SetRegion::decode(&b), Err(Error::Reserved("set region flags")));
+        assert_eq!(
+            SetRegion::decode(&b),
+            Err(Error::Reserved("set region flags"))
+        );
     }
 
     #[test]

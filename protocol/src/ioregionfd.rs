@@ -78,7 +78,12 @@ pub enum AccessSize {
 
 impl AccessSize {
     /// Every access size, smallest first.
-    pub const ALL: [AccessSize; 4] = [AccessSize::B1, AccessSize::B2, AccessSize::B4, AccessSize::B8];
+    pub const ALL: [AccessSize; 4] = [
+        AccessSize::B1,
+        AccessSize::B2,
+        AccessSize::B4,
+        AccessSize::B8,
+    ];
 
     /// The access size for a width in bytes.
     pub fn from_bytes(bytes: u64) -> Result<Self, Error> {
@@ -284,7 +289,14 @@ mod tests {
 
     #[test]
     fn cmd_layout_when_encoded_then_matches_rfc() {
-        let b = Cmd::write(0x0102_0304_0506_0708, 0x10, AccessSize::B4, 0xaabb_ccdd, false).encode();
+        let b = Cmd::write(
+            0x0102_0304_0506_0708,
+            0x10,
+            AccessSize::B4,
+            0xaabb_ccdd,
+            false,
+        )
+        .encode();
         assert_eq!(b[0], 1);
         assert_eq!(b[1], 0x10 | 2);
         assert_eq!(&b[2..8], &[0; 6]);

@@ -1,1 +1,3 @@
-fn main(){}
+fn main() -> std::process::ExitCode {
+    outboard_backends::scratch::main(std::env::args_os())
+}

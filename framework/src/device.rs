@@ -1,0 +1,212 @@
+//! What a device model implements: the [`Device`] trait and [`Region`] descriptions.
+
+use std::os::fd::RawFd;
+
+use outboard_protocol::control::{
+    DeviceKind, RegionInfo, REGION_FAST_MMIO, REGION_PIO, REGION_POSTED_WRITES,
+    REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE,
+};
+use outboard_protocol::AccessSize;
+
+/// Which guest address space a region lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Space {
+    /// Memory-mapped I/O.
+    Mmio,
+    /// x86 port I/O.
+    Pio,
+}
+
+/// One region a device offers: a window of guest address space whose
+/// accesses arrive at [`Device::read`] and [`Device::write`] with an offset
+/// relative to the region start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// Name shown to the frontend and in logs (at most 32 bytes).
+    pub name: String,
+    /// Address space.
+    pub space: Space,
+    /// Size in bytes.
+    pub size: u64,
+    /// The guest may read.
+    pub readable: bool,
+    /// The guest may write.
+    pub writable: bool,
+    /// Writes may be posted (the device's writes have no result the guest waits for).
+    pub posted_writes: bool,
+    /// Sizeless FAST_MMIO doorbell region (write-only, data ignored).
+    pub fast_mmio: bool,
+    /// Allowed access sizes as a mask (bit n = `1 << n` bytes).
+    pub access_sizes: u8,
+    /// Address the device would like to be placed at, if any.
+    pub preferred_addr: Option<u64>,
+}
+
+impl Region {
+    fn new(name: &str, space: Space, size: u64) -> Self {
+        Region {
+            name: name.to_owned(),
+            space,
+            size,
+            readable: true,
+            writable: true,
+            posted_writes: false,
+            fast_mmio: false,
+            access_sizes: 0x0f,
+            preferred_addr: None,
+        }
+    }
+
+    /// A read-write MMIO region accepting every access size.
+    pub fn mmio(name: &str, size: u64) -> Self {
+        Region::new(name, Space::Mmio, size)
+    }
+
+    /// A read-write port I/O region accepting every access size.
+    pub fn pio(name: &str, size: u64) -> Self {
+        Region::new(name, Space::Pio, size)
+    }
+
+    /// Restricts the access sizes the region accepts.
+    pub fn access_sizes(mut self, sizes: &[AccessSize]) -> Self {
+        self.access_sizes = sizes.iter().fold(0, |m, s| m | s.mask_bit());
+        self
+    }
+
+    /// Declares that writes may be posted.
+    pub fn posted_writes(mut self) -> Self {
+        self.posted_writes = true;
+        self
+    }
+
+    /// Makes the region read-only.
+    pub fn read_only(mut self) -> Self {
+        self.writable = false;
+        self
+    }
+
+    /// Makes the region write-only.
+    pub fn write_only(mut self) -> Self {
+        self.readable = false;
+        self
+    }
+
+    /// Asks to be placed at `addr` unless the frontend's configuration says otherwise.
+    pub fn preferred_addr(mut self, addr: u64) -> Self {
+        self.preferred_addr = Some(addr);
+        self
+    }
+
+    /// True when an access of `size` at `offset` fits the region and its size mask.
+    pub fn allows(&self, offset: u64, size: AccessSize) -> bool {
+        self.access_sizes & size.mask_bit() != 0
+            && offset
+                .checked_add(size.bytes())
+                .is_some_and(|end| end <= self.size)
+    }
+
+    /// The wire description of this region at `index`.
+    pub fn to_info(&self, index: u32) -> RegionInfo {
+        let mut flags = 0;
+        for (set, bit) in [
+            (self.space == Space::Pio, REGION_PIO),
+            (self.readable, REGION_READ),
+            (self.writable, REGION_WRITE),
+            (self.posted_writes, REGION_POSTED_WRITES),
+            (self.fast_mmio, REGION_FAST_MMIO),
+            (self.preferred_addr.is_some(), REGION_PREFERRED_ADDR),
+        ] {
+            if set {
+                flags |= bit;
+            }
+        }
+        RegionInfo {
+            index,
+            flags,
+            size: self.size,
+            preferred_addr: self.preferred_addr.unwrap_or(0),
+            access_sizes: self.access_sizes,
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// What the runtime does with a device fd after [`Device::handle_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Keep watching the fd.
+    Keep,
+    /// Stop watching the fd (it reached end of file, say).
+    Remove,
+}
+
+/// A device model served by the Outboard runtime.
+///
+/// The runtime calls these methods from its single event-loop thread, one at
+/// a time, in the order the guest's accesses arrived on each data socket.
+/// Accesses that do not fit a region (outside it, a size the region does not
+/// allow, or a direction it does not permit) are filtered out before they
+/// reach the device: reads of them return all-ones and writes are dropped.
+pub trait Device {
+    /// Human-readable device name (at most 64 bytes).
+    fn name(&self) -> &str;
+
+    /// What kind of device this is.
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::OTHER
+    }
+
+    /// The regions the device offers; their indices are positions in this list.
+    /// Called once, at start-up.
+    fn regions(&self) -> Vec<Region>;
+
+    /// A guest read of `size` bytes at `offset` into region `region`.
+    fn read(&mut self, region: u32, offset: u64, size: AccessSize) -> u64;
+
+    /// A guest write of `value` (already truncated to `size`) at `offset` into region `region`.
+    fn write(&mut self, region: u32, offset: u64, size: AccessSize, value: u64);
+
+    /// Return to the power-on state.
+    fn reset(&mut self);
+
+    /// The device's own fds (input sources, timers) the event loop should
+    /// watch for readability. Called once, at start-up.
+    fn event_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
+    /// The fd at `index` of [`Device::event_fds`] is readable (or hung up).
+    fn handle_event(&mut self, index: usize) -> EventOutcome {
+        let _ = index;
+        EventOutcome::Remove
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_when_access_crosses_end_then_false() {
+        let r = Region::mmio("r", 8).access_sizes(&[AccessSize::B4]);
+        assert!(r.allows(4, AccessSize::B4));
+        assert!(!r.allows(5, AccessSize::B4));
+        assert!(!r.allows(0, AccessSize::B8));
+        assert!(!r.allows(u64::MAX, AccessSize::B4));
+    }
+
+    #[test]
+    fn to_info_when_pio_with_preferred_addr_then_flags_set() {
+        let i = Region::pio("uart", 8)
+            .access_sizes(&[AccessSize::B1])
+            .posted_writes()
+            .preferred_addr(0x3f8)
+            .to_info(0);
+        assert_eq!(
+            i.flags,
+            REGION_PIO | REGION_READ | REGION_WRITE | REGION_POSTED_WRITES | REGION_PREFERRED_ADDR
+        );
+        assert_eq!(i.access_sizes, 1);
+        assert_eq!(i.preferred_addr, 0x3f8);
+    }
+}

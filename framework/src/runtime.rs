@@ -1,0 +1,590 @@
+//! The backend event loop: one epoll set over the control socket, every
+//! region's data socket and the device's own fds.
+//!
+//! On a readable data socket the loop drains every queued command (up to
+//! [`BATCH_BYTES`] per `recv`), serves them in arrival order, and sends the
+//! responses of the batch with a single write, only for commands with the
+//! resp bit. Control requests are answered as `docs/protocol.md` says.
+//!
+//! The loop ends with `Ok(())` when the frontend closes the control socket or
+//! sends SHUTDOWN, and with an [`Error`] on a protocol violation: a header
+//! that loses framing, a malformed data command, or a command whose
+//! `user_data` names no region.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use log::{debug, info, warn};
+use outboard_protocol::channel::{self, Channel, Message};
+use outboard_protocol::control::{
+    self, DeviceInfo, Hello, Negotiated, Payload, RegionIndex, RegionInfo, Request, SetRegion,
+    Status, FEATURES_SUPPORTED, F_POSTED_WRITES,
+};
+use outboard_protocol::ioregionfd::{self, Cmd, Op, Resp, CMD_SIZE};
+use thiserror::Error;
+
+use crate::device::{Device, EventOutcome, Region};
+
+/// Bytes read from a data socket per `recv`: 512 commands.
+pub const BATCH_BYTES: usize = 512 * CMD_SIZE;
+/// `recv` calls on one data socket per wake-up before other fds get a turn.
+const MAX_READS_PER_WAKE: usize = 16;
+
+const TOKEN_CONTROL: u64 = 0;
+const TOKEN_DATA: u64 = 1 << 32;
+const TOKEN_DEVICE: u64 = 2 << 32;
+const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
+
+/// Errors that end the backend's event loop.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot create the event loop
+    #[error("cannot create the event loop")]
+    Epoll(#[source] io::Error),
+    /// control channel failed
+    #[error("control channel failed")]
+    Control(#[source] channel::Error),
+    /// protocol violation on the control channel
+    #[error("protocol violation on the control channel")]
+    ControlViolation(#[source] control::Error),
+    /// protocol violation on the data socket of region {region}
+    #[error("protocol violation on the data socket of region {region}")]
+    DataViolation {
+        /// Region whose socket carried the command.
+        region: u32,
+        /// What was malformed.
+        #[source]
+        source: ioregionfd::Error,
+    },
+    /// command with unknown user_data {user_data:#x} on the data socket of region {region}
+    #[error("command with unknown user_data {user_data:#x} on the data socket of region {region}")]
+    UnknownUserData {
+        /// Region whose socket carried the command.
+        region: u32,
+        /// The token no region was set with.
+        user_data: u64,
+    },
+    /// data socket of region {region} failed
+    #[error("data socket of region {region} failed")]
+    DataIo {
+        /// Region of the socket.
+        region: u32,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// device declares {0} regions, more than the protocol can index
+    #[error("device declares {0} regions, more than the protocol can index")]
+    TooManyRegions(usize),
+    /// device region {index} is invalid
+    #[error("device region {index} is invalid")]
+    BadRegion {
+        /// Index of the offending region.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: control::Error,
+    },
+}
+
+/// A placed region: where the frontend put it and which socket carries it.
+#[derive(Debug)]
+struct Placement {
+    set: SetRegion,
+    slot: usize,
+}
+
+/// One data socket with its partially received command bytes.
+#[derive(Debug)]
+struct DataSocket {
+    sock: UnixStream,
+    region: u32,
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// What the loop does after handling a control message.
+enum Flow {
+    Continue,
+    Exit,
+}
+
+/// The runtime serving one [`Device`] to one frontend.
+#[derive(Debug)]
+pub struct Backend<D: Device> {
+    device: D,
+    regions: Vec<Region>,
+    control: Channel,
+    epoll: OwnedFd,
+    negotiated: Option<Negotiated>,
+    placements: Vec<Option<Placement>>,
+    sockets: Vec<Option<DataSocket>>,
+    by_user_data: HashMap<u64, u32>,
+    device_fds: Vec<RawFd>,
+    responses: Vec<u8>,
+    rejected_accesses: u64,
+}
+
+impl<D: Device> Backend<D> {
+    /// Prepares to serve `device` on a connected control socket.
+    pub fn new(device: D, control: UnixStream) -> Result<Self, Error> {
+        let regions = device.regions();
+        if regions.len() > u32::MAX as usize {
+            return Err(Error::TooManyRegions(regions.len()));
+        }
+        for (index, r) in regions.iter().enumerate() {
+            control::check_name(&r.name, control::REGION_NAME_LEN)
+                .map_err(|source| Error::BadRegion { index, source })?;
+            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 {
+                return Err(Error::BadRegion {
+                    index,
+                    source: control::Error::AccessSizes(r.access_sizes),
+                });
+            }
+        }
+        let epfd = epoll::create(true).map_err(Error::Epoll)?;
+        // SAFETY: epoll_create1 just returned this fd; nothing else owns it.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let device_fds = device.event_fds();
+        let backend = Backend {
+            placements: regions.iter().map(|_| None).collect(),
+            device,
+            regions,
+            control: Channel::new(control),
+            epoll,
+            negotiated: None,
+            sockets: Vec::new(),
+            by_user_data: HashMap::new(),
+            device_fds,
+            responses: Vec::with_capacity(BATCH_BYTES),
+            rejected_accesses: 0,
+        };
+        backend.watch(backend.control.as_raw_fd(), TOKEN_CONTROL)?;
+        for i in 0..backend.device_fds.len() {
+            backend.watch(backend.device_fds[i], TOKEN_DEVICE | i as u64)?;
+        }
+        Ok(backend)
+    }
+
+    /// The device being served.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn watch(&self, fd: RawFd, token: u64) -> Result<(), Error> {
+        epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::EPOLLIN, token),
+        )
+        .map_err(Error::Epoll)
+    }
+
+    fn unwatch(&self, fd: RawFd) {
+        if let Err(e) = epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            fd,
+            epoll::Event::new(epoll::Events::empty(), 0),
+        ) {
+            warn!("cannot stop watching fd {fd}: {e}");
+        }
+    }
+
+    /// Serves until the frontend disconnects or shuts the device down.
+    pub fn run(&mut self) -> Result<(), Error> {
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 32];
+        loop {
+            let n = match epoll::wait(self.epoll.as_raw_fd(), -1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Epoll(e)),
+            };
+            for ev in &events[..n] {
+                let token = ev.data;
+                match token & TOKEN_KIND_MASK {
+                    TOKEN_DATA => self.serve_data((token & 0xffff_ffff) as usize)?,
+                    TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize),
+                    _ => {
+                        if let Flow::Exit = self.serve_control()? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve_device_fd(&mut self, index: usize) {
+        if self.device.handle_event(index) == EventOutcome::Remove {
+            if let Some(&fd) = self.device_fds.get(index) {
+                self.unwatch(fd);
+            }
+        }
+    }
+
+    fn serve_control(&mut self) -> Result<Flow, Error> {
+        let msg = match self.control.recv() {
+            Ok(m) => m,
+            Err(channel::Error::Closed) => {
+                info!("frontend closed the control socket; exiting");
+                return Ok(Flow::Exit);
+            }
+            Err(channel::Error::Header { request, source }) => {
+                // Framing is lost: say why, then give up on the connection.
+                let _ = self
+                    .control
+                    .reply_error(request, Status::for_error(&source));
+                return Err(Error::ControlViolation(source));
+            }
+            Err(e) => return Err(Error::Control(e)),
+        };
+        let request = msg.header.request;
+        let need_reply = msg.header.need_reply();
+        match self.handle_request(msg) {
+            Ok((Some(payload), _)) => self
+                .control
+                .send(
+                    control::Header::reply(request, payload.len(), false),
+                    &payload,
+                    &[],
+                )
+                .map_err(Error::Control)?,
+            Ok((None, flow)) => {
+                if need_reply {
+                    self.control.ack(request).map_err(Error::Control)?;
+                }
+                return Ok(flow);
+            }
+            Err((status, fatal)) => {
+                warn!("control request {request} refused: {status}");
+                let always_replies = matches!(
+                    Request::from_u32(request),
+                    Ok(Request::Hello | Request::GetDeviceInfo | Request::GetRegionInfo)
+                );
+                if need_reply || always_replies {
+                    self.control
+                        .reply_error(request, status)
+                        .map_err(Error::Control)?;
+                }
+                if let Some(e) = fatal {
+                    return Err(Error::ControlViolation(e));
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Carries out one request: `Ok((reply payload, flow))` or `Err((status, fatal error))`.
+    #[allow(clippy::type_complexity)]
+    fn handle_request(
+        &mut self,
+        msg: Message,
+    ) -> Result<(Option<Vec<u8>>, Flow), (Status, Option<control::Error>)> {
+        let Message {
+            header,
+            payload,
+            mut fds,
+        } = msg;
+        if header.is_reply() {
+            return Err((Status::UnexpectedReply, None));
+        }
+        let req = Request::from_u32(header.request).map_err(|_| (Status::UnknownRequest, None))?;
+        if fds.len() != req.fd_count() {
+            return Err((Status::BadFdCount, None));
+        }
+        if payload.len() != req.payload_size() {
+            return Err((Status::BadPayload, None));
+        }
+        let bad = |_| (Status::BadPayload, None);
+        if req != Request::Hello && self.negotiated.is_none() {
+            return Err((Status::NotNegotiated, None));
+        }
+        match req {
+            Request::Hello => {
+                if self.negotiated.is_some() {
+                    return Err((Status::Unsupported, None));
+                }
+                let peer = Hello::decode(&payload).map_err(bad)?;
+                let ours = Hello::ours(FEATURES_SUPPORTED);
+                match ours.negotiate(&peer) {
+                    Ok(n) => {
+                        info!(
+                            "negotiated protocol version {} features {:#x}",
+                            n.version, n.features
+                        );
+                        self.negotiated = Some(n);
+                        Ok((Some(ours.encode()), Flow::Continue))
+                    }
+                    Err(e) => Err((Status::NoCommonVersion, Some(e))),
+                }
+            }
+            Request::GetDeviceInfo => Ok((
+                Some(
+                    DeviceInfo {
+                        kind: self.device.kind(),
+                        num_regions: self.regions.len() as u32,
+                        name: self.device.name().to_owned(),
+                    }
+                    .encode(),
+                ),
+                Flow::Continue,
+            )),
+            Request::GetRegionInfo => {
+                let RegionIndex { index } = RegionIndex::decode(&payload).map_err(bad)?;
+                let info: RegionInfo = self
+                    .regions
+                    .get(index as usize)
+                    .ok_or((Status::BadRegionIndex, None))?
+                    .to_info(index);
+                Ok((Some(info.encode()), Flow::Continue))
+            }
+            Request::SetRegion => {
+                let set = SetRegion::decode(&payload).map_err(bad)?;
+                let fd = fds.pop().ok_or((Status::BadFdCount, None))?;
+                self.set_region(set, fd).map_err(|s| (s, None))?;
+                Ok((None, Flow::Continue))
+            }
+            Request::RemoveRegion => {
+                let set = SetRegion::decode(&payload).map_err(bad)?;
+                self.remove_region(set).map_err(|s| (s, None))?;
+                Ok((None, Flow::Continue))
+            }
+            Request::Reset => {
+                info!("reset");
+                self.device.reset();
+                Ok((None, Flow::Continue))
+            }
+            Request::Shutdown => {
+                info!("shutdown requested; exiting");
+                Ok((None, Flow::Exit))
+            }
+            Request::SetMemTable
+            | Request::SetDoorbell
+            | Request::SetIrq
+            | Request::SetDirectMap => Err((Status::Unsupported, None)),
+        }
+    }
+
+    fn set_region(&mut self, set: SetRegion, fd: OwnedFd) -> Result<(), Status> {
+        let index = set.index as usize;
+        let region = self.regions.get(index).ok_or(Status::BadRegionIndex)?;
+        if self.placements[index].is_some() {
+            return Err(Status::RegionBusy);
+        }
+        if set.guest_addr.checked_add(region.size).is_none() {
+            return Err(Status::BadPayload);
+        }
+        if self.by_user_data.contains_key(&set.user_data) {
+            return Err(Status::BadPayload);
+        }
+        let posted_ok = region.posted_writes
+            && self
+                .negotiated
+                .is_some_and(|n| n.features & F_POSTED_WRITES != 0);
+        if set.posted() && !posted_ok {
+            return Err(Status::Unsupported);
+        }
+        if !is_stream_socket(&fd) {
+            return Err(Status::BadFd);
+        }
+        let sock = UnixStream::from(fd);
+        let slot = match self.sockets.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.sockets.push(None);
+                self.sockets.len() - 1
+            }
+        };
+        self.watch(sock.as_raw_fd(), TOKEN_DATA | slot as u64)
+            .map_err(|_| Status::DeviceError)?;
+        info!(
+            "region {index} ({}) set at {:#x}, user_data {:#x}{}",
+            region.name,
+            set.guest_addr,
+            set.user_data,
+            if set.posted() { ", posted writes" } else { "" }
+        );
+        self.sockets[slot] = Some(DataSocket {
+            sock,
+            region: set.index,
+            buf: vec![0u8; BATCH_BYTES],
+            len: 0,
+        });
+        self.by_user_data.insert(set.user_data, set.index);
+        self.placements[index] = Some(Placement { set, slot });
+        Ok(())
+    }
+
+    fn remove_region(&mut self, set: SetRegion) -> Result<(), Status> {
+        let index = set.index as usize;
+        match self.placements.get(index) {
+            None => Err(Status::BadRegionIndex),
+            Some(Some(p)) if p.set == set => {
+                self.take_down(index);
+                info!("region {index} removed");
+                Ok(())
+            }
+            Some(_) => Err(Status::NoSuchRegion),
+        }
+    }
+
+    /// Forgets a placement and closes its data socket.
+    fn take_down(&mut self, index: usize) {
+        if let Some(p) = self.placements.get_mut(index).and_then(Option::take) {
+            self.by_user_data.remove(&p.set.user_data);
+            if let Some(s) = self.sockets.get_mut(p.slot).and_then(Option::take) {
+                self.unwatch(s.sock.as_raw_fd());
+            }
+        }
+    }
+
+    fn serve_data(&mut self, slot: usize) -> Result<(), Error> {
+        for _ in 0..MAX_READS_PER_WAKE {
+            let Some(ds) = self.sockets.get_mut(slot).and_then(Option::as_mut) else {
+                return Ok(());
+            };
+            let region = ds.region;
+            let got = match recv_nonblocking(&ds.sock, &mut ds.buf[ds.len..]) {
+                Ok(0) => {
+                    debug!("data socket of region {region} closed by the frontend");
+                    self.take_down(region as usize);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::DataIo { region, source: e }),
+            };
+            let space = ds.buf.len() - ds.len;
+            ds.len += got;
+            let whole = ds.len - ds.len % CMD_SIZE;
+            // Take the buffer out so the device can be borrowed mutably.
+            let buf = std::mem::take(&mut ds.buf);
+            let result = self.serve_commands(region, &buf[..whole]);
+            let ds = match self.sockets.get_mut(slot).and_then(Option::as_mut) {
+                Some(ds) => ds,
+                None => return result,
+            };
+            ds.buf = buf;
+            ds.buf.copy_within(whole..ds.len, 0);
+            ds.len -= whole;
+            result?;
+            if !self.responses.is_empty() {
+                let out = std::mem::take(&mut self.responses);
+                let sent = (&ds.sock).write_all(&out);
+                self.responses = out;
+                self.responses.clear();
+                sent.map_err(|source| Error::DataIo { region, source })?;
+            }
+            if got < space {
+                // The socket is drained; level-triggered epoll wakes us for more.
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_commands(&mut self, socket_region: u32, bytes: &[u8]) -> Result<(), Error> {
+        for chunk in bytes.chunks_exact(CMD_SIZE) {
+            let mut raw = [0u8; CMD_SIZE];
+            raw.copy_from_slice(chunk);
+            let cmd = Cmd::decode(&raw).map_err(|source| Error::DataViolation {
+                region: socket_region,
+                source,
+            })?;
+            let index = *self
+                .by_user_data
+                .get(&cmd.user_data)
+                .ok_or(Error::UnknownUserData {
+                    region: socket_region,
+                    user_data: cmd.user_data,
+                })?;
+            let region = &self.regions[index as usize];
+            let permitted = match cmd.op {
+                Op::Read => region.readable,
+                Op::Write => region.writable,
+            };
+            let valid = permitted && region.allows(cmd.offset, cmd.size);
+            if !valid {
+                self.rejected_accesses += 1;
+                if self.rejected_accesses.is_power_of_two() {
+                    warn!(
+                        "rejected {:?} of {} bytes at offset {:#x} of region {index} ({} so far)",
+                        cmd.op,
+                        cmd.size.bytes(),
+                        cmd.offset,
+                        self.rejected_accesses
+                    );
+                }
+            }
+            let data = match cmd.op {
+                Op::Read if valid => cmd
+                    .size
+                    .truncate(self.device.read(index, cmd.offset, cmd.size)),
+                Op::Read => cmd.size.all_ones(),
+                Op::Write => {
+                    if valid {
+                        self.device
+                            .write(index, cmd.offset, cmd.size, cmd.size.truncate(cmd.data));
+                    }
+                    0
+                }
+            };
+            if cmd.resp {
+                self.responses.extend_from_slice(&Resp { data }.encode());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn recv_nonblocking(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a live, writable buffer of `buf.len()` bytes for the
+    // duration of the call, and the socket fd is open (borrowed from `sock`).
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// True when `fd` is a stream socket (the only kind of data socket accepted).
+pub(crate) fn is_stream_socket(fd: &impl AsFd) -> bool {
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are live locals of the sizes passed; the fd is
+    // open for the duration of the borrow.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && ty == libc::SOCK_STREAM
+}
+
+impl<D: Device> Drop for Backend<D> {
+    fn drop(&mut self) {
+        if self.rejected_accesses > 0 {
+            warn!(
+                "{} guest accesses were rejected (outside a region, wrong size or direction)",
+                self.rejected_accesses
+            );
+        }
+    }
+}
