@@ -46,7 +46,7 @@ pub const AUX_SIZE: u64 = 0x100;
 /// Size of region 2.
 pub const PORT_SIZE: u64 = 0x10;
 
-/// Options of `outboard-scratch` (none beyond the shared ones).
+/// `outboard-scratch`: a register bank for tests and benchmarks (no device options).
 #[derive(Debug, clap::Args)]
 pub struct ScratchArgs {}
 

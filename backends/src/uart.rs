@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// The conventional COM1 base port.
 pub const COM1: u64 = 0x3f8;
 
-/// Options of `outboard-uart`.
+/// `outboard-uart`: a 16550A UART on one PIO region.
 #[derive(Debug, clap::Args)]
 pub struct UartArgs {
     /// Where the guest's output goes: "stdout" or a file path (appended to).

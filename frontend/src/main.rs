@@ -1,1 +1,196 @@
-fn main() {}
+//! `outboard`: the Outboard frontend command line.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use outboard_frontend::backend::{Builtin, Launcher, Source};
+use outboard_frontend::config::Config;
+use outboard_frontend::{script, DeviceSpec, Frontend, Options};
+
+mod demo;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outboard",
+    version,
+    about = "Run emulated devices in their own processes"
+)]
+struct Cli {
+    /// Log level: off, error, warn, info, debug or trace.
+    #[arg(long, global = true, value_name = "LEVEL", default_value = "warn")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Spawn the uart and scratch backends, drive them as a guest would, print a summary.
+    Demo {
+        /// Longest wait for a backend reply, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Attach the configured devices and run a test-guest script against them.
+    Run {
+        /// TOML configuration listing the devices.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Spawn a backend: program name or path, then its arguments, space-separated.
+        #[arg(long = "device", value_name = "PROGRAM [ARGS]")]
+        devices: Vec<String>,
+        /// Connect to a backend listening on this socket path.
+        #[arg(long = "connect", value_name = "PATH")]
+        sockets: Vec<PathBuf>,
+        /// Test-guest script to run (see `outboard_frontend::script`); default: standard input.
+        #[arg(long, value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// Longest wait for a backend reply, in milliseconds (overrides the config).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+    },
+    /// Run a built-in backend in this process (used when its binary is not installed).
+    #[command(hide = true)]
+    Backend {
+        /// Backend binary name, such as outboard-uart.
+        name: String,
+        /// The backend's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn options(timeout: Duration) -> Options {
+    let mut launcher = Launcher::beside_current_exe();
+    if let Ok(exe) = std::env::current_exe() {
+        launcher.builtin = Some(Builtin {
+            exe,
+            prefix: vec!["backend".into()],
+            names: outboard_backends::BUILTIN
+                .iter()
+                .map(|(n, _)| (*n).to_owned())
+                .collect(),
+        });
+    }
+    Options { timeout, launcher }
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let _ = env_logger::Builder::new()
+        .filter_level(level)
+        .format(|buf, record| {
+            use std::io::Write;
+            writeln!(
+                buf,
+                "outboard: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .try_init();
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Backend { name, args } = cli.command {
+        return match outboard_backends::builtin(&name) {
+            Some(main) => main(std::iter::once(OsString::from(&name)).chain(args).collect()),
+            None => {
+                eprintln!("outboard: error: no built-in backend {name}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    init_logging(cli.log_level);
+    let result = match cli.command {
+        Command::Demo { timeout_ms } => demo::run(options(Duration::from_millis(timeout_ms))),
+        Command::Run {
+            config,
+            devices,
+            sockets,
+            script,
+            timeout_ms,
+        } => run(config, devices, sockets, script, timeout_ms),
+        Command::Backend { .. } => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("outboard: error: {}", chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}
+
+type AnyError = Box<dyn std::error::Error>;
+
+fn run(
+    config: Option<PathBuf>,
+    devices: Vec<String>,
+    sockets: Vec<PathBuf>,
+    script_path: Option<PathBuf>,
+    timeout_ms: Option<u64>,
+) -> Result<(), AnyError> {
+    let mut cfg = match &config {
+        Some(p) => Config::load(p)?,
+        None => Config {
+            timeout: None,
+            devices: Vec::new(),
+        },
+    };
+    for (i, d) in devices.iter().enumerate() {
+        let mut words = d.split_whitespace();
+        let program = words.next().ok_or("empty --device")?;
+        cfg.devices.push(DeviceSpec {
+            source: Source::Spawn {
+                program: program.to_owned(),
+                args: words.map(str::to_owned).collect(),
+            },
+            ..DeviceSpec::spawn(&format!("dev{i}"), program, &[])
+        });
+    }
+    for (i, s) in sockets.into_iter().enumerate() {
+        cfg.devices
+            .push(DeviceSpec::connect(&format!("sock{i}"), s));
+    }
+    if cfg.devices.is_empty() {
+        return Err("no devices: give --config, --device or --connect".into());
+    }
+    let timeout = timeout_ms
+        .map(Duration::from_millis)
+        .or(cfg.timeout)
+        .unwrap_or(Duration::from_secs(1));
+    let mut fe = Frontend::new(options(timeout));
+    for spec in &cfg.devices {
+        fe.attach(spec)?;
+    }
+    let stdout = io::stdout();
+    script::print_map(&fe, &mut stdout.lock())?;
+    let result = match script_path {
+        Some(p) => {
+            let f = File::open(&p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+            script::run(&mut fe, &mut BufReader::new(f), &mut stdout.lock())
+        }
+        None => script::run(&mut fe, &mut io::stdin().lock(), &mut stdout.lock()),
+    };
+    let statuses = fe.shutdown();
+    let done = result?;
+    println!("run: {done} commands, {} devices shut down", statuses.len());
+    Ok(())
+}

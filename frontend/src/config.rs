@@ -1,0 +1,207 @@
+//! The frontend's TOML configuration.
+//!
+//! ```toml
+//! timeout_ms = 1000            # optional: longest wait for a backend reply
+//!
+//! [[device]]
+//! name = "com1"
+//! backend = "outboard-uart"    # program path or name, spawned by the frontend
+//! args = ["--output", "com1.log"]
+//!
+//! [[device]]
+//! name = "scratch"
+//! socket = "/run/scratch.sock" # or: connect to a backend listening here
+//! posted_writes = false        # optional, default true
+//! [[device.region]]
+//! index = 0
+//! addr = 0xd0000000            # optional; default: backend's preference, else next free
+//! [[device.region]]
+//! index = 2
+//! skip = true                  # leave region 2 unplaced
+//! ```
+//!
+//! Configuration is read once at start-up; nothing here is on the data path.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::backend::Source;
+use crate::machine::{DeviceSpec, Placement};
+
+/// Errors reading a configuration.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot read {0}
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// invalid configuration
+    #[error("invalid configuration")]
+    Parse(#[source] toml::de::Error),
+    /// device {0}: give exactly one of `backend` and `socket`
+    #[error("device {0}: give exactly one of `backend` and `socket`")]
+    Source(String),
+    /// device {0}: `args` only apply to a spawned backend
+    #[error("device {0}: `args` only apply to a spawned backend")]
+    ArgsWithSocket(String),
+    /// device {0}: region {1} listed twice
+    #[error("device {0}: region {1} listed twice")]
+    DuplicateRegion(String, u32),
+    /// device name {0} used twice
+    #[error("device name {0} used twice")]
+    DuplicateName(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    timeout_ms: Option<u64>,
+    #[serde(default, rename = "device")]
+    devices: Vec<DeviceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceEntry {
+    name: String,
+    backend: Option<String>,
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    args: Vec<String>,
+    posted_writes: Option<bool>,
+    #[serde(default, rename = "region")]
+    regions: Vec<RegionEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionEntry {
+    index: u32,
+    addr: Option<u64>,
+    #[serde(default)]
+    skip: bool,
+}
+
+/// A parsed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Reply timeout, if set.
+    pub timeout: Option<Duration>,
+    /// Devices in attach order.
+    pub devices: Vec<DeviceSpec>,
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Read(path.to_path_buf(), e))?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let file: File = toml::from_str(text).map_err(Error::Parse)?;
+        let mut devices: Vec<DeviceSpec> = Vec::new();
+        for d in file.devices {
+            if devices.iter().any(|x| x.name == d.name) {
+                return Err(Error::DuplicateName(d.name));
+            }
+            let source = match (d.backend, d.socket) {
+                (Some(program), None) => Source::Spawn {
+                    program,
+                    args: d.args,
+                },
+                (None, Some(socket)) if d.args.is_empty() => Source::Connect { socket },
+                (None, Some(_)) => return Err(Error::ArgsWithSocket(d.name)),
+                _ => return Err(Error::Source(d.name)),
+            };
+            let mut regions: Vec<Placement> = Vec::new();
+            for r in d.regions {
+                if regions.iter().any(|p| p.index == r.index) {
+                    return Err(Error::DuplicateRegion(d.name, r.index));
+                }
+                regions.push(Placement {
+                    index: r.index,
+                    addr: r.addr,
+                    skip: r.skip,
+                });
+            }
+            devices.push(DeviceSpec {
+                name: d.name,
+                source,
+                regions,
+                posted_writes: d.posted_writes.unwrap_or(true),
+            });
+        }
+        Ok(Config {
+            timeout: file.timeout_ms.map(Duration::from_millis),
+            devices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_when_full_example_then_specs() {
+        let c = Config::parse(
+            r#"
+            timeout_ms = 250
+            [[device]]
+            name = "com1"
+            backend = "outboard-uart"
+            args = ["--output", "x.log"]
+            [[device]]
+            name = "s"
+            socket = "/tmp/s.sock"
+            posted_writes = false
+            [[device.region]]
+            index = 0
+            addr = 0xd0000000
+            [[device.region]]
+            index = 2
+            skip = true
+            "#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.timeout, Some(Duration::from_millis(250)));
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(
+            c.devices[1].regions[0],
+            Placement {
+                index: 0,
+                addr: Some(0xd000_0000),
+                skip: false
+            }
+        );
+        assert!(c.devices[1].regions[1].skip);
+        assert!(!c.devices[1].posted_writes);
+    }
+
+    #[test]
+    fn parse_when_both_sources_or_none_then_error() {
+        let both = "[[device]]\nname='a'\nbackend='x'\nsocket='/y'\n";
+        assert!(matches!(Config::parse(both), Err(Error::Source(_))));
+        let none = "[[device]]\nname='a'\n";
+        assert!(matches!(Config::parse(none), Err(Error::Source(_))));
+    }
+
+    #[test]
+    fn parse_when_unknown_key_or_duplicates_then_error() {
+        assert!(matches!(
+            Config::parse("[[device]]\nname='a'\nbackend='x'\ncolour='red'\n"),
+            Err(Error::Parse(_))
+        ));
+        let dup = "[[device]]\nname='a'\nbackend='x'\n[[device]]\nname='a'\nbackend='y'\n";
+        assert!(matches!(Config::parse(dup), Err(Error::DuplicateName(_))));
+        let dup_region = "[[device]]\nname='a'\nbackend='x'\n[[device.region]]\nindex=1\n[[device.region]]\nindex=1\n";
+        assert!(matches!(
+            Config::parse(dup_region),
+            Err(Error::DuplicateRegion(_, 1))
+        ));
+    }
+}
