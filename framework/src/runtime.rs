@@ -206,7 +206,9 @@ impl<D: Device> Backend<D> {
             for ev in &events[..n] {
                 let token = ev.data;
                 match token & TOKEN_KIND_MASK {
-                    TOKEN_DATA => self.serve_data((token & 0xffff_ffff) as usize)?,
+                    TOKEN_DATA => {
+                        self.serve_data((token & 0xffff_ffff) as usize)?;
+                    }
                     TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize),
                     _ => {
                         if let Flow::Exit = self.serve_control()? {
@@ -226,6 +228,16 @@ impl<D: Device> Backend<D> {
         }
     }
 
+    /// Serves every command already queued on every data socket. Called before
+    /// each control request, so that a request (RESET, REMOVE_REGION) takes
+    /// effect after every access the frontend sent before it.
+    fn drain_all(&mut self) -> Result<(), Error> {
+        for slot in 0..self.sockets.len() {
+            while !self.serve_data(slot)? {}
+        }
+        Ok(())
+    }
+
     fn serve_control(&mut self) -> Result<Flow, Error> {
         let msg = match self.control.recv() {
             Ok(m) => m,
@@ -242,6 +254,7 @@ impl<D: Device> Backend<D> {
             }
             Err(e) => return Err(Error::Control(e)),
         };
+        self.drain_all()?;
         let request = msg.header.request;
         let need_reply = msg.header.need_reply();
         match self.handle_request(msg) {
@@ -442,20 +455,25 @@ impl<D: Device> Backend<D> {
         }
     }
 
-    fn serve_data(&mut self, slot: usize) -> Result<(), Error> {
+    /// Serves queued commands of one data socket; `Ok(true)` once it is drained
+    /// (or gone), `Ok(false)` if it still had data after a fair share of reads.
+    fn serve_data(&mut self, slot: usize) -> Result<bool, Error> {
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(ds) = self.sockets.get_mut(slot).and_then(Option::as_mut) else {
-                return Ok(());
+                return Ok(true);
             };
             let region = ds.region;
             let got = match recv_nonblocking(&ds.sock, &mut ds.buf[ds.len..]) {
                 Ok(0) => {
+                    // The placement stays until REMOVE_REGION names it; only the socket goes.
                     debug!("data socket of region {region} closed by the frontend");
-                    self.take_down(region as usize);
-                    return Ok(());
+                    if let Some(s) = self.sockets.get_mut(slot).and_then(Option::take) {
+                        self.unwatch(s.sock.as_raw_fd());
+                    }
+                    return Ok(true);
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::DataIo { region, source: e }),
             };
@@ -467,7 +485,7 @@ impl<D: Device> Backend<D> {
             let result = self.serve_commands(region, &buf[..whole]);
             let ds = match self.sockets.get_mut(slot).and_then(Option::as_mut) {
                 Some(ds) => ds,
-                None => return result,
+                None => return result.map(|()| true),
             };
             ds.buf = buf;
             ds.buf.copy_within(whole..ds.len, 0);
@@ -482,10 +500,10 @@ impl<D: Device> Backend<D> {
             }
             if got < space {
                 // The socket is drained; level-triggered epoll wakes us for more.
-                return Ok(());
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     fn serve_commands(&mut self, socket_region: u32, bytes: &[u8]) -> Result<(), Error> {

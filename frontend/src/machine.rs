@@ -611,7 +611,8 @@ impl Frontend {
             Space::Mmio => &self.mmio,
             Space::Pio => &self.pio,
         };
-        bus.remove(placed.addr, placed.info.size)
+        let remote = bus
+            .remove(placed.addr, placed.info.size)
             .map_err(|source| Error::Placement {
                 name: name.to_owned(),
                 index,
@@ -620,6 +621,9 @@ impl Frontend {
         dev.placed[index as usize] = None;
         let conn = dev.conn()?;
         conn.remove_region(&set).map_err(|e| dev.backend_err(e))?;
+        // Close our end of the data socket only once the backend has let go of
+        // the region, so the backend never sees EOF on a region still placed.
+        drop(remote);
         info!("{name}: region {index} removed from {addr:#x}");
         Ok(())
     }

@@ -156,9 +156,15 @@ impl Channel {
         };
         let fds: Vec<OwnedFd> = raw_fds[..nfds]
             .iter()
-            // SAFETY: recvmsg just installed these descriptors in our table and
-            // nothing else refers to them, so we are their only owner.
-            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .map(|&fd| {
+                // SAFETY: F_SETFD only changes this descriptor's flags. The fd
+                // came without close-on-exec; set it so a later exec in this
+                // process does not leak it.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                // SAFETY: recvmsg just installed this descriptor in our table
+                // and nothing else refers to it, so we are its only owner.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
             .collect();
         if got == 0 {
             return Err(Error::Closed);

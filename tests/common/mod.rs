@@ -1,1 +1,167 @@
+//! Helpers shared by Outboard's cross-process integration tests: finding the
+//! built binaries, starting backends, and speaking the raw control protocol
+//! the way a (possibly misbehaving) frontend would.
 
+#![deny(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use outboard_frontend::backend::Launcher;
+use outboard_frontend::{Frontend, Options};
+use outboard_protocol::channel::{Channel, Message};
+use outboard_protocol::control::{
+    Header, Hello, Payload, Request, StatusReply, FEATURES_SUPPORTED,
+};
+
+/// Generous upper bound for anything a test waits on; hitting it means a hang.
+pub const HANG_GUARD: Duration = Duration::from_secs(20);
+
+/// Directory holding the workspace's binaries (the parent of `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("exe dir");
+    deps.parent().expect("target profile dir").to_path_buf()
+}
+
+/// Path of a workspace binary, which `cargo test --workspace` builds.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --workspace --bins`)",
+        p.display()
+    );
+    p
+}
+
+/// A frontend that finds backends in the build directory, with `timeout` for replies.
+pub fn frontend(timeout: Duration) -> Frontend {
+    let mut launcher = Launcher::beside_current_exe();
+    launcher.search_dirs.insert(0, bin_dir());
+    launcher.quiet_stdout = true;
+    Frontend::new(Options { timeout, launcher })
+}
+
+/// A fresh, unused socket path.
+pub fn socket_path(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("outboard-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(format!("{tag}-{}.sock", N.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Starts `name` listening on a fresh socket path, stderr captured.
+pub fn spawn_listening(name: &str, args: &[&str]) -> (Child, PathBuf) {
+    let path = socket_path(name);
+    let child = Command::new(bin(name))
+        .arg("--socket")
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn backend");
+    (child, path)
+}
+
+/// Connects to a listening backend, retrying while it starts.
+pub fn connect(path: &Path) -> Channel {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => {
+                let ch = Channel::new(s);
+                ch.set_timeout(Some(HANG_GUARD)).expect("timeout");
+                return ch;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Sends a request with NEED_REPLY and returns the reply.
+pub fn call(ch: &Channel, request: Request, payload: &[u8], fds: &[RawFd]) -> Message {
+    ch.send(Header::request(request, payload.len(), true), payload, fds)
+        .expect("send");
+    ch.recv().expect("reply")
+}
+
+/// The status of an error reply, or `None` for a success reply.
+pub fn error_status(m: &Message) -> Option<outboard_protocol::control::Status> {
+    assert!(m.header.is_reply(), "not a reply: {:?}", m.header);
+    if m.header.is_error() {
+        Some(
+            StatusReply::decode(&m.payload)
+                .expect("status payload")
+                .status,
+        )
+    } else {
+        None
+    }
+}
+
+/// Negotiates like a well-behaved frontend.
+pub fn hello(ch: &Channel) {
+    let m = call(
+        ch,
+        Request::Hello,
+        &Hello::ours(FEATURES_SUPPORTED).encode(),
+        &[],
+    );
+    assert_eq!(error_status(&m), None, "hello refused");
+}
+
+/// Waits for a child to exit (panics after [`HANG_GUARD`]).
+pub fn wait_exit(child: &mut Child) -> ExitStatus {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "child {} did not exit",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Everything the child wrote on stderr (after it exited).
+pub fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X"))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}

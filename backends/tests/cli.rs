@@ -1,0 +1,68 @@
+//! The backends' shared command line, run as real processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run backend");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_when_asked_then_shared_and_device_options_listed() {
+    let (code, out, _) = run(env!("CARGO_BIN_EXE_outboard-uart"), &["--help"]);
+    assert_eq!(code, 0);
+    for opt in ["--control-fd", "--socket", "--log-level", "--output"] {
+        assert!(out.contains(opt), "{opt} missing from:\n{out}");
+    }
+    let (code, out, _) = run(env!("CARGO_BIN_EXE_outboard-scratch"), &["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--control-fd"));
+}
+
+#[test]
+fn control_fd_when_not_a_socket_then_exit_1_with_reason() {
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_outboard-scratch"),
+        &["--control-fd", "0"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("fd 0 is not an open stream socket"), "{err}");
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_outboard-scratch"),
+        &["--control-fd", "77"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("fd 77"), "{err}");
+}
+
+#[test]
+fn options_when_neither_fd_nor_socket_then_usage_error() {
+    let (code, _, err) = run(env!("CARGO_BIN_EXE_outboard-uart"), &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--control-fd"), "{err}");
+}
+
+#[test]
+fn uart_when_output_unwritable_then_exit_1_with_reason() {
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_outboard-uart"),
+        &[
+            "--socket",
+            "/tmp/unused-outboard.sock",
+            "--output",
+            "/nonexistent/dir/uart.log",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot set up the device"), "{err}");
+}

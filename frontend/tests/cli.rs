@@ -1,0 +1,137 @@
+//! The `outboard` command line, run as a real process tree.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output, Stdio};
+
+fn outboard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outboard"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run outboard")
+}
+
+fn temp(name: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("outboard-cli-{}-{name}", std::process::id()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn demo_when_run_then_greeting_printed_and_all_checks_pass() {
+    let out = outboard(&["demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Hello from an Outboard guest"), "{stdout}");
+    assert!(
+        stdout.contains("sum 50005000, write count 10000"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("checks passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn run_when_config_and_script_then_accesses_performed() {
+    let log = std::env::temp_dir().join(format!("outboard-cli-{}-com1.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let config = temp(
+        "cfg.toml",
+        &format!(
+            r#"
+            timeout_ms = 5000
+            [[device]]
+            name = "com1"
+            backend = "outboard-uart"
+            args = ["--output", "{}"]
+            [[device]]
+            name = "scratch"
+            backend = "outboard-scratch"
+            [[device.region]]
+            index = 0
+            addr = 0xc0000000
+            [[device.region]]
+            index = 1
+            skip = true
+            "#,
+            log.display()
+        ),
+    );
+    let script = temp(
+        "script.txt",
+        "# a test guest\n\
+         expect mmio 0xc0000000 8 0x484354524353424f\n\
+         repeat 100 write mmio 0xc0000018 4 3\n\
+         expect mmio 0xc0000018 8 300\n\
+         puts pio 0x3f8 hello from a script\n\
+         read pio 0x3fd 1\n\
+         place scratch 1 0xc0010000\n\
+         write mmio 0xc0010000 2 0xbeef\n\
+         expect mmio 0xc0010000 2 0xbeef\n\
+         remove scratch 1 0xc0010000\n\
+         devices\n",
+    );
+    let out = outboard(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--script",
+        script.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("region 1 aux      unplaced"), "{stdout}");
+    assert!(stdout.contains("pio 0x3fd = 0x60"), "{stdout}");
+    assert!(
+        stdout.contains("scratch region 1 placed at 0xc0010000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("run: 10 commands, 2 devices shut down"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hello from a script\n"
+    );
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn run_when_expect_fails_then_exit_1_with_line() {
+    let script = temp("bad.txt", "expect mmio 0xd0000000 8 1\n");
+    let out = outboard(&[
+        "run",
+        "--device",
+        "outboard-scratch",
+        "--script",
+        script.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("line 1: expected 0x1, read 0x484354524353424f"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_when_config_invalid_then_exit_1_with_reason() {
+    let config = temp("bad.toml", "[[device]]\nname = 'x'\n");
+    let out = outboard(&["run", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("give exactly one of `backend` and `socket`"),
+        "{stderr}"
+    );
+    let out = outboard(&["run", "--device", "no-such-backend-program"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr.contains("backend program no-such-backend-program not found"),
+        "{stderr}"
+    );
+}

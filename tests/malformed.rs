@@ -1,0 +1,399 @@
+//! A corpus of malformed control messages and data commands, sent by hand to
+//! real backend processes: each gets its documented error, and nothing crashes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::Child;
+
+use outboard::cli::{EXIT_OK, EXIT_PROTOCOL};
+use outboard_protocol::channel::Channel;
+use outboard_protocol::control::{
+    DeviceInfo, Header, Hello, Payload, RegionIndex, Request, SetRegion, Status,
+    FEATURES_SUPPORTED, FLAG_REPLY, HEADER_VERSION, MAX_FDS, MAX_PAYLOAD, SET_REGION_POSTED,
+};
+use outboard_protocol::ioregionfd::{Cmd, Resp, RESP_SIZE};
+use outboard_protocol::AccessSize;
+use outboard_tests::{call, connect, error_status, hello, spawn_listening, stderr_of, wait_exit};
+
+struct Peer {
+    child: Child,
+    ch: Channel,
+}
+
+fn start(backend: &str) -> Peer {
+    let (child, path) = spawn_listening(backend, &[]);
+    let ch = connect(&path);
+    Peer { child, ch }
+}
+
+impl Peer {
+    fn call(&self, req: Request, payload: &[u8], fds: &[i32]) -> Option<Status> {
+        error_status(&call(&self.ch, req, payload, fds))
+    }
+
+    /// Places region `index` with a fresh data socket; returns our end.
+    fn set_region(&self, index: u32, user_data: u64, flags: u32) -> UnixStream {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let set = SetRegion {
+            index,
+            flags,
+            guest_addr: 0x1000,
+            user_data,
+        };
+        assert_eq!(
+            self.call(Request::SetRegion, &set.encode(), &[theirs.as_raw_fd()]),
+            None
+        );
+        ours
+    }
+
+    /// Expects the backend to exit with `code` and `needle` on stderr.
+    fn expect_exit(mut self, code: u8, needle: &str) {
+        let status = wait_exit(&mut self.child);
+        let err = stderr_of(&mut self.child);
+        assert_eq!(status.code(), Some(i32::from(code)), "stderr: {err}");
+        assert!(err.contains(needle), "{needle:?} not in stderr: {err}");
+    }
+}
+
+fn raw_header(request: u32, flags: u32, size: u32) -> Vec<u8> {
+    Header {
+        request,
+        flags,
+        size,
+    }
+    .encode()
+    .to_vec()
+}
+
+#[test]
+fn control_corpus_when_recoverable_then_error_reply_and_backend_keeps_serving() {
+    let p = start("outboard-scratch");
+    // Before HELLO, nothing else is served.
+    assert_eq!(
+        p.call(Request::GetDeviceInfo, &[], &[]),
+        Some(Status::NotNegotiated)
+    );
+    hello(&p.ch);
+    assert_eq!(
+        p.call(
+            Request::Hello,
+            &Hello::ours(FEATURES_SUPPORTED).encode(),
+            &[]
+        ),
+        Some(Status::Unsupported),
+        "a second HELLO"
+    );
+    // Unknown request code, answered because NEED_REPLY is set.
+    p.ch.send(
+        Header {
+            request: 99,
+            flags: HEADER_VERSION,
+            size: 0,
+        },
+        &[],
+        &[],
+    )
+    .unwrap();
+    p.ch.send(Header::request(Request::GetDeviceInfo, 0, true), &[], &[])
+        .unwrap();
+    let info = p.ch.recv().unwrap();
+    assert_eq!(
+        info.header.request,
+        Request::GetDeviceInfo as u32,
+        "no reply without NEED_REPLY"
+    );
+    let m = call(&p.ch, Request::Hello, &[], &[]);
+    assert_eq!(
+        error_status(&m),
+        Some(Status::BadPayload),
+        "HELLO with an empty payload"
+    );
+    let unknown = {
+        p.ch.send(
+            Header {
+                request: 99,
+                ..Header::request(Request::Reset, 0, true)
+            },
+            &[],
+            &[],
+        )
+        .unwrap();
+        error_status(&p.ch.recv().unwrap())
+    };
+    assert_eq!(unknown, Some(Status::UnknownRequest));
+    // Wrong fd counts.
+    let set = SetRegion {
+        index: 0,
+        flags: 0,
+        guest_addr: 0,
+        user_data: 1,
+    };
+    assert_eq!(
+        p.call(Request::SetRegion, &set.encode(), &[]),
+        Some(Status::BadFdCount)
+    );
+    let (a, b) = UnixStream::pair().unwrap();
+    assert_eq!(
+        p.call(
+            Request::SetRegion,
+            &set.encode(),
+            &[a.as_raw_fd(), b.as_raw_fd()]
+        ),
+        Some(Status::BadFdCount)
+    );
+    assert_eq!(
+        p.call(Request::Reset, &[], &[a.as_raw_fd()]),
+        Some(Status::BadFdCount)
+    );
+    // Payload size and layout.
+    assert_eq!(
+        p.call(Request::GetRegionInfo, &[0, 0, 0], &[]),
+        Some(Status::BadPayload)
+    );
+    assert_eq!(p.call(Request::Reset, &[0], &[]), Some(Status::BadPayload));
+    let mut bad_flags = set.encode();
+    bad_flags[4] = 0x80;
+    assert_eq!(
+        p.call(Request::SetRegion, &bad_flags, &[a.as_raw_fd()]),
+        Some(Status::BadPayload)
+    );
+    assert_eq!(
+        p.call(
+            Request::GetRegionInfo,
+            &RegionIndex { index: 7 }.encode(),
+            &[]
+        ),
+        Some(Status::BadRegionIndex)
+    );
+    // A data "socket" that is a pipe.
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe(2) writes two fds into the two-element array.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    assert_eq!(
+        p.call(Request::SetRegion, &set.encode(), &[pipe[0]]),
+        Some(Status::BadFd)
+    );
+    // SAFETY: both fds were just created by pipe(2) and are closed once.
+    unsafe {
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+    // Placing twice, reusing a user_data, and removing what is not there exactly.
+    let _data = p.set_region(0, 1, SET_REGION_POSTED);
+    assert_eq!(
+        p.call(Request::SetRegion, &set.encode(), &[a.as_raw_fd()]),
+        Some(Status::RegionBusy)
+    );
+    let same_token = SetRegion { index: 1, ..set };
+    assert_eq!(
+        p.call(Request::SetRegion, &same_token.encode(), &[a.as_raw_fd()]),
+        Some(Status::BadPayload)
+    );
+    let not_exact = SetRegion {
+        guest_addr: 0x2000,
+        flags: SET_REGION_POSTED,
+        ..set
+    };
+    assert_eq!(
+        p.call(Request::RemoveRegion, &not_exact.encode(), &[]),
+        Some(Status::NoSuchRegion)
+    );
+    // A request dressed as a reply, and reserved request codes.
+    p.ch.send(
+        Header {
+            request: Request::Reset as u32,
+            flags: HEADER_VERSION | FLAG_REPLY | (1 << 9),
+            size: 0,
+        },
+        &[],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        error_status(&p.ch.recv().unwrap()),
+        Some(Status::UnexpectedReply)
+    );
+    for reserved in [
+        Request::SetMemTable,
+        Request::SetDoorbell,
+        Request::SetIrq,
+        Request::SetDirectMap,
+    ] {
+        assert_eq!(
+            p.call(reserved, &[], &[]),
+            Some(Status::Unsupported),
+            "{reserved:?}"
+        );
+    }
+    // Still fully alive.
+    let m = call(&p.ch, Request::GetDeviceInfo, &[], &[]);
+    assert_eq!(DeviceInfo::decode(&m.payload).unwrap().name, "scratch");
+    assert_eq!(p.call(Request::Shutdown, &[], &[]), None);
+    p.expect_exit(EXIT_OK, "");
+}
+
+#[test]
+fn control_corpus_when_framing_lost_then_error_reply_and_exit_2() {
+    let v = HEADER_VERSION | (1 << 9);
+    let cases: Vec<(&str, Vec<u8>, Option<Status>, &str)> = vec![
+        (
+            "bad version",
+            raw_header(6, (v & !0xff) | 2, 0),
+            Some(Status::BadVersion),
+            "unsupported header version 2",
+        ),
+        (
+            "oversized payload",
+            raw_header(6, v, MAX_PAYLOAD + 1),
+            Some(Status::PayloadTooLarge),
+            "payload of 4097 bytes exceeds the limit of 4096",
+        ),
+        (
+            "reserved flags",
+            raw_header(6, v | (1 << 30), 0),
+            Some(Status::ReservedFlags),
+            "reserved header flag bits",
+        ),
+        (
+            "truncated header",
+            raw_header(6, v, 0)[..5].to_vec(),
+            None,
+            "connection closed in the middle of a message",
+        ),
+        (
+            "truncated payload",
+            [raw_header(1, v, 16), vec![1, 0, 0, 0]].concat(),
+            None,
+            "connection closed in the middle of a message",
+        ),
+    ];
+    for (what, bytes, status, needle) in cases {
+        let p = start("outboard-scratch");
+        p.ch.send_raw(&bytes, &[]).unwrap();
+        p.ch.socket().shutdown(std::net::Shutdown::Write).unwrap();
+        match status {
+            Some(s) => assert_eq!(error_status(&p.ch.recv().unwrap()), Some(s), "{what}"),
+            None => assert!(p.ch.recv().is_err(), "{what}: no reply expected"),
+        }
+        eprintln!("case: {what}");
+        p.expect_exit(EXIT_PROTOCOL, needle);
+    }
+    // More fds than a message may carry.
+    let p = start("outboard-uart");
+    let (a, _b) = UnixStream::pair().unwrap();
+    let fds = vec![a.as_raw_fd(); MAX_FDS + 1];
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    p.ch.socket()
+        .send_with_fds(&[&raw_header(6, v, 0)[..]], &fds)
+        .unwrap();
+    p.expect_exit(EXIT_PROTOCOL, "more than 8 fds");
+}
+
+#[test]
+fn hello_when_no_common_version_then_refused_with_clear_error() {
+    for (min, max) in [(2, 5), (3, 1)] {
+        let p = start("outboard-uart");
+        let peer = Hello {
+            min_version: min,
+            max_version: max,
+            features: 0,
+        };
+        assert_eq!(
+            p.call(Request::Hello, &peer.encode(), &[]),
+            Some(Status::NoCommonVersion)
+        );
+        p.expect_exit(
+            EXIT_PROTOCOL,
+            if min > max {
+                "version range 3..=1 is empty"
+            } else {
+                "no common protocol version: ours 1..=1, peer 2..=5"
+            },
+        );
+    }
+}
+
+#[test]
+fn data_corpus_when_malformed_command_then_backend_exits_2_naming_it() {
+    let good = Cmd::read(7, 0, AccessSize::B4).encode();
+    let mut cases: Vec<(Vec<u8>, &str)> = Vec::new();
+    let mut c = good;
+    c[0] = 2;
+    cases.push((c.to_vec(), "unknown command 2"));
+    let mut c = good;
+    c[1] = 0x10 | 4;
+    cases.push((c.to_vec(), "size exponent 4 exceeds 3"));
+    let mut c = good;
+    c[1] |= 0x20;
+    cases.push((c.to_vec(), "reserved bits 0x20 set in the size byte"));
+    let mut c = good;
+    c[3] = 1;
+    cases.push((c.to_vec(), "nonzero padding byte at offset 3"));
+    let mut c = good;
+    c[1] &= !0x10;
+    cases.push((c.to_vec(), "read command without the resp bit"));
+    cases.push((
+        Cmd::read(0xbad, 0, AccessSize::B4).encode().to_vec(),
+        "unknown user_data 0xbad",
+    ));
+    for (bytes, needle) in cases {
+        let p = start("outboard-scratch");
+        hello(&p.ch);
+        let mut data = p.set_region(0, 7, 0);
+        // A valid command first: served normally.
+        data.write_all(&good).unwrap();
+        let mut r = [0u8; RESP_SIZE];
+        data.read_exact(&mut r).unwrap();
+        assert_eq!(
+            Resp::decode(&r).unwrap().data,
+            u64::from(u32::from_le_bytes(*b"OBSC"))
+        );
+        data.write_all(&bytes).unwrap();
+        p.expect_exit(EXIT_PROTOCOL, needle);
+    }
+}
+
+#[test]
+fn data_when_access_outside_region_rules_then_all_ones_and_backend_continues() {
+    let p = start("outboard-uart");
+    hello(&p.ch);
+    let mut data = p.set_region(0, 42, 0);
+    let mut ask = |cmd: Cmd| -> Option<u64> {
+        data.write_all(&cmd.encode()).unwrap();
+        if !cmd.resp {
+            return None;
+        }
+        let mut r = [0u8; RESP_SIZE];
+        data.read_exact(&mut r).unwrap();
+        Some(Resp::decode(&r).unwrap().data)
+    };
+    // The UART takes 1-byte accesses in 8 ports: these are refused, not fatal.
+    assert_eq!(ask(Cmd::read(42, 0, AccessSize::B4)), Some(0xffff_ffff));
+    assert_eq!(ask(Cmd::read(42, 8, AccessSize::B1)), Some(0xff));
+    assert_eq!(ask(Cmd::read(42, u64::MAX, AccessSize::B1)), Some(0xff));
+    assert_eq!(
+        ask(Cmd::write(42, 7, AccessSize::B2, 0x1234, false)),
+        Some(0)
+    );
+    assert_eq!(ask(Cmd::write(42, 7, AccessSize::B1, 0x99, false)), Some(0));
+    assert_eq!(
+        ask(Cmd::read(42, 7, AccessSize::B1)),
+        Some(0x99),
+        "scratch register"
+    );
+    assert_eq!(p.call(Request::Shutdown, &[], &[]), None);
+    p.expect_exit(EXIT_OK, "");
+}
+
+#[test]
+fn control_eof_then_backend_exits_cleanly() {
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    let _data = p.set_region(2, 5, 0);
+    p.ch.socket().shutdown(std::net::Shutdown::Both).unwrap();
+    p.expect_exit(EXIT_OK, "");
+}
