@@ -313,3 +313,24 @@ fn access_when_size_not_allowed_then_denied_without_reaching_backend() {
     pio.try_write(COM1 + 7, AccessSize::B1, 0x42).unwrap();
     assert_eq!(pio.try_read(COM1 + 7, AccessSize::B1).unwrap(), 0x42);
 }
+
+#[test]
+fn example_backend_when_spawned_by_path_then_served() {
+    let example = outboard_tests::bin_dir().join("examples").join("minimal-device");
+    assert!(example.exists(), "{} not built", example.display());
+    let mut fe = frontend(T);
+    let d = fe
+        .attach(&DeviceSpec::spawn("mbox", example.to_str().unwrap(), &[]))
+        .unwrap();
+    assert_eq!(d.info().name, "mailbox");
+    let base = d.placed(0).unwrap().addr;
+    let mmio = fe.mmio().clone();
+    mmio.try_write(base, AccessSize::B4, 42).unwrap();
+    mmio.try_write(base, AccessSize::B4, 43).unwrap();
+    assert_eq!(mmio.try_read(base, AccessSize::B4).unwrap(), 43);
+    assert_eq!(mmio.try_read(base + 4, AccessSize::B4).unwrap(), 2);
+    assert!(matches!(
+        mmio.try_read(base, AccessSize::B8),
+        Err(AccessError::Denied)
+    ));
+}

@@ -75,6 +75,9 @@ pub enum Error {
     /// reply to {0:?} carried file descriptors
     #[error("reply to {0:?} carried file descriptors")]
     UnexpectedFds(Request),
+    /// backend {0} exited during start-up with {1}
+    #[error("backend {0} exited during start-up with {1}")]
+    Exited(String, ExitStatus),
     /// protocol negotiation failed
     #[error("protocol negotiation failed")]
     Negotiation(#[source] control::Error),
@@ -275,7 +278,10 @@ impl Connection {
             label,
         };
         let ours = Hello::ours(FEATURES_SUPPORTED);
-        let reply = conn.call(Request::Hello, &ours.encode(), &[])?;
+        let reply = match conn.call(Request::Hello, &ours.encode(), &[]) {
+            Ok(r) => r,
+            Err(e) => return Err(conn.exited().unwrap_or(e)),
+        };
         let peer = Hello::decode(&reply).map_err(|source| Error::BadReply {
             request: Request::Hello,
             source,
@@ -286,6 +292,20 @@ impl Connection {
             conn.label, conn.negotiated.version, conn.negotiated.features
         );
         Ok(conn)
+    }
+
+    /// If the spawned child has already exited, the error that says so.
+    fn exited(&mut self) -> Option<Error> {
+        let child = self.child.as_mut()?;
+        // Give a dying child a moment to be reaped before asking.
+        for _ in 0..50 {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(Error::Exited(self.label.clone(), status));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
     }
 
     /// The negotiated version and features.
