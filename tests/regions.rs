@@ -316,7 +316,9 @@ fn access_when_size_not_allowed_then_denied_without_reaching_backend() {
 
 #[test]
 fn example_backend_when_spawned_by_path_then_served() {
-    let example = outboard_tests::bin_dir().join("examples").join("minimal-device");
+    let example = outboard_tests::bin_dir()
+        .join("examples")
+        .join("minimal-device");
     assert!(example.exists(), "{} not built", example.display());
     let mut fe = frontend(T);
     let d = fe

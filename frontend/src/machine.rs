@@ -459,14 +459,23 @@ impl Frontend {
             Space::Pio => (PIO_POOL_START, PIO_LIMIT, 1),
         };
         let align = size.checked_next_power_of_two()?.max(min_align);
-        let mut addr = start.checked_add(align - 1)? & !(align - 1);
+        let align_up = |a: u64| a.checked_add(align - 1).map(|a| a & !(align - 1));
+        let mut addr = align_up(start)?;
         while addr.checked_add(size)? <= limit {
-            if self.bus(space).check_free(addr, size).is_ok()
-                && pending.check_free(addr, size).is_ok()
-            {
-                return Some(addr);
+            let conflict = self
+                .bus(space)
+                .check_free(addr, size)
+                .and_then(|()| pending.check_free(addr, size));
+            match conflict {
+                Ok(()) => return Some(addr),
+                // Skip past the range in the way rather than stepping through it.
+                Err(BusError::Overlap {
+                    other_base,
+                    other_len,
+                    ..
+                }) => addr = align_up(other_base.checked_add(other_len)?)?,
+                Err(_) => return None,
             }
-            addr = addr.checked_add(align)?;
         }
         None
     }

@@ -52,14 +52,6 @@ pub const FEATURES_SUPPORTED: u64 = F_POSTED_WRITES | F_FAST_MMIO;
 /// Errors from decoding control messages.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Error {
-    /// message too short: {got} of {need} bytes
-    #[error("message too short: {got} of {need} bytes")]
-    Truncated {
-        /// Bytes required.
-        need: usize,
-        /// Bytes present.
-        got: usize,
-    },
     /// unsupported header version {0}
     #[error("unsupported header version {0}")]
     BadVersion(u32),
