@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use outboard_frontend::backend::{Builtin, Launcher, Source};
 use outboard_frontend::config::Config;
+use outboard_frontend::remote::error_chain;
 use outboard_frontend::{script, DeviceSpec, Frontend, Options};
 
 mod demo;
@@ -95,17 +96,6 @@ fn init_logging(level: log::LevelFilter) {
         .try_init();
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Backend { name, args } = cli.command {
@@ -132,7 +122,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outboard: error: {}", chain(e.as_ref()));
+            eprintln!("outboard: error: {}", error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

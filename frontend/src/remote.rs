@@ -66,7 +66,7 @@ impl Health {
     /// Marks the device failed; the first call logs `why`, later calls do nothing.
     pub fn fail(&self, why: &dyn std::error::Error) {
         if !self.failed.swap(true, Ordering::AcqRel) {
-            let text = outboard_chain(why);
+            let text = error_chain(why);
             error!("device {} failed: {text}", self.name);
             *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
         }
@@ -74,7 +74,7 @@ impl Health {
 }
 
 /// `a: b: c` for an error and its causes.
-pub(crate) fn outboard_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
