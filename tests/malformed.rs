@@ -397,3 +397,28 @@ fn control_eof_then_backend_exits_cleanly() {
     p.ch.socket().shutdown(std::net::Shutdown::Both).unwrap();
     p.expect_exit(EXIT_OK, "");
 }
+
+#[test]
+fn data_when_user_data_of_another_region_then_backend_exits_2() {
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    let mut regs = p.set_region(0, 10, 0);
+    let _aux = p.set_region(1, 11, 0);
+    regs.write_all(&Cmd::read(11, 0, AccessSize::B4).encode())
+        .unwrap();
+    p.expect_exit(
+        EXIT_PROTOCOL,
+        "unknown user_data 0xb on the data socket of region 0",
+    );
+}
+
+#[test]
+fn reserved_request_when_payload_or_fds_then_still_unsupported() {
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    let (a, _b) = UnixStream::pair().unwrap();
+    assert_eq!(
+        p.call(Request::SetMemTable, &[0u8; 24], &[a.as_raw_fd()]),
+        Some(Status::Unsupported)
+    );
+}

@@ -336,3 +336,33 @@ fn example_backend_when_spawned_by_path_then_served() {
         Err(AccessError::Denied)
     ));
 }
+
+#[test]
+fn place_when_posted_writes_disabled_then_later_placements_not_posted_either() {
+    let mut fe = frontend(T);
+    let mut spec = DeviceSpec::spawn("s", "outboard-scratch", &[]);
+    spec.regions.push(outboard_frontend::Placement {
+        index: 1,
+        addr: None,
+        skip: true,
+    });
+    spec.posted_writes = false;
+    fe.attach(&spec).unwrap();
+    let at = fe.set_region("s", 1, None).unwrap();
+    assert!(!fe.device("s").unwrap().placed(1).unwrap().posted);
+    fe.mmio().try_write(at, AccessSize::B2, 0x1234).unwrap();
+    assert_eq!(fe.mmio().try_read(at, AccessSize::B2).unwrap(), 0x1234);
+}
+
+#[test]
+fn refused_request_then_device_not_marked_failed() {
+    let mut fe = frontend(T);
+    fe.attach(&DeviceSpec::spawn("s", "outboard-scratch", &[]))
+        .unwrap();
+    // Region 0 is placed already: the backend refuses a second placement.
+    let err = fe.set_region("s", 0, Some(0xdf00_0000)).unwrap_err();
+    assert!(matches!(err, MachineError::Backend { .. }), "{err}");
+    assert!(err.to_string().contains("s"), "{err}");
+    assert!(!fe.device("s").unwrap().is_failed());
+    assert!(fe.reset("s").is_ok());
+}

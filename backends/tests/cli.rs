@@ -46,9 +46,9 @@ fn control_fd_when_not_a_socket_then_exit_1_with_reason() {
 }
 
 #[test]
-fn options_when_neither_fd_nor_socket_then_usage_error() {
+fn options_when_neither_fd_nor_socket_then_usage_error_exit_1() {
     let (code, _, err) = run(env!("CARGO_BIN_EXE_outboard-uart"), &[]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 1, "usage errors are start-up failures");
     assert!(err.contains("--control-fd"), "{err}");
 }
 

@@ -163,12 +163,17 @@ where
     F: FnOnce(A) -> Result<D, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let cli = match Cli::<A>::command_for(program).try_get_matches_from(args) {
-        Ok(m) => match Cli::<A>::from_arg_matches(&m) {
-            Ok(c) => c,
-            Err(e) => e.exit(),
-        },
-        Err(e) => e.exit(),
+    let parsed = Cli::<A>::command_for(program)
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::<A>::from_arg_matches(&m));
+    let cli = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors
+            // are start-up failures (status 1), never mistaken for protocol ones.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_SETUP } else { EXIT_OK });
+        }
     };
     init_logging(program, cli.backend.log_level);
     match serve(&cli.backend, || {

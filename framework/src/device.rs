@@ -34,7 +34,8 @@ pub struct Region {
     pub writable: bool,
     /// Writes may be posted (the device's writes have no result the guest waits for).
     pub posted_writes: bool,
-    /// Sizeless FAST_MMIO doorbell region (write-only, data ignored).
+    /// Sizeless FAST_MMIO doorbell region (write-only, data ignored). Reserved:
+    /// the runtime refuses such regions until the doorbell protocol feature exists.
     pub fast_mmio: bool,
     /// Allowed access sizes as a mask (bit n = `1 << n` bytes).
     pub access_sizes: u8,

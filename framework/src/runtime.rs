@@ -78,6 +78,9 @@ pub enum Error {
     /// device declares {0} regions, more than the protocol can index
     #[error("device declares {0} regions, more than the protocol can index")]
     TooManyRegions(usize),
+    /// device name is invalid
+    #[error("device name is invalid")]
+    BadDeviceName(#[source] control::Error),
     /// device region {index} is invalid
     #[error("device region {index} is invalid")]
     BadRegion {
@@ -134,10 +137,12 @@ impl<D: Device> Backend<D> {
         if regions.len() > u32::MAX as usize {
             return Err(Error::TooManyRegions(regions.len()));
         }
+        control::check_name(device.name(), control::DEVICE_NAME_LEN)
+            .map_err(Error::BadDeviceName)?;
         for (index, r) in regions.iter().enumerate() {
             control::check_name(&r.name, control::REGION_NAME_LEN)
                 .map_err(|source| Error::BadRegion { index, source })?;
-            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 {
+            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 || r.fast_mmio {
                 return Err(Error::BadRegion {
                     index,
                     source: control::Error::AccessSizes(r.access_sizes),
@@ -306,6 +311,12 @@ impl<D: Device> Backend<D> {
             return Err((Status::UnexpectedReply, None));
         }
         let req = Request::from_u32(header.request).map_err(|_| (Status::UnknownRequest, None))?;
+        if matches!(
+            req,
+            Request::SetMemTable | Request::SetDoorbell | Request::SetIrq | Request::SetDirectMap
+        ) {
+            return Err((Status::Unsupported, None));
+        }
         if fds.len() != req.fd_count() {
             return Err((Status::BadFdCount, None));
         }
@@ -388,7 +399,7 @@ impl<D: Device> Backend<D> {
         if self.placements[index].is_some() {
             return Err(Status::RegionBusy);
         }
-        if set.guest_addr.checked_add(region.size).is_none() {
+        if set.guest_addr.checked_add(region.size - 1).is_none() {
             return Err(Status::BadPayload);
         }
         if self.by_user_data.contains_key(&set.user_data) {
@@ -514,9 +525,13 @@ impl<D: Device> Backend<D> {
                 region: socket_region,
                 source,
             })?;
-            let index = *self
+            // Dispatch by user_data, as a kernel-written stream would need; a
+            // token of another region on this socket is as wrong as an unknown one.
+            let index = self
                 .by_user_data
                 .get(&cmd.user_data)
+                .copied()
+                .filter(|&i| i == socket_region)
                 .ok_or(Error::UnknownUserData {
                     region: socket_region,
                     user_data: cmd.user_data,

@@ -219,6 +219,7 @@ pub struct Attached {
     placed: Vec<Option<PlacedRegion>>,
     health: Arc<Health>,
     conn: Option<Connection>,
+    posted_writes: bool,
 }
 
 impl Attached {
@@ -266,8 +267,12 @@ impl Attached {
             .ok_or_else(|| Error::Failed(self.name.clone()))
     }
 
+    /// Wraps a backend error; anything but a refusal (a transport or
+    /// protocol failure) also marks the device failed.
     fn backend_err(&self, source: backend::Error) -> Error {
-        self.health.fail(&source);
+        if !matches!(source, backend::Error::Refused { .. }) {
+            self.health.fail(&source);
+        }
         Error::Backend {
             name: self.name.clone(),
             source,
@@ -386,6 +391,7 @@ impl Frontend {
             regions,
             health: Health::new(&spec.name),
             conn: Some(conn),
+            posted_writes: spec.posted_writes,
         };
         let plan = self.plan(spec, &dev)?;
         let posted_ok = dev
@@ -583,10 +589,11 @@ impl Frontend {
                     skip: r.index != index,
                 })
                 .collect(),
-            posted_writes: true,
+            posted_writes: dev.posted_writes,
         };
         let plan = self.plan(&spec, dev)?;
-        let posted_ok = dev.conn()?.negotiated().features & F_POSTED_WRITES != 0;
+        let posted_ok =
+            dev.posted_writes && dev.conn()?.negotiated().features & F_POSTED_WRITES != 0;
         let addr = plan.first().map(|&(_, a)| a).ok_or(Error::NoSuchRegion {
             name: dev.name.clone(),
             index,

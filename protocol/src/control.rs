@@ -36,7 +36,7 @@ const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY | FLAG
 
 /// Feature: regions may be set with posted (unacknowledged) writes.
 pub const F_POSTED_WRITES: u64 = 1 << 0;
-/// Feature: FAST_MMIO sizeless doorbell regions.
+/// Feature (reserved for the virtio issue): FAST_MMIO sizeless doorbell regions.
 pub const F_FAST_MMIO: u64 = 1 << 1;
 /// Feature (reserved for the virtio issue): guest memory table.
 pub const F_MEM_TABLE: u64 = 1 << 2;
@@ -47,7 +47,7 @@ pub const F_IRQ: u64 = 1 << 4;
 /// Feature (reserved): direct-mapped (mmap) regions.
 pub const F_DIRECT_MAP: u64 = 1 << 5;
 /// Every feature this implementation can negotiate today.
-pub const FEATURES_SUPPORTED: u64 = F_POSTED_WRITES | F_FAST_MMIO;
+pub const FEATURES_SUPPORTED: u64 = F_POSTED_WRITES;
 
 /// Errors from decoding control messages.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
