@@ -13,6 +13,19 @@ use outboard_tests::{frontend, spawn_listening, wait_exit};
 
 const T: Duration = Duration::from_secs(10);
 
+/// A frontend with one scratch backend "s"; returns the frontend and the
+/// address of the scratch register region.
+fn scratch_frontend() -> (outboard_frontend::Frontend, u64) {
+    let mut fe = frontend(T);
+    let base = fe
+        .attach(&DeviceSpec::spawn("s", "outboard-scratch", &[]))
+        .unwrap()
+        .placed(0)
+        .unwrap()
+        .addr;
+    (fe, base)
+}
+
 #[test]
 fn attach_when_scratch_spawned_then_regions_negotiated_and_placed() {
     let mut fe = frontend(T);
@@ -34,11 +47,7 @@ fn attach_when_scratch_spawned_then_regions_negotiated_and_placed() {
 
 #[test]
 fn access_when_every_size_then_values_round_trip() {
-    let mut fe = frontend(T);
-    let d = fe
-        .attach(&DeviceSpec::spawn("s", "outboard-scratch", &[]))
-        .unwrap();
-    let base = d.placed(0).unwrap().addr;
+    let (fe, base) = scratch_frontend();
     let mmio = fe.mmio().clone();
     for size in AccessSize::ALL {
         assert_eq!(mmio.try_read(base, size).unwrap(), size.truncate(ID));
@@ -143,11 +152,7 @@ fn attach_when_two_backends_then_both_serve_independently() {
 
 #[test]
 fn posted_writes_when_10000_then_read_observes_all_in_order() {
-    let mut fe = frontend(T);
-    let d = fe
-        .attach(&DeviceSpec::spawn("s", "outboard-scratch", &[]))
-        .unwrap();
-    let base = d.placed(0).unwrap().addr;
+    let (fe, base) = scratch_frontend();
     let mmio = fe.mmio().clone();
     for v in 1..=10_000u64 {
         mmio.try_write(base + scratch::REG_ACCUM, AccessSize::B8, v)
@@ -267,11 +272,7 @@ fn remove_when_exact_then_gone_and_access_fails_cleanly() {
 
 #[test]
 fn reset_when_requested_then_device_state_cleared() {
-    let mut fe = frontend(T);
-    let d = fe
-        .attach(&DeviceSpec::spawn("s", "outboard-scratch", &[]))
-        .unwrap();
-    let base = d.placed(0).unwrap().addr;
+    let (fe, base) = scratch_frontend();
     let mmio = fe.mmio().clone();
     mmio.try_write(base + scratch::REG_ACCUM, AccessSize::B8, 99)
         .unwrap();
