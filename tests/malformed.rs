@@ -422,3 +422,29 @@ fn reserved_request_when_payload_or_fds_then_still_unsupported() {
         Some(Status::Unsupported)
     );
 }
+
+#[test]
+fn remove_when_other_region_reused_closed_socket_slot_then_other_region_keeps_serving() {
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    // Region 0's socket closes (its slot is freed) but region 0 stays placed.
+    drop(p.set_region(0, 20, 0));
+    // Region 1 takes the freed slot.
+    let mut aux = p.set_region(1, 21, 0);
+    let remove0 = SetRegion {
+        index: 0,
+        flags: 0,
+        guest_addr: 0x1000,
+        user_data: 20,
+    };
+    assert_eq!(p.call(Request::RemoveRegion, &remove0.encode(), &[]), None);
+    aux.write_all(&Cmd::write(21, 0, AccessSize::B4, 77, false).encode())
+        .unwrap();
+    aux.write_all(&Cmd::read(21, 0, AccessSize::B4).encode())
+        .unwrap();
+    let mut r = [0u8; 2 * RESP_SIZE];
+    aux.read_exact(&mut r).unwrap();
+    let mut second = [0u8; RESP_SIZE];
+    second.copy_from_slice(&r[RESP_SIZE..]);
+    assert_eq!(Resp::decode(&second).unwrap().data, 77);
+}

@@ -460,8 +460,15 @@ impl<D: Device> Backend<D> {
     fn take_down(&mut self, index: usize) {
         if let Some(p) = self.placements.get_mut(index).and_then(Option::take) {
             self.by_user_data.remove(&p.set.user_data);
-            if let Some(s) = self.sockets.get_mut(p.slot).and_then(Option::take) {
-                self.unwatch(s.sock.as_raw_fd());
+            // The slot may have been reused by another region after this
+            // region's socket reached EOF; only close the socket if it is ours.
+            let slot = self.sockets.get_mut(p.slot);
+            if let Some(slot) =
+                slot.filter(|s| s.as_ref().is_some_and(|d| d.region as usize == index))
+            {
+                if let Some(s) = slot.take() {
+                    self.unwatch(s.sock.as_raw_fd());
+                }
             }
         }
     }
