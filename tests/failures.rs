@@ -209,6 +209,8 @@ fn fake_backend(lie: Lie) -> std::path::PathBuf {
                     let d = DeviceInfo {
                         kind: DeviceKind::OTHER,
                         num_regions: 1,
+                        num_doorbells: 0,
+                        num_irqs: 0,
                         name: "liar".into(),
                     };
                     reply(&d.encode()).unwrap()

@@ -217,18 +217,69 @@ fn control_corpus_when_recoverable_then_error_reply_and_backend_keeps_serving() 
         error_status(&p.ch.recv().unwrap()),
         Some(Status::UnexpectedReply)
     );
-    for reserved in [
-        Request::SetMemTable,
-        Request::SetDoorbell,
-        Request::SetIrq,
-        Request::SetDirectMap,
-    ] {
-        assert_eq!(
-            p.call(reserved, &[], &[]),
-            Some(Status::Unsupported),
-            "{reserved:?}"
-        );
-    }
+    assert_eq!(
+        p.call(Request::SetDirectMap, &[], &[]),
+        Some(Status::Unsupported),
+        "reserved code"
+    );
+    // Malformed memory, doorbell and interrupt requests.
+    assert_eq!(
+        p.call(Request::SetMemTable, &[0u8; 8], &[a.as_raw_fd()]),
+        Some(Status::BadPayload),
+        "zero entries"
+    );
+    assert_eq!(
+        p.call(Request::SetMemTable, &[], &[]),
+        Some(Status::BadFdCount)
+    );
+    let one = outboard_protocol::control::MemTable {
+        regions: vec![outboard_protocol::control::MemRegion {
+            guest_addr: 0,
+            size: 0x1000,
+            fd_offset: 0,
+        }],
+    };
+    assert_eq!(
+        p.call(Request::SetMemTable, &one.encode(), &[a.as_raw_fd()]),
+        Some(Status::BadFd),
+        "a socket is not mappable memory"
+    );
+    let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    assert_eq!(
+        p.call(
+            Request::SetDoorbell,
+            &RegionIndex { index: 0 }.encode(),
+            &[a.as_raw_fd()]
+        ),
+        Some(Status::BadFd),
+        "a doorbell must be an eventfd"
+    );
+    assert_eq!(
+        p.call(
+            Request::SetDoorbell,
+            &RegionIndex { index: 9 }.encode(),
+            &[efd.as_raw_fd()]
+        ),
+        Some(Status::BadRegionIndex)
+    );
+    let resample = outboard_protocol::control::SetIrq { index: 0, flags: 1 };
+    assert_eq!(
+        p.call(
+            Request::SetIrq,
+            &resample.encode(),
+            &[efd.as_raw_fd(), efd.as_raw_fd()]
+        ),
+        Some(Status::Unsupported),
+        "line 0 is edge-triggered: no resample"
+    );
+    assert_eq!(
+        p.call(Request::SetIrq, &resample.encode(), &[efd.as_raw_fd()]),
+        Some(Status::BadFdCount)
+    );
+    assert_eq!(
+        p.call(Request::GetIrqInfo, &RegionIndex { index: 2 }.encode(), &[]),
+        Some(Status::BadRegionIndex)
+    );
     // Still fully alive.
     let m = call(&p.ch, Request::GetDeviceInfo, &[], &[]);
     assert_eq!(DeviceInfo::decode(&m.payload).unwrap().name, "scratch");
@@ -418,7 +469,7 @@ fn reserved_request_when_payload_or_fds_then_still_unsupported() {
     hello(&p.ch);
     let (a, _b) = UnixStream::pair().unwrap();
     assert_eq!(
-        p.call(Request::SetMemTable, &[0u8; 24], &[a.as_raw_fd()]),
+        p.call(Request::SetDirectMap, &[0u8; 24], &[a.as_raw_fd()]),
         Some(Status::Unsupported)
     );
 }
@@ -447,4 +498,34 @@ fn remove_when_other_region_reused_closed_socket_slot_then_other_region_keeps_se
     let mut second = [0u8; RESP_SIZE];
     second.copy_from_slice(&r[RESP_SIZE..]);
     assert_eq!(Resp::decode(&second).unwrap().data, 77);
+}
+
+#[test]
+fn feature_requests_when_not_negotiated_then_unsupported() {
+    let p = start("outboard-scratch");
+    let posted_only = Hello {
+        features: outboard_protocol::control::F_POSTED_WRITES,
+        ..Hello::ours(FEATURES_SUPPORTED)
+    };
+    assert_eq!(p.call(Request::Hello, &posted_only.encode(), &[]), None);
+    let info = call(&p.ch, Request::GetDeviceInfo, &[], &[]);
+    let info = DeviceInfo::decode(&info.payload).unwrap();
+    assert_eq!(
+        (info.num_doorbells, info.num_irqs),
+        (0, 0),
+        "hidden without the features"
+    );
+    let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    assert_eq!(
+        p.call(
+            Request::SetDoorbell,
+            &RegionIndex { index: 0 }.encode(),
+            &[efd.as_raw_fd()]
+        ),
+        Some(Status::Unsupported)
+    );
+    assert_eq!(
+        p.call(Request::GetIrqInfo, &RegionIndex { index: 0 }.encode(), &[]),
+        Some(Status::Unsupported)
+    );
 }

@@ -34,7 +34,10 @@ fn attach_when_scratch_spawned_then_regions_negotiated_and_placed() {
         .unwrap();
     assert_eq!(d.info().kind, DeviceKind::SCRATCH);
     assert_eq!(d.info().name, "scratch");
-    assert_eq!(d.regions().len(), 3);
+    assert_eq!(d.regions().len(), 4);
+    assert_eq!(d.info().num_doorbells, 3);
+    assert_eq!(d.info().num_irqs, 2);
+    assert_eq!(d.doorbells().len(), 3);
     assert_eq!(d.regions()[0].size, scratch::REGS_SIZE);
     assert_eq!(d.regions()[2].flags & REGION_PIO, REGION_PIO);
     let regs = d.placed(0).unwrap();

@@ -1,6 +1,11 @@
 //! What a device model implements: the [`Device`] trait and [`Region`] descriptions.
 
+use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use outboard_protocol::control::{
     DeviceKind, RegionInfo, REGION_FAST_MMIO, REGION_PIO, REGION_POSTED_WRITES,
@@ -34,8 +39,7 @@ pub struct Region {
     pub writable: bool,
     /// Writes may be posted (the device's writes have no result the guest waits for).
     pub posted_writes: bool,
-    /// Sizeless FAST_MMIO doorbell region (write-only, data ignored). Reserved:
-    /// the runtime refuses such regions until the doorbell protocol feature exists.
+    /// FAST_MMIO region: write-only, writes only ring doorbells.
     pub fast_mmio: bool,
     /// Allowed access sizes as a mask (bit n = `1 << n` bytes).
     pub access_sizes: u8,
@@ -86,6 +90,15 @@ impl Region {
         self
     }
 
+    /// Makes the region a FAST_MMIO region: write-only, and its writes only
+    /// ever ring doorbells (a write no doorbell matches is dropped by the
+    /// frontend). Declare a sizeless [`Doorbell`] in it.
+    pub fn fast_mmio(mut self) -> Self {
+        self.fast_mmio = true;
+        self.readable = false;
+        self
+    }
+
     /// Makes the region write-only.
     pub fn write_only(mut self) -> Self {
         self.readable = false;
@@ -129,6 +142,51 @@ impl Region {
             access_sizes: self.access_sizes,
             name: self.name.clone(),
         }
+    }
+}
+
+/// Guest memory as a backend sees it: the frontend's memory table, mapped
+/// from its memfds. The runtime swaps in a new table atomically when the
+/// frontend sends one; take a fresh `memory()` snapshot per request.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// A doorbell the device declares: a guest write the frontend turns into an
+/// eventfd signal (ioeventfd semantics) instead of a data command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Doorbell {
+    /// Region the doorbell lives in.
+    pub region: u32,
+    /// Offset in the region.
+    pub offset: u64,
+    /// Access size that matches; `None` matches any size and ignores the data.
+    pub size: Option<AccessSize>,
+    /// Only writes of this value ring the doorbell; others go down the data socket.
+    pub datamatch: Option<u64>,
+}
+
+/// An interrupt line the device declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupt {
+    /// Level-triggered: the frontend hands a resample eventfd that fires
+    /// after the guest's end of interrupt (KVM_IRQFD_FLAG_RESAMPLE semantics),
+    /// and the device re-raises the line if its condition still holds.
+    pub level: bool,
+}
+
+/// The device's end of an interrupt line (irqfd semantics). The device only
+/// signals it; whether KVM or a userspace loop consumes it is not its business.
+#[derive(Debug, Clone)]
+pub struct InterruptLine(Arc<EventFd>);
+
+impl InterruptLine {
+    /// Wraps the eventfd the frontend passed for this line.
+    pub fn new(fd: EventFd) -> Self {
+        InterruptLine(Arc::new(fd))
+    }
+
+    /// Raises the line (edge) or asserts it (level).
+    pub fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
     }
 }
 
@@ -180,6 +238,39 @@ pub trait Device {
     fn handle_event(&mut self, index: usize) -> EventOutcome {
         let _ = index;
         EventOutcome::Remove
+    }
+
+    /// Doorbells the device declares, indexed by position. Called once, at start-up.
+    fn doorbells(&self) -> Vec<Doorbell> {
+        Vec::new()
+    }
+
+    /// Doorbell `index` rang `count` times since the last call (coalesced).
+    fn doorbell(&mut self, index: usize, count: u64) {
+        let _ = (index, count);
+    }
+
+    /// Interrupt lines the device declares, indexed by position. Called once, at start-up.
+    fn interrupts(&self) -> Vec<Interrupt> {
+        Vec::new()
+    }
+
+    /// The frontend connected interrupt line `index`; it may do so again
+    /// with a new eventfd, which replaces the old one.
+    fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
+        let _ = (index, line);
+    }
+
+    /// The guest ended a level interrupt on line `index`: re-raise it if its
+    /// condition still holds.
+    fn resample(&mut self, index: usize) {
+        let _ = index;
+    }
+
+    /// The guest memory handle, given once at start-up (empty until the
+    /// frontend sends a memory table; later tables replace its contents).
+    fn set_memory(&mut self, mem: GuestMemory) {
+        let _ = mem;
     }
 }
 

@@ -12,20 +12,26 @@
 //! `user_data` names no region.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use log::{debug, info, warn};
 use outboard_protocol::channel::{self, Channel, Message};
 use outboard_protocol::control::{
-    self, DeviceInfo, Hello, Negotiated, Payload, RegionIndex, RegionInfo, Request, SetRegion,
-    Status, FEATURES_SUPPORTED, F_POSTED_WRITES,
+    self, DeviceInfo, DoorbellInfo, Hello, IrqInfo, MemTable, Negotiated, Payload, RegionIndex,
+    RegionInfo, Request, SetIrq, SetRegion, Status, DOORBELL_DATAMATCH, FEATURES_SUPPORTED,
+    F_DOORBELL, F_IRQ, F_POSTED_WRITES, IRQ_LEVEL, IRQ_RESAMPLE,
 };
 use outboard_protocol::ioregionfd::{self, Cmd, Op, Resp, CMD_SIZE};
 use thiserror::Error;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{Device, EventOutcome, Region};
+use crate::device::{
+    Device, Doorbell, EventOutcome, GuestMemory, Interrupt, InterruptLine, Region,
+};
 
 /// Bytes read from a data socket per `recv`: 512 commands.
 pub const BATCH_BYTES: usize = 512 * CMD_SIZE;
@@ -35,6 +41,8 @@ const MAX_READS_PER_WAKE: usize = 16;
 const TOKEN_CONTROL: u64 = 0;
 const TOKEN_DATA: u64 = 1 << 32;
 const TOKEN_DEVICE: u64 = 2 << 32;
+const TOKEN_DOORBELL: u64 = 3 << 32;
+const TOKEN_RESAMPLE: u64 = 4 << 32;
 const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
 
 /// Errors that end the backend's event loop.
@@ -81,6 +89,9 @@ pub enum Error {
     /// device name is invalid
     #[error("device name is invalid")]
     BadDeviceName(#[source] control::Error),
+    /// device doorbell {0} does not fit its region
+    #[error("device doorbell {0} does not fit its region")]
+    BadDoorbell(usize),
     /// device region {index} is invalid
     #[error("device region {index} is invalid")]
     BadRegion {
@@ -126,6 +137,11 @@ pub struct Backend<D: Device> {
     sockets: Vec<Option<DataSocket>>,
     by_user_data: HashMap<u64, u32>,
     device_fds: Vec<RawFd>,
+    doorbells: Vec<Doorbell>,
+    doorbell_fds: Vec<Option<EventFd>>,
+    interrupts: Vec<Interrupt>,
+    resample_fds: Vec<Option<EventFd>>,
+    memory: GuestMemory,
     responses: Vec<u8>,
     rejected_accesses: u64,
 }
@@ -142,16 +158,32 @@ impl<D: Device> Backend<D> {
         for (index, r) in regions.iter().enumerate() {
             control::check_name(&r.name, control::REGION_NAME_LEN)
                 .map_err(|source| Error::BadRegion { index, source })?;
-            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 || r.fast_mmio {
+            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 {
                 return Err(Error::BadRegion {
                     index,
                     source: control::Error::AccessSizes(r.access_sizes),
                 });
             }
         }
+        let doorbells = device.doorbells();
+        for (i, d) in doorbells.iter().enumerate() {
+            let fits = regions.get(d.region as usize).is_some_and(|r| {
+                r.allows(
+                    d.offset,
+                    d.size.unwrap_or(outboard_protocol::AccessSize::B1),
+                )
+            });
+            if !fits || (d.size.is_none() && d.datamatch.is_some()) {
+                return Err(Error::BadDoorbell(i));
+            }
+        }
+        let interrupts = device.interrupts();
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let epfd = epoll::create(true).map_err(Error::Epoll)?;
         // SAFETY: epoll_create1 just returned this fd; nothing else owns it.
         let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let mut device = device;
+        device.set_memory(memory.clone());
         let device_fds = device.event_fds();
         let backend = Backend {
             placements: regions.iter().map(|_| None).collect(),
@@ -163,6 +195,11 @@ impl<D: Device> Backend<D> {
             sockets: Vec::new(),
             by_user_data: HashMap::new(),
             device_fds,
+            doorbell_fds: doorbells.iter().map(|_| None).collect(),
+            doorbells,
+            resample_fds: interrupts.iter().map(|_| None).collect(),
+            interrupts,
+            memory,
             responses: Vec::with_capacity(BATCH_BYTES),
             rejected_accesses: 0,
         };
@@ -215,12 +252,39 @@ impl<D: Device> Backend<D> {
                         self.serve_data((token & 0xffff_ffff) as usize)?;
                     }
                     TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize),
+                    TOKEN_DOORBELL => self.serve_doorbell((token & 0xffff_ffff) as usize),
+                    TOKEN_RESAMPLE => self.serve_resample((token & 0xffff_ffff) as usize),
                     _ => {
                         if let Flow::Exit = self.serve_control()? {
                             return Ok(());
                         }
                     }
                 }
+            }
+        }
+    }
+
+    fn serve_doorbell(&mut self, index: usize) {
+        let count = match self.doorbell_fds.get(index).and_then(Option::as_ref) {
+            Some(fd) => match fd.read() {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("doorbell {index}: {e}");
+                    return;
+                }
+            },
+            None => return,
+        };
+        self.device.doorbell(index, count);
+    }
+
+    fn serve_resample(&mut self, index: usize) {
+        if let Some(fd) = self.resample_fds.get(index).and_then(Option::as_ref) {
+            match fd.read() {
+                Ok(_) => self.device.resample(index),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => warn!("resample of interrupt {index}: {e}"),
             }
         }
     }
@@ -311,21 +375,24 @@ impl<D: Device> Backend<D> {
             return Err((Status::UnexpectedReply, None));
         }
         let req = Request::from_u32(header.request).map_err(|_| (Status::UnknownRequest, None))?;
-        if matches!(
-            req,
-            Request::SetMemTable | Request::SetDoorbell | Request::SetIrq | Request::SetDirectMap
-        ) {
+        if req == Request::SetDirectMap {
             return Err((Status::Unsupported, None));
         }
-        if fds.len() != req.fd_count() {
+        let (min_fds, max_fds) = req.fd_range();
+        if fds.len() < min_fds || fds.len() > max_fds {
             return Err((Status::BadFdCount, None));
         }
-        if payload.len() != req.payload_size() {
+        if req.payload_size().is_some_and(|size| payload.len() != size) {
             return Err((Status::BadPayload, None));
         }
         let bad = |_| (Status::BadPayload, None);
-        if req != Request::Hello && self.negotiated.is_none() {
-            return Err((Status::NotNegotiated, None));
+        let negotiated = match self.negotiated {
+            Some(n) => n.features,
+            None if req == Request::Hello => 0,
+            None => return Err((Status::NotNegotiated, None)),
+        };
+        if req.feature().is_some_and(|f| negotiated & f == 0) {
+            return Err((Status::Unsupported, None));
         }
         match req {
             Request::Hello => {
@@ -351,6 +418,16 @@ impl<D: Device> Backend<D> {
                     DeviceInfo {
                         kind: self.device.kind(),
                         num_regions: self.regions.len() as u32,
+                        num_doorbells: if negotiated & F_DOORBELL != 0 {
+                            self.doorbells.len() as u32
+                        } else {
+                            0
+                        },
+                        num_irqs: if negotiated & F_IRQ != 0 {
+                            self.interrupts.len() as u32
+                        } else {
+                            0
+                        },
                         name: self.device.name().to_owned(),
                     }
                     .encode(),
@@ -386,11 +463,143 @@ impl<D: Device> Backend<D> {
                 info!("shutdown requested; exiting");
                 Ok((None, Flow::Exit))
             }
-            Request::SetMemTable
-            | Request::SetDoorbell
-            | Request::SetIrq
-            | Request::SetDirectMap => Err((Status::Unsupported, None)),
+            Request::GetDoorbellInfo => {
+                let RegionIndex { index } = RegionIndex::decode(&payload).map_err(bad)?;
+                let d = self
+                    .doorbells
+                    .get(index as usize)
+                    .ok_or((Status::BadRegionIndex, None))?;
+                let info = DoorbellInfo {
+                    index,
+                    region: d.region,
+                    offset: d.offset,
+                    size: d.size.map_or(0, |s| s.bytes() as u32),
+                    flags: if d.datamatch.is_some() {
+                        DOORBELL_DATAMATCH
+                    } else {
+                        0
+                    },
+                    datamatch: d.datamatch.unwrap_or(0),
+                };
+                Ok((Some(info.encode()), Flow::Continue))
+            }
+            Request::GetIrqInfo => {
+                let RegionIndex { index } = RegionIndex::decode(&payload).map_err(bad)?;
+                let i = self
+                    .interrupts
+                    .get(index as usize)
+                    .ok_or((Status::BadRegionIndex, None))?;
+                let info = IrqInfo {
+                    index,
+                    flags: if i.level { IRQ_LEVEL } else { 0 },
+                };
+                Ok((Some(info.encode()), Flow::Continue))
+            }
+            Request::SetMemTable => {
+                let table = MemTable::decode(&payload).map_err(bad)?;
+                if table.regions.len() != fds.len() {
+                    return Err((Status::BadFdCount, None));
+                }
+                self.set_memory(&table, fds).map_err(|s| (s, None))?;
+                Ok((None, Flow::Continue))
+            }
+            Request::SetDoorbell => {
+                let RegionIndex { index } = RegionIndex::decode(&payload).map_err(bad)?;
+                let fd = fds.pop().ok_or((Status::BadFdCount, None))?;
+                self.set_doorbell(index as usize, fd)
+                    .map_err(|s| (s, None))?;
+                Ok((None, Flow::Continue))
+            }
+            Request::SetIrq => {
+                let set = SetIrq::decode(&payload).map_err(bad)?;
+                let wants = if set.flags & IRQ_RESAMPLE != 0 { 2 } else { 1 };
+                if fds.len() != wants {
+                    return Err((Status::BadFdCount, None));
+                }
+                let resample = if wants == 2 { fds.pop() } else { None };
+                let fd = fds.pop().ok_or((Status::BadFdCount, None))?;
+                self.set_irq(set.index as usize, fd, resample)
+                    .map_err(|s| (s, None))?;
+                Ok((None, Flow::Continue))
+            }
+            Request::SetDirectMap => Err((Status::Unsupported, None)),
         }
+    }
+
+    /// Maps a new memory table and swaps it in. Each fd must be large enough
+    /// for its entry; a memfd must be sealed against shrinking, so that the
+    /// frontend cannot turn our mapping into SIGBUS later.
+    fn set_memory(&mut self, table: &MemTable, fds: Vec<OwnedFd>) -> Result<(), Status> {
+        let mut ranges = Vec::with_capacity(fds.len());
+        for (r, fd) in table.regions.iter().zip(fds) {
+            let file = File::from(fd);
+            let len = file.metadata().map_err(|_| Status::BadFd)?.len();
+            let end = r.fd_offset.checked_add(r.size).ok_or(Status::BadPayload)?;
+            if end > len || !shrink_sealed_or_not_memfd(&file) {
+                warn!(
+                    "memory fd for {:#x}+{:#x} is too small or not sealed against shrinking",
+                    r.guest_addr, r.size
+                );
+                return Err(Status::BadFd);
+            }
+            let size = usize::try_from(r.size).map_err(|_| Status::BadPayload)?;
+            ranges.push((
+                GuestAddress(r.guest_addr),
+                size,
+                Some(FileOffset::new(file, r.fd_offset)),
+            ));
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(ranges).map_err(|e| {
+            warn!("cannot map the memory table: {e}");
+            Status::DeviceError
+        })?;
+        match self.memory.lock() {
+            Ok(guard) => guard.replace(mem),
+            Err(poisoned) => poisoned.into_inner().replace(mem),
+        }
+        info!("memory table set: {} regions", table.regions.len());
+        Ok(())
+    }
+
+    fn set_doorbell(&mut self, index: usize, fd: OwnedFd) -> Result<(), Status> {
+        if index >= self.doorbells.len() {
+            return Err(Status::BadRegionIndex);
+        }
+        let efd = eventfd_from(fd)?;
+        if let Some(old) = self.doorbell_fds[index].take() {
+            self.unwatch(old.as_raw_fd());
+        }
+        self.watch(efd.as_raw_fd(), TOKEN_DOORBELL | index as u64)
+            .map_err(|_| Status::DeviceError)?;
+        self.doorbell_fds[index] = Some(efd);
+        debug!("doorbell {index} connected");
+        Ok(())
+    }
+
+    fn set_irq(
+        &mut self,
+        index: usize,
+        fd: OwnedFd,
+        resample: Option<OwnedFd>,
+    ) -> Result<(), Status> {
+        let irq = *self.interrupts.get(index).ok_or(Status::BadRegionIndex)?;
+        if resample.is_some() && !irq.level {
+            return Err(Status::Unsupported);
+        }
+        let line = eventfd_from(fd)?;
+        let resample = resample.map(eventfd_from).transpose()?;
+        if let Some(old) = self.resample_fds[index].take() {
+            self.unwatch(old.as_raw_fd());
+        }
+        if let Some(r) = &resample {
+            self.watch(r.as_raw_fd(), TOKEN_RESAMPLE | index as u64)
+                .map_err(|_| Status::DeviceError)?;
+        }
+        self.resample_fds[index] = resample;
+        self.device
+            .connect_interrupt(index, InterruptLine::new(line));
+        debug!("interrupt {index} connected");
+        Ok(())
     }
 
     fn set_region(&mut self, set: SetRegion, fd: OwnedFd) -> Result<(), Status> {
@@ -598,6 +807,31 @@ fn recv_nonblocking(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     } else {
         Ok(n as usize)
     }
+}
+
+/// Takes an fd as an eventfd (checked through /proc), made non-blocking.
+fn eventfd_from(fd: OwnedFd) -> Result<EventFd, Status> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    if !link.is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]") {
+        return Err(Status::BadFd);
+    }
+    // SAFETY: F_GETFL/F_SETFL only change the file status flags of an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(Status::BadFd);
+        }
+    }
+    // SAFETY: the fd is an eventfd (checked above) and ownership moves into the EventFd.
+    Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// True unless `file` is a memfd that may still shrink.
+fn shrink_sealed_or_not_memfd(file: &File) -> bool {
+    // SAFETY: F_GET_SEALS only queries the fd's seals.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    // Files that are not memfds do not support seals (EINVAL): their size was checked.
+    seals < 0 || seals & libc::F_SEAL_SHRINK != 0
 }
 
 /// True when `fd` is a stream socket (the only kind of data socket accepted).

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use outboard_protocol::channel::{self, Channel};
 use outboard_protocol::control::{
-    self, DeviceInfo, Header, Hello, Negotiated, Payload, RegionIndex, RegionInfo, Request,
-    SetRegion, Status, StatusReply, FEATURES_SUPPORTED,
+    self, DeviceInfo, DoorbellInfo, Header, Hello, IrqInfo, MemTable, Negotiated, Payload,
+    RegionIndex, RegionInfo, Request, SetIrq, SetRegion, Status, StatusReply, FEATURES_SUPPORTED,
+    IRQ_RESAMPLE,
 };
 use thiserror::Error;
 
@@ -381,6 +382,70 @@ impl Connection {
             });
         }
         Ok(info)
+    }
+
+    /// Asks for doorbell `index`.
+    pub fn doorbell_info(&self, index: u32) -> Result<DoorbellInfo, Error> {
+        let r = self.call(
+            Request::GetDoorbellInfo,
+            &RegionIndex { index }.encode(),
+            &[],
+        )?;
+        let info = DoorbellInfo::decode(&r).map_err(|source| Error::BadReply {
+            request: Request::GetDoorbellInfo,
+            source,
+        })?;
+        if info.index != index {
+            return Err(Error::BadReply {
+                request: Request::GetDoorbellInfo,
+                source: control::Error::Reserved("doorbell index"),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Asks for interrupt line `index`.
+    pub fn irq_info(&self, index: u32) -> Result<IrqInfo, Error> {
+        let r = self.call(Request::GetIrqInfo, &RegionIndex { index }.encode(), &[])?;
+        let info = IrqInfo::decode(&r).map_err(|source| Error::BadReply {
+            request: Request::GetIrqInfo,
+            source,
+        })?;
+        if info.index != index {
+            return Err(Error::BadReply {
+                request: Request::GetIrqInfo,
+                source: control::Error::Reserved("irq index"),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Sends a memory table with its fds.
+    pub fn set_mem_table(&self, table: &MemTable, fds: &[RawFd]) -> Result<(), Error> {
+        self.call_ack(Request::SetMemTable, &table.encode(), fds)
+    }
+
+    /// Hands over doorbell `index`'s eventfd.
+    pub fn set_doorbell(&self, index: u32, eventfd: RawFd) -> Result<(), Error> {
+        self.call_ack(
+            Request::SetDoorbell,
+            &RegionIndex { index }.encode(),
+            &[eventfd],
+        )
+    }
+
+    /// Hands over interrupt line `index`'s eventfd and, for a level line, its resample eventfd.
+    pub fn set_irq(
+        &self,
+        index: u32,
+        eventfd: RawFd,
+        resample: Option<RawFd>,
+    ) -> Result<(), Error> {
+        let (flags, fds) = match resample {
+            Some(r) => (IRQ_RESAMPLE, vec![eventfd, r]),
+            None => (0, vec![eventfd]),
+        };
+        self.call_ack(Request::SetIrq, &SetIrq { index, flags }.encode(), &fds)
     }
 
     /// Places a region and hands over its data socket.

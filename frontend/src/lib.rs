@@ -23,7 +23,9 @@
 pub mod backend;
 pub mod bus;
 pub mod config;
+pub mod irq;
 pub mod machine;
+pub mod memory;
 pub mod remote;
 pub mod script;
 

@@ -16,16 +16,22 @@ use std::time::Duration;
 
 use log::info;
 use outboard_protocol::control::{
-    DeviceInfo, RegionInfo, SetRegion, F_POSTED_WRITES, REGION_POSTED_WRITES,
+    DeviceInfo, DoorbellInfo, RegionInfo, SetRegion, DOORBELL_DATAMATCH, F_DOORBELL, F_FAST_MMIO,
+    F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, IRQ_LEVEL, REGION_FAST_MMIO, REGION_POSTED_WRITES,
     REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE, SET_REGION_POSTED,
 };
+use outboard_protocol::AccessSize;
 use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{self, Connection, Launcher, Source};
 use crate::bus::{Bus, BusError, Space};
-use crate::remote::{Health, Permissions, RemoteRegion};
+use crate::irq::{self, InterruptSink, IrqLine};
+use crate::memory::GuestRam;
+use crate::remote::{DoorbellMatch, Health, Permissions, RemoteRegion};
 
-/// Most regions the frontend accepts from one backend.
+/// Most regions (and most doorbells, and most interrupt lines) the frontend
+/// accepts from one backend.
 pub const MAX_REGIONS: u32 = 256;
 /// First MMIO address handed out when neither config nor backend chooses one.
 pub const MMIO_POOL_START: u64 = 0xd000_0000;
@@ -104,6 +110,24 @@ pub enum Error {
     /// cannot create a data socket
     #[error("cannot create a data socket")]
     DataSocket(#[source] std::io::Error),
+    /// cannot create a doorbell eventfd
+    #[error("cannot create a doorbell eventfd")]
+    Doorbell(#[source] std::io::Error),
+    /// device {name}: doorbell {index} names region {region}, which the backend does not have
+    #[error(
+        "device {name}: doorbell {index} names region {region}, which the backend does not have"
+    )]
+    DoorbellRegion {
+        /// Device name.
+        name: String,
+        /// Doorbell index.
+        index: u32,
+        /// Region named.
+        region: u32,
+    },
+    /// cannot deliver interrupts
+    #[error("cannot deliver interrupts")]
+    Interrupts(#[source] irq::Error),
 }
 
 /// Where one region goes.
@@ -210,6 +234,26 @@ impl PlacedRegion {
     }
 }
 
+/// A doorbell of an attached device and the eventfd that rings it.
+#[derive(Debug, Clone)]
+pub struct AttachedDoorbell {
+    /// The backend's description.
+    pub info: DoorbellInfo,
+    /// The eventfd handed to the backend.
+    pub eventfd: Arc<EventFd>,
+}
+
+impl AttachedDoorbell {
+    fn matcher(&self) -> DoorbellMatch {
+        DoorbellMatch {
+            offset: self.info.offset,
+            size: AccessSize::from_bytes(u64::from(self.info.size)).ok(),
+            datamatch: (self.info.flags & DOORBELL_DATAMATCH != 0).then_some(self.info.datamatch),
+            eventfd: Arc::clone(&self.eventfd),
+        }
+    }
+}
+
 /// An attached device.
 #[derive(Debug)]
 pub struct Attached {
@@ -220,6 +264,8 @@ pub struct Attached {
     health: Arc<Health>,
     conn: Option<Connection>,
     posted_writes: bool,
+    doorbells: Vec<AttachedDoorbell>,
+    irqs: Vec<IrqLine>,
 }
 
 impl Attached {
@@ -251,6 +297,16 @@ impl Attached {
     /// Why the device failed, if it has.
     pub fn failure(&self) -> Option<String> {
         self.health.reason()
+    }
+
+    /// The device's doorbells, indexed as the backend declared them.
+    pub fn doorbells(&self) -> &[AttachedDoorbell] {
+        &self.doorbells
+    }
+
+    /// Interrupt line `index`, if the backend declared it.
+    pub fn irq(&self, index: u32) -> Option<&IrqLine> {
+        self.irqs.get(index as usize)
     }
 
     /// The spawned backend's pid.
@@ -288,6 +344,8 @@ pub struct Frontend {
     pio: Arc<Bus>,
     devices: Vec<Attached>,
     next_user_data: u64,
+    ram: Option<Arc<GuestRam>>,
+    sink: Option<InterruptSink>,
 }
 
 impl Frontend {
@@ -299,7 +357,104 @@ impl Frontend {
             pio: Arc::new(Bus::new(Space::Pio)),
             devices: Vec::new(),
             next_user_data: 1,
+            ram: None,
+            sink: None,
         }
+    }
+
+    /// Guest RAM, once set.
+    pub fn memory(&self) -> Option<&Arc<GuestRam>> {
+        self.ram.as_ref()
+    }
+
+    /// Makes `ram` the guest RAM and sends its memory table to every working
+    /// backend that negotiated it (and, later, to every backend attached).
+    pub fn set_memory(&mut self, ram: GuestRam) -> Result<(), Error> {
+        let ram = Arc::new(ram);
+        self.ram = Some(Arc::clone(&ram));
+        for dev in &self.devices {
+            if dev.is_failed() {
+                continue;
+            }
+            let conn = dev.conn()?;
+            if conn.negotiated().features & F_MEM_TABLE != 0 {
+                let (table, fds) = ram.table();
+                conn.set_mem_table(&table, &fds)
+                    .map_err(|e| dev.backend_err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The interrupt sink (socket mode), created with the first interrupt line.
+    pub fn interrupt_sink(&mut self) -> Result<&InterruptSink, Error> {
+        self.sink_mut().map(|s| &*s)
+    }
+
+    fn sink_mut(&mut self) -> Result<&mut InterruptSink, Error> {
+        if self.sink.is_none() {
+            self.sink = Some(InterruptSink::new().map_err(Error::Interrupts)?);
+        }
+        self.sink
+            .as_mut()
+            .ok_or(Error::Interrupts(irq::Error::Create(
+                std::io::Error::other("interrupt sink missing"),
+            )))
+    }
+
+    /// Sends memory, doorbells and interrupts to a freshly attached backend.
+    fn connect_resources(&mut self, dev: &mut Attached) -> Result<(), Error> {
+        let name = dev.name.clone();
+        let be = |source| Error::Backend {
+            name: name.clone(),
+            source,
+        };
+        let features = dev.conn()?.negotiated().features;
+        if features & F_MEM_TABLE != 0 {
+            if let Some(ram) = &self.ram {
+                let (table, fds) = ram.table();
+                dev.conn()?.set_mem_table(&table, &fds).map_err(be)?;
+            }
+        }
+        if features & F_DOORBELL != 0 {
+            for i in 0..dev.info.num_doorbells.min(MAX_REGIONS) {
+                let info = dev.conn()?.doorbell_info(i).map_err(be)?;
+                if info.region >= dev.info.num_regions {
+                    return Err(Error::DoorbellRegion {
+                        name: name.clone(),
+                        index: i,
+                        region: info.region,
+                    });
+                }
+                let efd =
+                    EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Doorbell)?;
+                dev.conn()?
+                    .set_doorbell(i, std::os::fd::AsRawFd::as_raw_fd(&efd))
+                    .map_err(be)?;
+                dev.doorbells.push(AttachedDoorbell {
+                    info,
+                    eventfd: Arc::new(efd),
+                });
+            }
+        }
+        if features & F_IRQ != 0 {
+            for i in 0..dev.info.num_irqs.min(MAX_REGIONS) {
+                let info = dev.conn()?.irq_info(i).map_err(be)?;
+                let line = self
+                    .sink_mut()?
+                    .add_line(&name, i, info.flags & IRQ_LEVEL != 0)
+                    .map_err(Error::Interrupts)?;
+                dev.conn()?
+                    .set_irq(
+                        i,
+                        std::os::fd::AsRawFd::as_raw_fd(line.eventfd()),
+                        line.resample_eventfd().map(std::os::fd::AsRawFd::as_raw_fd),
+                    )
+                    .map_err(be)?;
+                dev.irqs.push(line);
+            }
+        }
+        Ok(())
     }
 
     /// The MMIO bus.
@@ -392,7 +547,15 @@ impl Frontend {
             health: Health::new(&spec.name),
             conn: Some(conn),
             posted_writes: spec.posted_writes,
+            doorbells: Vec::new(),
+            irqs: Vec::new(),
         };
+        if let Err(e) = self.connect_resources(&mut dev) {
+            if let Some(sink) = &self.sink {
+                sink.remove_device(&dev.name);
+            }
+            return Err(e);
+        }
         let plan = self.plan(spec, &dev)?;
         let posted_ok = dev
             .conn
@@ -522,7 +685,16 @@ impl Frontend {
             Arc::clone(&dev.health),
             self.options.timeout,
         )
-        .map_err(Error::DataSocket)?;
+        .map_err(Error::DataSocket)?
+        .with_doorbells(
+            dev.doorbells
+                .iter()
+                .filter(|d| d.info.region == index)
+                .map(AttachedDoorbell::matcher)
+                .collect(),
+            info.flags & REGION_FAST_MMIO != 0
+                && dev.conn()?.negotiated().features & F_FAST_MMIO != 0,
+        );
         let placed = PlacedRegion {
             info,
             addr,
@@ -656,6 +828,9 @@ impl Frontend {
         let i = self.device_index(name)?;
         let mut dev = self.devices.remove(i);
         self.unmap_all(&mut dev);
+        if let Some(sink) = &self.sink {
+            sink.remove_device(&dev.name);
+        }
         let grace = self.options.timeout;
         Ok(dev.conn.take().and_then(|c| c.shutdown(grace)))
     }

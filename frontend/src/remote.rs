@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use log::error;
 use outboard_protocol::ioregionfd::{Cmd, Resp, RESP_SIZE};
 use outboard_protocol::AccessSize;
@@ -96,6 +98,29 @@ pub struct Permissions {
     pub sizes: u8,
 }
 
+/// A doorbell in a region: matching writes signal its eventfd instead of
+/// travelling as data commands (ioeventfd semantics).
+#[derive(Debug, Clone)]
+pub struct DoorbellMatch {
+    /// Offset in the region.
+    pub offset: u64,
+    /// Access size that matches; `None` matches any size and ignores the data.
+    pub size: Option<AccessSize>,
+    /// Value that matches, if any.
+    pub datamatch: Option<u64>,
+    /// Signalled once per matching write; the counter coalesces.
+    pub eventfd: Arc<EventFd>,
+}
+
+impl DoorbellMatch {
+    /// True when a write of `value` (`size` bytes at `offset`) rings this doorbell.
+    pub fn matches(&self, offset: u64, size: AccessSize, value: u64) -> bool {
+        offset == self.offset
+            && self.size.is_none_or(|s| s == size)
+            && self.datamatch.is_none_or(|d| d == value)
+    }
+}
+
 /// One placed region of a backend, reached over its data socket.
 #[derive(Debug)]
 pub struct RemoteRegion {
@@ -104,6 +129,8 @@ pub struct RemoteRegion {
     posted: bool,
     perms: Permissions,
     health: Arc<Health>,
+    doorbells: Vec<DoorbellMatch>,
+    fast_mmio: bool,
 }
 
 impl RemoteRegion {
@@ -124,7 +151,17 @@ impl RemoteRegion {
             posted,
             perms,
             health,
+            doorbells: Vec::new(),
+            fast_mmio: false,
         })
+    }
+
+    /// Adds the region's doorbells; with `fast_mmio`, writes that match no
+    /// doorbell are dropped instead of sent.
+    pub fn with_doorbells(mut self, doorbells: Vec<DoorbellMatch>, fast_mmio: bool) -> Self {
+        self.doorbells = doorbells;
+        self.fast_mmio = fast_mmio;
+        self
     }
 
     /// True when writes to this region are posted.
@@ -231,6 +268,16 @@ impl BusDevice for RemoteRegion {
 
     fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
         self.check(size, self.perms.write)?;
+        if let Some(d) = self
+            .doorbells
+            .iter()
+            .find(|d| d.matches(offset, size, value))
+        {
+            return d.eventfd.write(1).map_err(AccessError::Io);
+        }
+        if self.fast_mmio {
+            return Err(AccessError::Denied);
+        }
         self.transact(Cmd::write(self.user_data, offset, size, value, self.posted))
             .map(|_| ())
     }

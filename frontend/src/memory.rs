@@ -1,0 +1,164 @@
+//! Guest RAM shared with backends: memfd-backed regions.
+//!
+//! The frontend allocates every RAM region as its own memfd, sealed against
+//! shrinking and growing (a backend that mapped it can never be made to
+//! fault by a later truncation), maps it itself with vm-memory, and hands the
+//! same fds to every backend that negotiated the memory table.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use outboard_protocol::control::{MemRegion, MemTable, MAX_MEM_REGIONS};
+use thiserror::Error;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+/// Errors creating guest RAM.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot create a memfd
+    #[error("cannot create a memfd")]
+    Memfd(#[source] io::Error),
+    /// cannot size or seal the memfd
+    #[error("cannot size or seal the memfd")]
+    Seal(#[source] io::Error),
+    /// invalid RAM layout: {0}
+    #[error("invalid RAM layout: {0}")]
+    Layout(&'static str),
+    /// cannot map guest RAM
+    #[error("cannot map guest RAM")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// One RAM region and its memfd.
+#[derive(Debug)]
+struct RamRegion {
+    addr: u64,
+    size: u64,
+    file: File,
+}
+
+/// Guest RAM: memfd regions, mapped in the frontend too.
+#[derive(Debug)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+    memory: GuestMemoryMmap<()>,
+}
+
+impl GuestRam {
+    /// Allocates RAM for `(guest address, size)` regions, sorted and
+    /// non-overlapping, at most [`MAX_MEM_REGIONS`] of them.
+    pub fn new(layout: &[(u64, u64)]) -> Result<Self, Error> {
+        if layout.is_empty() || layout.len() > MAX_MEM_REGIONS {
+            return Err(Error::Layout("between 1 and 8 regions"));
+        }
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut prev_end: Option<u64> = None;
+        for &(addr, size) in layout {
+            let last = size
+                .checked_sub(1)
+                .and_then(|s| addr.checked_add(s))
+                .ok_or(Error::Layout("empty or wrapping region"))?;
+            if prev_end.is_some_and(|p| p >= addr) {
+                return Err(Error::Layout("regions unsorted or overlapping"));
+            }
+            prev_end = Some(last);
+            regions.push(RamRegion {
+                addr,
+                size,
+                file: sealed_memfd(size)?,
+            });
+        }
+        let ranges = regions
+            .iter()
+            .map(|r| {
+                let file = r.file.try_clone().map_err(Error::Memfd)?;
+                Ok((
+                    GuestAddress(r.addr),
+                    r.size as usize,
+                    Some(FileOffset::new(file, 0)),
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
+        Ok(GuestRam { regions, memory })
+    }
+
+    /// The frontend's own mapping of guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.memory
+    }
+
+    /// The memory-table message and its fds, in entry order.
+    pub fn table(&self) -> (MemTable, Vec<RawFd>) {
+        let regions = self
+            .regions
+            .iter()
+            .map(|r| MemRegion {
+                guest_addr: r.addr,
+                size: r.size,
+                fd_offset: 0,
+            })
+            .collect();
+        let fds = self.regions.iter().map(|r| r.file.as_raw_fd()).collect();
+        (MemTable { regions }, fds)
+    }
+
+    /// `(guest address, size)` of every region.
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.regions.iter().map(|r| (r.addr, r.size)).collect()
+    }
+}
+
+fn sealed_memfd(size: u64) -> Result<File, Error> {
+    let name = CString::new("outboard-guest-ram").map_err(|_| Error::Layout("name"))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call;
+    // the flags are plain integers.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(Error::Memfd(io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this fd and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(Error::Seal)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS only changes the seals of a memfd we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::Seal(io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn new_when_layout_valid_then_mapped_and_sealed() {
+        let ram =
+            GuestRam::new(&[(0, 0x10000), (0x100000, 0x1000)]).unwrap_or_else(|e| panic!("{e}"));
+        ram.memory()
+            .write_obj(0xabcd_u64, GuestAddress(0x100008))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (table, fds) = ram.table();
+        assert_eq!(table.regions.len(), 2);
+        assert_eq!(fds.len(), 2);
+        // SAFETY: F_GET_SEALS only queries the fd.
+        let seals = unsafe { libc::fcntl(fds[0], libc::F_GET_SEALS) };
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+        assert!(ram.regions[0].file.set_len(1).is_err(), "cannot shrink");
+    }
+
+    #[test]
+    fn new_when_layout_bad_then_error() {
+        assert!(matches!(GuestRam::new(&[]), Err(Error::Layout(_))));
+        assert!(matches!(
+            GuestRam::new(&[(0, 0x2000), (0x1000, 0x1000)]),
+            Err(Error::Layout(_))
+        ));
+        assert!(matches!(GuestRam::new(&[(0, 0)]), Err(Error::Layout(_))));
+    }
+}
