@@ -1,5 +1,6 @@
 //! Outboard's device backends, one binary each (`outboard-uart`,
-//! `outboard-scratch`). Each module holds a device model and the `main` of its
+//! `outboard-scratch`, `outboard-virtio-blk`, `outboard-virtio-rng`,
+//! `outboard-virtio-console`). Each module holds a device model and the `main` of its
 //! binary; the binaries are thin wrappers so that the `outboard` CLI can also
 //! start a built-in backend when its binary is not installed beside it.
 
@@ -10,6 +11,9 @@ use std::process::ExitCode;
 
 pub mod scratch;
 pub mod uart;
+pub mod virtio_blk;
+pub mod virtio_console;
+pub mod virtio_rng;
 
 /// `main` of a backend binary: takes its arguments, returns its exit status.
 pub type BackendMain = fn(Vec<OsString>) -> ExitCode;
@@ -18,6 +22,9 @@ pub type BackendMain = fn(Vec<OsString>) -> ExitCode;
 pub const BUILTIN: &[(&str, BackendMain)] = &[
     ("outboard-uart", |a| uart::main(a)),
     ("outboard-scratch", |a| scratch::main(a)),
+    ("outboard-virtio-blk", |a| virtio_blk::main(a)),
+    ("outboard-virtio-rng", |a| virtio_rng::main(a)),
+    ("outboard-virtio-console", |a| virtio_console::main(a)),
 ];
 
 /// The `main` of the built-in backend named `name`, if there is one.

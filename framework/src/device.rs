@@ -197,6 +197,9 @@ pub enum EventOutcome {
     Keep,
     /// Stop watching the fd (it reached end of file, say).
     Remove,
+    /// The device's set of fds changed (a connection was accepted or
+    /// closed): ask [`Device::event_fds`] again and watch exactly those.
+    Rescan,
 }
 
 /// A device model served by the Outboard runtime.
@@ -229,7 +232,8 @@ pub trait Device {
     fn reset(&mut self);
 
     /// The device's own fds (input sources, timers) the event loop should
-    /// watch for readability. Called once, at start-up.
+    /// watch for readability. Called at start-up and after
+    /// [`EventOutcome::Rescan`].
     fn event_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }

@@ -45,6 +45,7 @@
 pub mod cli;
 pub mod device;
 pub mod runtime;
+pub mod virtio;
 
 pub use cli::{run, BackendArgs};
 pub use device::{Device, EventOutcome, Region, Space};

@@ -251,7 +251,7 @@ impl<D: Device> Backend<D> {
                     TOKEN_DATA => {
                         self.serve_data((token & 0xffff_ffff) as usize)?;
                     }
-                    TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize),
+                    TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize)?,
                     TOKEN_DOORBELL => self.serve_doorbell((token & 0xffff_ffff) as usize),
                     TOKEN_RESAMPLE => self.serve_resample((token & 0xffff_ffff) as usize),
                     _ => {
@@ -289,12 +289,31 @@ impl<D: Device> Backend<D> {
         }
     }
 
-    fn serve_device_fd(&mut self, index: usize) {
-        if self.device.handle_event(index) == EventOutcome::Remove {
-            if let Some(&fd) = self.device_fds.get(index) {
-                self.unwatch(fd);
+    fn serve_device_fd(&mut self, index: usize) -> Result<(), Error> {
+        match self.device.handle_event(index) {
+            EventOutcome::Keep => {}
+            EventOutcome::Remove => {
+                if let Some(&fd) = self.device_fds.get(index) {
+                    self.unwatch(fd);
+                }
+            }
+            EventOutcome::Rescan => {
+                for &fd in &self.device_fds {
+                    // A closed fd has already left the epoll set; that is fine.
+                    let _ = epoll::ctl(
+                        self.epoll.as_raw_fd(),
+                        epoll::ControlOptions::EPOLL_CTL_DEL,
+                        fd,
+                        epoll::Event::new(epoll::Events::empty(), 0),
+                    );
+                }
+                self.device_fds = self.device.event_fds();
+                for i in 0..self.device_fds.len() {
+                    self.watch(self.device_fds[i], TOKEN_DEVICE | i as u64)?;
+                }
             }
         }
+        Ok(())
     }
 
     /// Serves every command already queued on every data socket. Called before

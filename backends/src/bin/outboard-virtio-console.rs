@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    outboard_backends::virtio_console::main(std::env::args_os())
+}

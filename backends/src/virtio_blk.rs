@@ -1,0 +1,298 @@
+//! `outboard-virtio-blk`: a file-backed virtio block device (virtio device ID 2).
+//!
+//! One request queue. Requests: read (IN), write (OUT), flush, get-id,
+//! discard and write-zeroes (hole punching and zero ranges on the backing
+//! file). The capacity is the backing file's size in 512-byte sectors
+//! (rounded down). `--read-only` offers VIRTIO_BLK_F_RO and fails writes.
+//!
+//! Every request is checked before the file is touched: a request past the
+//! capacity, with a data length that is not a whole number of sectors, or
+//! whose header cannot be read completes with VIRTIO_BLK_S_IOERR; an unknown
+//! type with VIRTIO_BLK_S_UNSUPP. A chain without a writable status byte
+//! cannot be answered and sets DEVICE_NEEDS_RESET (see `outboard::virtio`).
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use log::warn;
+use outboard::virtio::{drain_queue, Chain, Memory, QueueError, VirtioDevice, VirtioMmio};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::Queue;
+
+/// Sector size of the virtio block protocol.
+pub const SECTOR: u64 = 512;
+/// Largest number of segments per request the device accepts.
+const SEG_MAX: u32 = 128;
+/// Largest discard or write-zeroes request, in sectors.
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+
+/// `outboard-virtio-blk`: a file-backed virtio block device.
+#[derive(Debug, clap::Args)]
+pub struct BlkArgs {
+    /// Backing file (its size, rounded down to 512 bytes, is the capacity).
+    #[arg(long, value_name = "PATH")]
+    pub path: PathBuf,
+    /// Offer a read-only device; writes fail with an I/O error.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Device ID string returned by GET_ID (at most 20 bytes).
+    #[arg(long, default_value = "outboard-virtio-blk")]
+    pub serial: String,
+    /// Do not offer discard and write-zeroes.
+    #[arg(long)]
+    pub no_discard: bool,
+}
+
+/// The block device logic.
+#[derive(Debug)]
+pub struct Blk {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    discard: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    buf: Vec<u8>,
+}
+
+impl Blk {
+    /// Opens the backing file.
+    pub fn open(args: &BlkArgs) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!args.read_only)
+            .open(&args.path)?;
+        let capacity = file.metadata()?.len() / SECTOR;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = args.serial.len().min(id.len());
+        id[..n].copy_from_slice(&args.serial.as_bytes()[..n]);
+        Ok(Blk {
+            file,
+            capacity,
+            read_only: args.read_only,
+            discard: !args.no_discard && !args.read_only,
+            id,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn config(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&1u16.to_le_bytes());
+        if self.discard {
+            c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[40..44].copy_from_slice(&1u32.to_le_bytes());
+            c[44..48].copy_from_slice(&1u32.to_le_bytes());
+            c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+            c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        }
+        c
+    }
+
+    /// Byte offset of `sectors` sectors at `sector`, if inside the capacity.
+    fn range(&self, sector: u64, bytes: u64) -> Option<u64> {
+        let start = sector.checked_mul(SECTOR)?;
+        let end = start.checked_add(bytes)?;
+        (bytes.is_multiple_of(SECTOR) && end <= self.capacity * SECTOR).then_some(start)
+    }
+
+    /// Serves one request; returns the bytes written into the chain.
+    fn serve(&mut self, chain: Chain<'_>, mem: &Memory) -> Result<u32, QueueError> {
+        let mut reader = chain.clone().reader(mem).map_err(QueueError::Buffers)?;
+        let mut writer = chain.writer(mem).map_err(QueueError::Buffers)?;
+        let avail = writer.available_bytes();
+        if avail == 0 {
+            return Err(QueueError::Chain("no writable status byte"));
+        }
+        let mut status_writer = writer.split_at(avail - 1).map_err(QueueError::Buffers)?;
+        let (status, data_len) = match reader.read_obj::<[u8; 16]>() {
+            Ok(h) => {
+                let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                let sector =
+                    u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+                self.request(kind, sector, &mut reader, &mut writer)
+            }
+            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+        };
+        status_writer
+            .write_all(&[status as u8])
+            .map_err(QueueError::Memory)?;
+        Ok(u32::try_from(data_len + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Carries out a request: (status, bytes written to the guest before the status).
+    fn request(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        reader: &mut virtio_queue::Reader<'_>,
+        writer: &mut virtio_queue::Writer<'_>,
+    ) -> (u32, usize) {
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let len = writer.available_bytes();
+                let Some(offset) = self.range(sector, len as u64) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                self.buf.resize(len, 0);
+                if let Err(e) = self.file.read_exact_at(&mut self.buf, offset) {
+                    warn!("read at sector {sector}: {e}");
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                match writer.write_all(&self.buf) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, writer.bytes_written()),
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                let len = reader.available_bytes();
+                let Some(offset) = self.range(sector, len as u64) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                if self.read_only {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                self.buf.resize(len, 0);
+                if reader.read_exact(&mut self.buf).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                match self.file.write_all_at(&self.buf, offset) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Err(e) => {
+                        warn!("write at sector {sector}: {e}");
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    warn!("flush: {e}");
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let n = writer.available_bytes().min(self.id.len());
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, n),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.discard => {
+                (self.discard_or_zero(kind, reader), 0)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        }
+    }
+
+    fn discard_or_zero(&mut self, kind: u32, reader: &mut virtio_queue::Reader<'_>) -> u32 {
+        while reader.available_bytes() > 0 {
+            let Ok(seg) = reader.read_obj::<[u8; 16]>() else {
+                return VIRTIO_BLK_S_IOERR;
+            };
+            let sector = u64::from_le_bytes([
+                seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
+            ]);
+            let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            if sectors > MAX_DISCARD_SECTORS {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let bytes = u64::from(sectors) * SECTOR;
+            let Some(offset) = self.range(sector, bytes) else {
+                return VIRTIO_BLK_S_IOERR;
+            };
+            let mode = if kind == VIRTIO_BLK_T_DISCARD {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            };
+            // SAFETY: fallocate only takes integers; the range was checked
+            // against the file's capacity above.
+            let rc = unsafe {
+                libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, bytes as i64)
+            };
+            if rc != 0 {
+                warn!(
+                    "{}: {}",
+                    if kind == VIRTIO_BLK_T_DISCARD {
+                        "discard"
+                    } else {
+                        "write zeroes"
+                    },
+                    io::Error::last_os_error()
+                );
+                return VIRTIO_BLK_S_IOERR;
+            }
+        }
+        VIRTIO_BLK_S_OK
+    }
+}
+
+impl VirtioDevice for Blk {
+    fn name(&self) -> &str {
+        "virtio-blk"
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f =
+            (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        if self.discard {
+            f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn reset(&mut self) {}
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &Memory,
+    ) -> Result<bool, QueueError> {
+        drain_queue(queue, mem, |chain| self.serve(chain, mem))
+    }
+}
+
+/// `main` of `outboard-virtio-blk`.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    outboard::run("outboard-virtio-blk", args, |a: BlkArgs| {
+        Blk::open(&a).map(VirtioMmio::new)
+    })
+}

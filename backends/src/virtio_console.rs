@@ -1,0 +1,239 @@
+//! `outboard-virtio-console`: a single-port virtio console (virtio device ID 3).
+//!
+//! Queue 0 (receiveq) carries input to the guest, queue 1 (transmitq) its
+//! output. Output goes to stdout or a file (`--output`). Input comes from a
+//! Unix socket the backend listens on (`--input-socket PATH`): one client at
+//! a time, whose bytes are queued and delivered into the receive buffers the
+//! driver makes available. At most 1 MiB of input waits for buffers; beyond
+//! that the backend stops reading the client until the guest catches up.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use log::{info, warn};
+use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice, VirtioMmio};
+use outboard::EventOutcome;
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+/// Receive queue index.
+pub const RX: usize = 0;
+/// Transmit queue index.
+pub const TX: usize = 1;
+const MAX_PENDING: usize = 1 << 20;
+
+/// `outboard-virtio-console`: a single-port virtio console.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    /// Where the guest's output goes: "stdout" or a file path (appended to).
+    #[arg(long, value_name = "stdout|PATH", default_value = "stdout")]
+    pub output: String,
+    /// Listen on this Unix socket; bytes a client sends become guest input.
+    #[arg(long, value_name = "PATH")]
+    pub input_socket: Option<PathBuf>,
+}
+
+/// The console device logic.
+pub struct Console {
+    out: Box<dyn Write + Send>,
+    listener: Option<UnixListener>,
+    client: Option<UnixStream>,
+    pending: VecDeque<u8>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console configured from the command line.
+    pub fn from_args(args: ConsoleArgs) -> io::Result<Self> {
+        let out: Box<dyn Write + Send> = if args.output == "stdout" {
+            Box::new(io::stdout())
+        } else {
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&args.output)?,
+            )
+        };
+        let listener = match &args.input_socket {
+            Some(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = UnixListener::bind(p)?;
+                l.set_nonblocking(true)?;
+                info!("console input on {}", p.display());
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Console {
+            out,
+            listener,
+            client: None,
+            pending: VecDeque::new(),
+            path: args.input_socket,
+        })
+    }
+
+    fn transmit(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+        let out = &mut self.out;
+        let used = drain_queue(queue, mem, |chain| {
+            let mut reader = chain.reader(mem).map_err(QueueError::Buffers)?;
+            let mut buf = Vec::with_capacity(reader.available_bytes());
+            reader.read_to_end(&mut buf).map_err(QueueError::Memory)?;
+            if let Err(e) = out.write_all(&buf).and_then(|()| out.flush()) {
+                warn!("console output: {e}");
+            }
+            Ok(0)
+        })?;
+        Ok(used)
+    }
+
+    fn receive(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+        let mut used = false;
+        while !self.pending.is_empty() {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            outboard::virtio::validate_chain(&chain, mem)?;
+            let mut writer = chain.writer(mem).map_err(QueueError::Buffers)?;
+            let n = writer.available_bytes().min(self.pending.len());
+            let bytes: Vec<u8> = self.pending.drain(..n).collect();
+            writer.write_all(&bytes).map_err(QueueError::Memory)?;
+            queue
+                .add_used(mem, head, n as u32)
+                .map_err(QueueError::Queue)?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+impl VirtioDevice for Console {
+    fn name(&self) -> &str {
+        "virtio-console"
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256, 256]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn reset(&mut self) {
+        self.pending.clear();
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &Memory,
+    ) -> Result<bool, QueueError> {
+        match index {
+            RX => self.receive(queue, mem),
+            TX => self.transmit(queue, mem),
+            _ => Ok(false),
+        }
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        let mut fds = Vec::new();
+        if let Some(l) = &self.listener {
+            fds.push(l.as_raw_fd());
+        }
+        if let Some(c) = &self.client {
+            if self.pending.len() < MAX_PENDING {
+                fds.push(c.as_raw_fd());
+            }
+        }
+        fds
+    }
+
+    fn handle_event(&mut self, index: usize) -> (EventOutcome, Option<usize>) {
+        let listener_slot = usize::from(self.listener.is_none());
+        if index == 0 && listener_slot == 0 {
+            if let Some(l) = &self.listener {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        info!("console input client connected");
+                        self.client = Some(c);
+                        return (EventOutcome::Rescan, None);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return (EventOutcome::Keep, None)
+                    }
+                    Err(e) => {
+                        warn!("console input: {e}");
+                        return (EventOutcome::Keep, None);
+                    }
+                }
+            }
+        }
+        let Some(client) = self.client.as_mut() else {
+            return (EventOutcome::Remove, None);
+        };
+        let mut buf = [0u8; 4096];
+        match client.read(&mut buf) {
+            Ok(0) => {
+                info!("console input client left");
+                self.client = None;
+                (EventOutcome::Rescan, Some(RX))
+            }
+            Ok(n) => {
+                self.pending.extend(&buf[..n]);
+                let outcome = if self.pending.len() >= MAX_PENDING {
+                    EventOutcome::Rescan
+                } else {
+                    EventOutcome::Keep
+                };
+                (outcome, Some(RX))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (EventOutcome::Keep, None),
+            Err(e) => {
+                warn!("console input: {e}");
+                self.client = None;
+                (EventOutcome::Rescan, None)
+            }
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `main` of `outboard-virtio-console`.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    outboard::run("outboard-virtio-console", args, |a: ConsoleArgs| {
+        Console::from_args(a).map(VirtioMmio::new)
+    })
+}
