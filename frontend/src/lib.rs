@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod bus;
 pub mod config;
+pub mod guest;
 pub mod irq;
 pub mod machine;
 pub mod memory;

@@ -1,0 +1,619 @@
+//! The test guest's virtio driver.
+//!
+//! Where no guest kernel runs, this driver plays one: it talks to a
+//! virtio-mmio device only through a [`Bus`] (register reads and writes) and
+//! guest RAM ([`GuestRam`]), exactly as a kernel would: it checks the magic,
+//! version and device ID, negotiates features, places split virtqueues in
+//! guest RAM, submits descriptor chains, rings QueueNotify, waits for the
+//! device's interrupt and reads the used ring. It knows nothing about how
+//! the device is implemented, so it works unchanged against any virtio-mmio
+//! device the frontend exposes. Tests, the demo and the benchmark use it.
+//!
+//! Guest memory is written in the host's byte order, which is little endian
+//! on every platform Outboard runs on, as virtio 1.x requires.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::bus::{AccessError, Bus};
+use crate::irq::IrqLine;
+use crate::memory::GuestRam;
+use outboard_protocol::AccessSize;
+
+/// virtio-mmio register offsets the driver uses.
+mod regs {
+    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
+    pub const QUEUE_USED_LOW: u64 = 0x0a0;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits.
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error and needs a reset.
+    pub const NEEDS_RESET: u32 = 0x40;
+}
+
+/// VIRTIO_F_VERSION_1.
+pub const F_VERSION_1: u64 = 1 << 32;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+/// Errors of the test guest's driver.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// register access failed
+    #[error("register access failed")]
+    Access(#[source] AccessError),
+    /// not a virtio-mmio device: magic {0:#x}
+    #[error("not a virtio-mmio device: magic {0:#x}")]
+    BadMagic(u32),
+    /// unsupported virtio-mmio version {0}
+    #[error("unsupported virtio-mmio version {0}")]
+    BadVersion(u32),
+    /// the device refused features {0:#x}
+    #[error("the device refused features {0:#x}")]
+    FeaturesRefused(u64),
+    /// the device has no queue {0}
+    #[error("the device has no queue {0}")]
+    NoQueue(usize),
+    /// guest memory access failed
+    #[error("guest memory access failed")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    /// guest memory for the driver is exhausted
+    #[error("guest memory for the driver is exhausted")]
+    OutOfMemory,
+    /// not enough free descriptors in queue {0}
+    #[error("not enough free descriptors in queue {0}")]
+    QueueFull(usize),
+    /// no completion within the timeout
+    #[error("no completion within the timeout")]
+    Timeout,
+    /// the device needs a reset (status {0:#x})
+    #[error("the device needs a reset (status {0:#x})")]
+    NeedsReset(u32),
+    /// the device returned descriptor {0}, which is not in flight
+    #[error("the device returned descriptor {0}, which is not in flight")]
+    BogusUsed(u32),
+}
+
+/// A bump allocator over a window of guest RAM, for rings and buffers.
+#[derive(Debug, Clone)]
+pub struct GuestAllocator {
+    next: u64,
+    end: u64,
+}
+
+impl GuestAllocator {
+    /// Allocates from `start..start + size`.
+    pub fn new(start: u64, size: u64) -> Self {
+        GuestAllocator {
+            next: start,
+            end: start.saturating_add(size),
+        }
+    }
+
+    /// `size` bytes aligned to `align` (a power of two).
+    pub fn alloc(&mut self, size: u64, align: u64) -> Result<u64, Error> {
+        let addr = self
+            .next
+            .checked_add(align - 1)
+            .map(|a| a & !(align - 1))
+            .ok_or(Error::OutOfMemory)?;
+        let end = addr.checked_add(size).ok_or(Error::OutOfMemory)?;
+        if end > self.end {
+            return Err(Error::OutOfMemory);
+        }
+        self.next = end;
+        Ok(addr)
+    }
+}
+
+/// One buffer of a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// The device writes it (else it reads it).
+    pub device_writes: bool,
+}
+
+impl Buffer {
+    /// A buffer the device reads.
+    pub fn readable(addr: u64, len: u32) -> Self {
+        Buffer {
+            addr,
+            len,
+            device_writes: false,
+        }
+    }
+
+    /// A buffer the device writes.
+    pub fn writable(addr: u64, len: u32) -> Self {
+        Buffer {
+            addr,
+            len,
+            device_writes: true,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DriverQueue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+    free: Vec<u16>,
+    in_flight: HashMap<u16, Vec<u16>>,
+    done: HashMap<u16, u32>,
+}
+
+/// A virtio-mmio driver bound to one device.
+pub struct VirtioMmioDriver {
+    bus: Arc<Bus>,
+    base: u64,
+    ram: Arc<GuestRam>,
+    irq: IrqLine,
+    irq_seen: u64,
+    device_id: u32,
+    features: u64,
+    queues: Vec<DriverQueue>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for VirtioMmioDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMmioDriver")
+            .field("base", &self.base)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VirtioMmioDriver {
+    /// Initializes the device at `base`: reset, feature negotiation (the
+    /// device's features that are in `wanted`, plus VIRTIO_F_VERSION_1),
+    /// every queue the device has (at most `max_queue_size` entries each,
+    /// rings from `alloc`), then DRIVER_OK.
+    pub fn init(
+        bus: Arc<Bus>,
+        base: u64,
+        ram: Arc<GuestRam>,
+        irq: IrqLine,
+        alloc: &mut GuestAllocator,
+        wanted: u64,
+        max_queue_size: u16,
+    ) -> Result<Self, Error> {
+        let irq_seen = irq.count();
+        let mut d = VirtioMmioDriver {
+            bus,
+            base,
+            ram,
+            irq,
+            irq_seen,
+            device_id: 0,
+            features: 0,
+            queues: Vec::new(),
+            timeout: Duration::from_secs(10),
+        };
+        let magic = d.reg(regs::MAGIC_VALUE)?;
+        if magic != 0x7472_6976 {
+            return Err(Error::BadMagic(magic));
+        }
+        let version = d.reg(regs::VERSION)?;
+        if version != 2 {
+            return Err(Error::BadVersion(version));
+        }
+        d.device_id = d.reg(regs::DEVICE_ID)?;
+        d.set_reg(regs::STATUS, 0)?;
+        d.set_reg(regs::STATUS, status::ACKNOWLEDGE)?;
+        d.set_reg(regs::STATUS, status::ACKNOWLEDGE | status::DRIVER)?;
+        d.set_reg(regs::DEVICE_FEATURES_SEL, 0)?;
+        let lo = u64::from(d.reg(regs::DEVICE_FEATURES)?);
+        d.set_reg(regs::DEVICE_FEATURES_SEL, 1)?;
+        let hi = u64::from(d.reg(regs::DEVICE_FEATURES)?);
+        d.features = (lo | (hi << 32)) & (wanted | F_VERSION_1);
+        d.negotiate(d.features)?;
+        for q in 0.. {
+            d.set_reg(regs::QUEUE_SEL, q)?;
+            let max = d.reg(regs::QUEUE_NUM_MAX)? as u16;
+            if max == 0 {
+                break;
+            }
+            let size = max.min(max_queue_size.max(1)).next_power_of_two().min(max);
+            let n = u64::from(size);
+            let desc = alloc.alloc(16 * n, 16)?;
+            let avail = alloc.alloc(6 + 2 * n, 2)?;
+            let used = alloc.alloc(6 + 8 * n, 4)?;
+            for (addr, len) in [(desc, 16 * n), (avail, 6 + 2 * n), (used, 6 + 8 * n)] {
+                d.ram
+                    .memory()
+                    .write_slice(&vec![0u8; len as usize], GuestAddress(addr))
+                    .map_err(Error::Memory)?;
+            }
+            d.set_reg(regs::QUEUE_NUM, u32::from(size))?;
+            for (reg, addr) in [
+                (regs::QUEUE_DESC_LOW, desc),
+                (regs::QUEUE_AVAIL_LOW, avail),
+                (regs::QUEUE_USED_LOW, used),
+            ] {
+                d.set_reg(reg, addr as u32)?;
+                d.set_reg(reg + 4, (addr >> 32) as u32)?;
+            }
+            d.set_reg(regs::QUEUE_READY, 1)?;
+            d.queues.push(DriverQueue {
+                size,
+                desc,
+                avail,
+                used,
+                avail_idx: 0,
+                used_seen: 0,
+                free: (0..size).rev().collect(),
+                in_flight: HashMap::new(),
+                done: HashMap::new(),
+            });
+        }
+        let s = d.reg(regs::STATUS)?;
+        d.set_reg(regs::STATUS, s | status::DRIVER_OK)?;
+        Ok(d)
+    }
+
+    fn negotiate(&self, features: u64) -> Result<(), Error> {
+        self.set_reg(regs::DRIVER_FEATURES_SEL, 0)?;
+        self.set_reg(regs::DRIVER_FEATURES, features as u32)?;
+        self.set_reg(regs::DRIVER_FEATURES_SEL, 1)?;
+        self.set_reg(regs::DRIVER_FEATURES, (features >> 32) as u32)?;
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        self.set_reg(regs::STATUS, s)?;
+        if self.reg(regs::STATUS)? & status::FEATURES_OK == 0 {
+            return Err(Error::FeaturesRefused(features));
+        }
+        Ok(())
+    }
+
+    /// Reads a 32-bit register.
+    pub fn reg(&self, offset: u64) -> Result<u32, Error> {
+        self.bus
+            .try_read(self.base + offset, AccessSize::B4)
+            .map(|v| v as u32)
+            .map_err(Error::Access)
+    }
+
+    /// Writes a 32-bit register.
+    pub fn set_reg(&self, offset: u64, value: u32) -> Result<(), Error> {
+        self.bus
+            .try_write(self.base + offset, AccessSize::B4, u64::from(value))
+            .map_err(Error::Access)
+    }
+
+    /// Reads `size` bytes of device configuration space at `offset`.
+    pub fn config(&self, offset: u64, size: AccessSize) -> Result<u64, Error> {
+        self.bus
+            .try_read(self.base + regs::CONFIG + offset, size)
+            .map_err(Error::Access)
+    }
+
+    /// The device's virtio ID.
+    pub fn device_id(&self) -> u32 {
+        self.device_id
+    }
+
+    /// The negotiated features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> Result<u32, Error> {
+        self.reg(regs::STATUS)
+    }
+
+    /// Number of queues set up.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Sets how long [`VirtioMmioDriver::wait`] waits.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Writes a chain of descriptors for `bufs` and makes it available,
+    /// without notifying. Returns the chain's head index.
+    pub fn submit(&mut self, q: usize, bufs: &[Buffer]) -> Result<u16, Error> {
+        let mem = self.ram.memory();
+        let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
+        if bufs.is_empty() || queue.free.len() < bufs.len() {
+            return Err(Error::QueueFull(q));
+        }
+        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| queue.free.pop()).collect();
+        for (i, b) in bufs.iter().enumerate() {
+            let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
+            let next = ids.get(i + 1).copied().unwrap_or(0);
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let at = queue.desc + 16 * u64::from(ids[i]);
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&b.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&b.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(at))
+                .map_err(Error::Memory)?;
+        }
+        let head = ids[0];
+        let slot = queue.avail + 4 + 2 * u64::from(queue.avail_idx % queue.size);
+        mem.write_obj(head, GuestAddress(slot))
+            .map_err(Error::Memory)?;
+        queue.avail_idx = queue.avail_idx.wrapping_add(1);
+        // The ring entry must be visible before the index that publishes it.
+        mem.store(
+            queue.avail_idx,
+            GuestAddress(queue.avail + 2),
+            Ordering::Release,
+        )
+        .map_err(Error::Memory)?;
+        queue.in_flight.insert(head, ids);
+        Ok(head)
+    }
+
+    /// Rings queue `q`'s doorbell (QueueNotify).
+    pub fn notify(&self, q: usize) -> Result<(), Error> {
+        self.set_reg(regs::QUEUE_NOTIFY, q as u32)
+    }
+
+    /// Collects completions from the used ring of `q`.
+    fn reap(&mut self, q: usize) -> Result<(), Error> {
+        let mem = self.ram.memory();
+        let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
+        let used_idx: u16 = mem
+            .load(GuestAddress(queue.used + 2), Ordering::Acquire)
+            .map_err(Error::Memory)?;
+        while queue.used_seen != used_idx {
+            let at = queue.used + 4 + 8 * u64::from(queue.used_seen % queue.size);
+            let id: u32 = mem.read_obj(GuestAddress(at)).map_err(Error::Memory)?;
+            let len: u32 = mem.read_obj(GuestAddress(at + 4)).map_err(Error::Memory)?;
+            let head = u16::try_from(id).map_err(|_| Error::BogusUsed(id))?;
+            let ids = queue.in_flight.remove(&head).ok_or(Error::BogusUsed(id))?;
+            queue.free.extend(ids);
+            queue.done.insert(head, len);
+            queue.used_seen = queue.used_seen.wrapping_add(1);
+        }
+        Ok(())
+    }
+
+    /// Waits (sleeping on the interrupt) until chain `head` of queue `q` is
+    /// used; returns the length the device wrote.
+    pub fn wait(&mut self, q: usize, head: u16) -> Result<u32, Error> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            self.reap(q)?;
+            if let Some(len) = self
+                .queues
+                .get_mut(q)
+                .ok_or(Error::NoQueue(q))?
+                .done
+                .remove(&head)
+            {
+                return Ok(len);
+            }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or(Error::Timeout)?;
+            match self.irq.wait_beyond(self.irq_seen, left) {
+                Some(n) => {
+                    self.irq_seen = n;
+                    let cause = self.reg(regs::INTERRUPT_STATUS)?;
+                    self.set_reg(regs::INTERRUPT_ACK, cause)?;
+                    let s = self.status()?;
+                    if s & status::NEEDS_RESET != 0 {
+                        return Err(Error::NeedsReset(s));
+                    }
+                }
+                None => return Err(Error::Timeout),
+            }
+        }
+    }
+
+    /// Submits one chain, notifies, and waits for it.
+    pub fn request(&mut self, q: usize, bufs: &[Buffer]) -> Result<u32, Error> {
+        let head = self.submit(q, bufs)?;
+        self.notify(q)?;
+        self.wait(q, head)
+    }
+
+    /// Resets the device (status 0).
+    pub fn reset(&mut self) -> Result<(), Error> {
+        self.set_reg(regs::STATUS, 0)
+    }
+}
+
+/// Block requests through a [`VirtioMmioDriver`] bound to a virtio-blk device.
+#[derive(Debug)]
+pub struct BlkClient {
+    /// The driver.
+    pub driver: VirtioMmioDriver,
+    header: u64,
+    status: u64,
+    data: u64,
+    data_size: u32,
+}
+
+/// virtio-blk request types.
+pub mod blk {
+    /// Read.
+    pub const T_IN: u32 = 0;
+    /// Write.
+    pub const T_OUT: u32 = 1;
+    /// Flush.
+    pub const T_FLUSH: u32 = 4;
+    /// Device ID string.
+    pub const T_GET_ID: u32 = 8;
+    /// Discard.
+    pub const T_DISCARD: u32 = 11;
+    /// Write zeroes.
+    pub const T_WRITE_ZEROES: u32 = 13;
+    /// Status: success.
+    pub const S_OK: u8 = 0;
+    /// Status: I/O error.
+    pub const S_IOERR: u8 = 1;
+    /// Status: unsupported request.
+    pub const S_UNSUPP: u8 = 2;
+    /// Feature: read-only.
+    pub const F_RO: u64 = 1 << 5;
+    /// Feature: flush.
+    pub const F_FLUSH: u64 = 1 << 9;
+    /// Feature: discard.
+    pub const F_DISCARD: u64 = 1 << 13;
+    /// Feature: write zeroes.
+    pub const F_WRITE_ZEROES: u64 = 1 << 14;
+}
+
+impl BlkClient {
+    /// Wraps a driver; header, status and a data buffer of `data_size`
+    /// bytes come from `alloc`.
+    pub fn new(
+        driver: VirtioMmioDriver,
+        alloc: &mut GuestAllocator,
+        data_size: u32,
+    ) -> Result<Self, Error> {
+        Ok(BlkClient {
+            driver,
+            header: alloc.alloc(16, 16)?,
+            status: alloc.alloc(1, 1)?,
+            data: alloc.alloc(u64::from(data_size), 4096)?,
+            data_size,
+        })
+    }
+
+    /// Capacity in sectors, from configuration space.
+    pub fn capacity(&self) -> Result<u64, Error> {
+        self.driver.config(0, AccessSize::B8)
+    }
+
+    /// Sends one request; `data` is (length, device writes); returns the status byte.
+    pub fn raw(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> Result<u8, Error> {
+        let mem = self.driver.ram().memory();
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(self.header))
+            .map_err(Error::Memory)?;
+        mem.write_obj(0xffu8, GuestAddress(self.status))
+            .map_err(Error::Memory)?;
+        let mut bufs = vec![Buffer::readable(self.header, 16)];
+        if let Some((len, writes)) = data {
+            bufs.push(Buffer {
+                addr: self.data,
+                len,
+                device_writes: writes,
+            });
+        }
+        bufs.push(Buffer::writable(self.status, 1));
+        self.driver.request(0, &bufs)?;
+        self.driver
+            .ram()
+            .memory()
+            .read_obj(GuestAddress(self.status))
+            .map_err(Error::Memory)
+    }
+
+    /// Reads `buf.len()` bytes (a multiple of 512) at `sector`; returns the status.
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<u8, Error> {
+        let len = self.len(buf.len())?;
+        let s = self.raw(blk::T_IN, sector, Some((len, true)))?;
+        self.driver
+            .ram()
+            .memory()
+            .read_slice(buf, GuestAddress(self.data))
+            .map_err(Error::Memory)?;
+        Ok(s)
+    }
+
+    /// Writes `buf` at `sector`; returns the status.
+    pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<u8, Error> {
+        let len = self.len(buf.len())?;
+        self.driver
+            .ram()
+            .memory()
+            .write_slice(buf, GuestAddress(self.data))
+            .map_err(Error::Memory)?;
+        self.raw(blk::T_OUT, sector, Some((len, false)))
+    }
+
+    /// Flushes; returns the status.
+    pub fn flush(&mut self) -> Result<u8, Error> {
+        self.raw(blk::T_FLUSH, 0, None)
+    }
+
+    /// The device ID string; returns (status, id).
+    pub fn get_id(&mut self) -> Result<(u8, String), Error> {
+        let s = self.raw(blk::T_GET_ID, 0, Some((20, true)))?;
+        let mut id = [0u8; 20];
+        self.driver
+            .ram()
+            .memory()
+            .read_slice(&mut id, GuestAddress(self.data))
+            .map_err(Error::Memory)?;
+        let end = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+        Ok((s, String::from_utf8_lossy(&id[..end]).into_owned()))
+    }
+
+    fn len(&self, n: usize) -> Result<u32, Error> {
+        u32::try_from(n)
+            .ok()
+            .filter(|&l| l <= self.data_size)
+            .ok_or(Error::OutOfMemory)
+    }
+}
+
+/// Reads random bytes through a driver bound to a virtio-rng device.
+pub fn rng_read(driver: &mut VirtioMmioDriver, buf_addr: u64, len: u32) -> Result<Vec<u8>, Error> {
+    let got = driver.request(0, &[Buffer::writable(buf_addr, len)])?;
+    let mut out = vec![0u8; got.min(len) as usize];
+    driver
+        .ram()
+        .memory()
+        .read_slice(&mut out, GuestAddress(buf_addr))
+        .map_err(Error::Memory)?;
+    Ok(out)
+}
