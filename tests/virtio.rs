@@ -108,3 +108,178 @@ fn blk_when_basic_requests_then_served() {
     assert_eq!(c.get_id().unwrap(), (blk::S_OK, "disk-7".to_owned()));
     let _ = std::fs::remove_file(&img);
 }
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rand(u64);
+
+impl Rand {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn blk_when_1000_random_4k_reads_and_writes_then_file_matches_byte_for_byte() {
+    const SECTORS: u64 = 8192; // 4 MiB
+    let img = temp_image("random", SECTORS);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let d = g.driver("blk", blk::F_FLUSH);
+    let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
+    let mut model = vec![0u8; (SECTORS * 512) as usize];
+    let mut r = Rand(0x9e37_79b9_7f4a_7c15);
+    let (mut reads, mut writes) = (0, 0);
+    for _ in 0..1000 {
+        let sector = (r.next() % (SECTORS / 8)) * 8;
+        let at = (sector * 512) as usize;
+        if r.next() % 2 == 0 {
+            let data: Vec<u8> = (0..4096).map(|_| r.next() as u8).collect();
+            assert_eq!(c.write(sector, &data).unwrap(), blk::S_OK);
+            model[at..at + 4096].copy_from_slice(&data);
+            writes += 1;
+        } else {
+            let mut buf = vec![0u8; 4096];
+            assert_eq!(c.read(sector, &mut buf).unwrap(), blk::S_OK);
+            assert_eq!(buf, model[at..at + 4096], "read at sector {sector}");
+            reads += 1;
+        }
+    }
+    assert!(reads > 400 && writes > 400);
+    assert_eq!(c.flush().unwrap(), blk::S_OK);
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        model,
+        "backing file matches the model"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn blk_when_request_past_capacity_or_not_whole_sectors_then_ioerr() {
+    let img = temp_image("bounds", 64);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let d = g.driver("blk", blk::F_FLUSH);
+    let mut c = BlkClient::new(d, &mut g.alloc, 8192).unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        c.read(64, &mut buf[..512]).unwrap(),
+        blk::S_IOERR,
+        "first sector past the end"
+    );
+    assert_eq!(
+        c.read(60, &mut buf).unwrap(),
+        blk::S_IOERR,
+        "straddles the end"
+    );
+    assert_eq!(
+        c.write(u64::MAX / 512, &buf[..512]).unwrap(),
+        blk::S_IOERR,
+        "offset overflows"
+    );
+    assert_eq!(
+        c.raw(blk::T_IN, 0, Some((100, true))).unwrap(),
+        blk::S_IOERR,
+        "not whole sectors"
+    );
+    assert_eq!(c.raw(99, 0, None).unwrap(), blk::S_UNSUPP);
+    assert_eq!(
+        c.read(56, &mut buf).unwrap(),
+        blk::S_OK,
+        "the last 4 KiB are fine"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn blk_when_read_only_then_writes_fail_and_reads_work() {
+    let img = temp_image("ro", 64);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&[0xab; 512], 0)
+        .unwrap();
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap(), "--read-only"],
+    );
+    let d = g.driver("blk", blk::F_FLUSH | blk::F_RO);
+    assert_ne!(d.features() & blk::F_RO, 0, "read-only is offered");
+    let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
+    assert_eq!(c.write(0, &[0u8; 512]).unwrap(), blk::S_IOERR);
+    let mut buf = [0u8; 512];
+    assert_eq!(c.read(0, &mut buf).unwrap(), blk::S_OK);
+    assert_eq!(buf, [0xab; 512], "the write did not reach the file");
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn blk_when_discard_and_write_zeroes_then_ranges_read_as_zero() {
+    let img = temp_image("discard", 64);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let d = g.driver("blk", blk::F_DISCARD | blk::F_WRITE_ZEROES);
+    assert_eq!(d.features() & blk::F_DISCARD, blk::F_DISCARD);
+    let mut c = BlkClient::new(d, &mut g.alloc, 8192).unwrap();
+    assert_eq!(c.write(0, &[0x5a; 8192]).unwrap(), blk::S_OK);
+    let seg = |sector: u64, n: u32| {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s
+    };
+    // One segment per request: sectors 0..8 discarded, 8..16 zeroed.
+    for (kind, sector) in [(blk::T_DISCARD, 0), (blk::T_WRITE_ZEROES, 8)] {
+        assert_eq!(c.segment(kind, &seg(sector, 8)).unwrap(), blk::S_OK);
+    }
+    let mut back = vec![0u8; 8192];
+    assert_eq!(c.read(0, &mut back).unwrap(), blk::S_OK);
+    assert!(back.iter().all(|&b| b == 0));
+    assert_eq!(
+        c.segment(blk::T_DISCARD, &seg(60, 8)).unwrap(),
+        blk::S_IOERR,
+        "past the end"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn blk_when_reset_and_reinitialized_then_data_intact() {
+    let img = temp_image("reset", 256);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let d = g.driver("blk", blk::F_FLUSH);
+    let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 256) as u8 ^ 0x3c).collect();
+    assert_eq!(c.write(16, &data).unwrap(), blk::S_OK);
+    c.driver.reset().unwrap();
+    assert_eq!(c.driver.status().unwrap(), 0, "reset reads back as 0");
+    let d = g.driver("blk", blk::F_FLUSH);
+    let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
+    let mut back = vec![0u8; 4096];
+    assert_eq!(c.read(16, &mut back).unwrap(), blk::S_OK);
+    assert_eq!(back, data);
+    let _ = std::fs::remove_file(&img);
+}

@@ -396,6 +396,13 @@ impl VirtioMmioDriver {
         Ok(head)
     }
 
+    /// Guest address of descriptor `index` of queue `q` (for tests that
+    /// forge malformed chains).
+    pub fn descriptor_address(&self, q: usize, index: u16) -> Option<u64> {
+        let queue = self.queues.get(q)?;
+        (index < queue.size).then(|| queue.desc + 16 * u64::from(index))
+    }
+
     /// Rings queue `q`'s doorbell (QueueNotify).
     pub fn notify(&self, q: usize) -> Result<(), Error> {
         self.set_reg(regs::QUEUE_NOTIFY, q as u32)
@@ -578,6 +585,17 @@ impl BlkClient {
             .write_slice(buf, GuestAddress(self.data))
             .map_err(Error::Memory)?;
         self.raw(blk::T_OUT, sector, Some((len, false)))
+    }
+
+    /// Sends a discard or write-zeroes request with one 16-byte segment
+    /// (`sector` u64, `num_sectors` u32, flags u32); returns the status.
+    pub fn segment(&mut self, kind: u32, segment: &[u8; 16]) -> Result<u8, Error> {
+        self.driver
+            .ram()
+            .memory()
+            .write_slice(segment, GuestAddress(self.data))
+            .map_err(Error::Memory)?;
+        self.raw(kind, 0, Some((16, false)))
     }
 
     /// Flushes; returns the status.

@@ -53,36 +53,11 @@ impl GuestRam {
         if layout.is_empty() || layout.len() > MAX_MEM_REGIONS {
             return Err(Error::Layout("between 1 and 8 regions"));
         }
-        let mut regions = Vec::with_capacity(layout.len());
-        let mut prev_end: Option<u64> = None;
-        for &(addr, size) in layout {
-            let last = size
-                .checked_sub(1)
-                .and_then(|s| addr.checked_add(s))
-                .ok_or(Error::Layout("empty or wrapping region"))?;
-            if prev_end.is_some_and(|p| p >= addr) {
-                return Err(Error::Layout("regions unsorted or overlapping"));
-            }
-            prev_end = Some(last);
-            regions.push(RamRegion {
-                addr,
-                size,
-                file: sealed_memfd(size)?,
-            });
-        }
-        let ranges = regions
-            .iter()
-            .map(|r| {
-                let file = r.file.try_clone().map_err(Error::Memfd)?;
-                Ok((
-                    GuestAddress(r.addr),
-                    r.size as usize,
-                    Some(FileOffset::new(file, 0)),
-                ))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
-        Ok(GuestRam { regions, memory })
+        let empty = GuestRam {
+            regions: Vec::new(),
+            memory: GuestMemoryMmap::new(),
+        };
+        empty.extend(layout)
     }
 
     /// The frontend's own mapping of guest RAM.
@@ -103,6 +78,56 @@ impl GuestRam {
             .collect();
         let fds = self.regions.iter().map(|r| r.file.as_raw_fd()).collect();
         (MemTable { regions }, fds)
+    }
+
+    /// New guest RAM that keeps every region of this one (the same memfds,
+    /// so their contents and anyone's mappings of them stay valid) and adds
+    /// `more` regions, as memory hotplug does.
+    pub fn extend(&self, more: &[(u64, u64)]) -> Result<GuestRam, Error> {
+        let mut layout: Vec<(u64, u64, Option<&File>)> = self
+            .regions
+            .iter()
+            .map(|r| (r.addr, r.size, Some(&r.file)))
+            .chain(more.iter().map(|&(a, s)| (a, s, None)))
+            .collect();
+        layout.sort_by_key(|&(a, _, _)| a);
+        if layout.len() > MAX_MEM_REGIONS {
+            return Err(Error::Layout("between 1 and 8 regions"));
+        }
+        let mut regions = Vec::with_capacity(layout.len());
+        let mut prev_end: Option<u64> = None;
+        for (addr, size, file) in layout {
+            let last = size
+                .checked_sub(1)
+                .and_then(|s| addr.checked_add(s))
+                .ok_or(Error::Layout("empty or wrapping region"))?;
+            if prev_end.is_some_and(|p| p >= addr) {
+                return Err(Error::Layout("regions unsorted or overlapping"));
+            }
+            prev_end = Some(last);
+            let file = match file {
+                Some(f) => f.try_clone().map_err(Error::Memfd)?,
+                None => sealed_memfd(size)?,
+            };
+            regions.push(RamRegion { addr, size, file });
+        }
+        GuestRam::from_regions(regions)
+    }
+
+    fn from_regions(regions: Vec<RamRegion>) -> Result<GuestRam, Error> {
+        let ranges = regions
+            .iter()
+            .map(|r| {
+                let file = r.file.try_clone().map_err(Error::Memfd)?;
+                Ok((
+                    GuestAddress(r.addr),
+                    r.size as usize,
+                    Some(FileOffset::new(file, 0)),
+                ))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
+        Ok(GuestRam { regions, memory })
     }
 
     /// `(guest address, size)` of every region.
