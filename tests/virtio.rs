@@ -11,7 +11,8 @@ use outboard_frontend::guest::{
 };
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend};
-use outboard_tests::frontend;
+use outboard_tests::{alive, frontend, signal, socket_path, HANG_GUARD};
+use vm_memory::{Bytes, GuestAddress};
 
 const T: Duration = Duration::from_secs(10);
 const RAM: u64 = 32 << 20;
@@ -139,7 +140,7 @@ fn blk_when_1000_random_4k_reads_and_writes_then_file_matches_byte_for_byte() {
     for _ in 0..1000 {
         let sector = (r.next() % (SECTORS / 8)) * 8;
         let at = (sector * 512) as usize;
-        if r.next() % 2 == 0 {
+        if r.next().is_multiple_of(2) {
             let data: Vec<u8> = (0..4096).map(|_| r.next() as u8).collect();
             assert_eq!(c.write(sector, &data).unwrap(), blk::S_OK);
             model[at..at + 4096].copy_from_slice(&data);
@@ -282,4 +283,205 @@ fn blk_when_reset_and_reinitialized_then_data_intact() {
     assert_eq!(c.read(16, &mut back).unwrap(), blk::S_OK);
     assert_eq!(back, data);
     let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn console_when_guest_writes_and_client_types_then_both_directions_arrive() {
+    let out = std::env::temp_dir().join(format!("outboard-console-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let input = socket_path("console-in");
+    let mut g = guest();
+    g.attach(
+        "con",
+        "outboard-virtio-console",
+        &[
+            "--output",
+            out.to_str().unwrap(),
+            "--input-socket",
+            input.to_str().unwrap(),
+        ],
+    );
+    let mut d = g.driver("con", 0);
+    assert_eq!((d.device_id(), d.num_queues()), (3, 2));
+    let mem = g.fe.memory().unwrap().clone();
+    // Receive buffers first, as a driver posts them at start-up.
+    let rx = g.alloc.alloc(4 * 64, 64).unwrap();
+    let heads: Vec<u16> = (0..4)
+        .map(|i| d.submit(0, &[Buffer::writable(rx + 64 * i, 64)]).unwrap())
+        .collect();
+    d.notify(0).unwrap();
+    // Output.
+    let tx = g.alloc.alloc(64, 8).unwrap();
+    let text = b"hello from the guest\n";
+    mem.memory().write_slice(text, GuestAddress(tx)).unwrap();
+    d.request(1, &[Buffer::readable(tx, text.len() as u32)])
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), text);
+    // Input.
+    let mut client = outboard_tests::connect_stream(&input);
+    std::io::Write::write_all(&mut client, b"ping\n").unwrap();
+    let mut got = Vec::new();
+    for &h in &heads {
+        let n = d.wait(0, h).unwrap();
+        let mut buf = vec![0u8; n as usize];
+        let i = heads.iter().position(|&x| x == h).unwrap() as u64;
+        mem.memory()
+            .read_slice(&mut buf, GuestAddress(rx + 64 * i))
+            .unwrap();
+        got.extend(buf);
+        if got.len() >= 5 {
+            break;
+        }
+    }
+    assert_eq!(got, b"ping\n");
+    let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn notifies_when_rung_while_backend_stopped_then_coalesced_and_every_request_completed() {
+    let mut g = guest();
+    g.attach("rng", "outboard-virtio-rng", &[]);
+    let mut d = g.driver("rng", 0);
+    let pid = g.fe.device("rng").unwrap().pid().unwrap();
+    let irq = g.fe.device("rng").unwrap().irq(0).unwrap().clone();
+    let buf = g.alloc.alloc(32 * 16, 16).unwrap();
+    signal(pid, libc::SIGSTOP);
+    let heads: Vec<u16> = (0..32)
+        .map(|i| {
+            let h = d.submit(0, &[Buffer::writable(buf + 16 * i, 16)]).unwrap();
+            d.notify(0).unwrap();
+            h
+        })
+        .collect();
+    signal(pid, libc::SIGCONT);
+    for h in heads {
+        assert_eq!(d.wait(0, h).unwrap(), 16);
+    }
+    assert!(irq.count() >= 1);
+}
+
+#[test]
+fn interrupts_when_10000_requests_then_every_completion_signalled() {
+    let mut g = guest();
+    g.attach("rng", "outboard-virtio-rng", &[]);
+    let mut d = g.driver("rng", 0);
+    let irq = g.fe.device("rng").unwrap().irq(0).unwrap().clone();
+    let buf = g.alloc.alloc(16, 16).unwrap();
+    let before = irq.count();
+    for _ in 0..10_000 {
+        // Each wait sleeps on the interrupt line until the completion arrives.
+        assert_eq!(d.request(0, &[Buffer::writable(buf, 16)]).unwrap(), 16);
+    }
+    assert_eq!(irq.count() - before, 10_000, "one interrupt per completion");
+}
+
+fn expect_needs_reset(g: &mut Guest, d: &mut VirtioMmioDriver, name: &str, head: u16) {
+    d.set_timeout(HANG_GUARD);
+    match d.wait(0, head) {
+        Err(outboard_frontend::guest::Error::NeedsReset(s)) => assert_ne!(s & 0x40, 0),
+        other => panic!("expected DEVICE_NEEDS_RESET, got {other:?}"),
+    }
+    let dev = g.fe.device(name).unwrap();
+    assert!(
+        !dev.is_failed(),
+        "the transport is fine; only the device state is bad"
+    );
+    assert!(alive(dev.pid().unwrap()), "backend alive");
+}
+
+#[test]
+fn chain_when_buffer_outside_guest_memory_then_needs_reset_and_reset_recovers() {
+    let mut g = guest();
+    g.attach("rng", "outboard-virtio-rng", &[]);
+    let mut d = g.driver("rng", 0);
+    for addr in [RAM + 0x1000, RAM - 8, u64::MAX - 15] {
+        let head = d.submit(0, &[Buffer::writable(addr, 16)]).unwrap();
+        d.notify(0).unwrap();
+        expect_needs_reset(&mut g, &mut d, "rng", head);
+        d.reset().unwrap();
+        d = g.driver("rng", 0);
+    }
+    let buf = g.alloc.alloc(16, 16).unwrap();
+    assert_eq!(
+        rng_read(&mut d, buf, 16).unwrap().len(),
+        16,
+        "works again after reset"
+    );
+}
+
+#[test]
+fn chain_when_descriptor_loops_then_needs_reset() {
+    let img = temp_image("loop", 64);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let mut d = g.driver("blk", 0);
+    let hdr = g.alloc.alloc(16, 16).unwrap();
+    let head = d.submit(0, &[Buffer::readable(hdr, 16)]).unwrap();
+    // Make the descriptor its own successor before the device looks.
+    let at = d.descriptor_address(0, head).unwrap();
+    let mem = g.fe.memory().unwrap().clone();
+    mem.memory().write_obj(1u16, GuestAddress(at + 12)).unwrap();
+    mem.memory().write_obj(head, GuestAddress(at + 14)).unwrap();
+    d.notify(0).unwrap();
+    expect_needs_reset(&mut g, &mut d, "blk", head);
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn chain_when_wrong_direction_then_ioerr_or_needs_reset() {
+    let img = temp_image("direction", 64);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let mut d = g.driver("blk", 0);
+    let hdr = g.alloc.alloc(16, 16).unwrap();
+    let status = g.alloc.alloc(1, 1).unwrap();
+    let mem = g.fe.memory().unwrap().clone();
+    // Header in a device-writable buffer: unreadable, but a status byte exists.
+    mem.memory()
+        .write_obj(0xffu8, GuestAddress(status))
+        .unwrap();
+    d.request(0, &[Buffer::writable(hdr, 16), Buffer::writable(status, 1)])
+        .unwrap();
+    assert_eq!(
+        mem.memory().read_obj::<u8>(GuestAddress(status)).unwrap(),
+        blk::S_IOERR
+    );
+    // Nothing writable at all: no way to answer.
+    let head = d.submit(0, &[Buffer::readable(hdr, 16)]).unwrap();
+    d.notify(0).unwrap();
+    expect_needs_reset(&mut g, &mut d, "blk", head);
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn memory_table_when_extended_while_idle_then_device_uses_new_mapping() {
+    let mut g = guest();
+    g.attach("rng", "outboard-virtio-rng", &[]);
+    let mut d = g.driver("rng", 0);
+    let buf = g.alloc.alloc(64, 16).unwrap();
+    assert_eq!(rng_read(&mut d, buf, 64).unwrap().len(), 64);
+    // Hotplug: keep the RAM (and the queues in it), add a region at 4 GiB.
+    let bigger =
+        g.fe.memory()
+            .unwrap()
+            .extend(&[(1 << 32, 1 << 20)])
+            .unwrap();
+    g.fe.set_memory(bigger).unwrap();
+    d.set_ram(g.fe.memory().unwrap().clone());
+    let high = rng_read(&mut d, (1 << 32) + 0x800, 4096).unwrap();
+    assert_eq!(high.len(), 4096);
+    assert!(high.iter().any(|&b| b != 0));
+    assert_eq!(
+        rng_read(&mut d, buf, 64).unwrap().len(),
+        64,
+        "old RAM still works"
+    );
 }

@@ -351,6 +351,12 @@ impl VirtioMmioDriver {
         &self.ram
     }
 
+    /// Switches to new guest RAM (after the frontend swapped the memory
+    /// table); the queues must still be inside it.
+    pub fn set_ram(&mut self, ram: Arc<GuestRam>) {
+        self.ram = ram;
+    }
+
     /// Sets how long [`VirtioMmioDriver::wait`] waits.
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;

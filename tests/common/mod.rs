@@ -86,6 +86,18 @@ pub fn connect(path: &Path) -> Channel {
     }
 }
 
+/// Connects a plain stream to `path`, retrying while the listener starts.
+pub fn connect_stream(path: &Path) -> std::os::unix::net::UnixStream {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Sends a request with NEED_REPLY and returns the reply.
 pub fn call(ch: &Channel, request: Request, payload: &[u8], fds: &[RawFd]) -> Message {
     ch.send(Header::request(request, payload.len(), true), payload, fds)
