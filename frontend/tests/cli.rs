@@ -30,6 +30,9 @@ fn demo_when_run_then_greeting_printed_and_all_checks_pass() {
         "{stdout}"
     );
     assert!(stdout.contains("checks passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("virtio-blk: 4 MiB disk"), "{stdout}");
+    assert!(stdout.contains("512 4 KiB requests verified"), "{stdout}");
+    assert!(stdout.contains("demo: virtio-rng: "), "{stdout}");
 }
 
 #[test]
