@@ -217,7 +217,7 @@ pub fn run(options: Options) -> Result<(), AnyError> {
     );
     println!(
         "demo: virtio-blk: {} MiB disk, id {id:?}; {blocks} 4 KiB requests verified ({:.0} us each, informal), flushed",
-        capacity * 512 >> 20,
+        (capacity * 512) >> 20,
         blk_time.as_micros() as f64 / blocks as f64
     );
     println!(
