@@ -485,3 +485,22 @@ fn memory_table_when_extended_while_idle_then_device_uses_new_mapping() {
         "old RAM still works"
     );
 }
+
+#[test]
+fn blk_when_one_request_moves_a_megabyte_then_streamed_in_chunks_intact() {
+    let img = temp_image("big", 4096);
+    let mut g = guest();
+    g.attach(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    );
+    let d = g.driver("blk", 0);
+    let mut c = BlkClient::new(d, &mut g.alloc, 1 << 20).unwrap();
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 4096 + i) as u8).collect();
+    assert_eq!(c.write(100, &data).unwrap(), blk::S_OK);
+    let mut back = vec![0u8; 1 << 20];
+    assert_eq!(c.read(100, &mut back).unwrap(), blk::S_OK);
+    assert!(back == data, "1 MiB round trip");
+    let _ = std::fs::remove_file(&img);
+}

@@ -29,6 +29,9 @@ use virtio_queue::Queue;
 pub const SECTOR: u64 = 512;
 /// Largest number of segments per request the device accepts.
 const SEG_MAX: u32 = 128;
+/// Bytes moved between the file and guest memory per step of a request, so
+/// that a guest cannot make the backend allocate what its chain claims.
+const CHUNK: usize = 256 * 1024;
 /// Largest discard or write-zeroes request, in sectors.
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 
@@ -144,38 +147,44 @@ impl Blk {
         match kind {
             VIRTIO_BLK_T_IN => {
                 let len = writer.available_bytes();
-                let Some(offset) = self.range(sector, len as u64) else {
+                let Some(mut offset) = self.range(sector, len as u64) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                self.buf.resize(len, 0);
-                if let Err(e) = self.file.read_exact_at(&mut self.buf, offset) {
-                    warn!("read at sector {sector}: {e}");
-                    return (VIRTIO_BLK_S_IOERR, 0);
+                while writer.available_bytes() > 0 {
+                    let n = writer.available_bytes().min(CHUNK);
+                    self.buf.resize(n, 0);
+                    if let Err(e) = self.file.read_exact_at(&mut self.buf, offset) {
+                        warn!("read at sector {sector}: {e}");
+                        return (VIRTIO_BLK_S_IOERR, writer.bytes_written());
+                    }
+                    if writer.write_all(&self.buf).is_err() {
+                        return (VIRTIO_BLK_S_IOERR, writer.bytes_written());
+                    }
+                    offset += n as u64;
                 }
-                match writer.write_all(&self.buf) {
-                    Ok(()) => (VIRTIO_BLK_S_OK, len),
-                    Err(_) => (VIRTIO_BLK_S_IOERR, writer.bytes_written()),
-                }
+                (VIRTIO_BLK_S_OK, len)
             }
             VIRTIO_BLK_T_OUT => {
                 let len = reader.available_bytes();
-                let Some(offset) = self.range(sector, len as u64) else {
+                let Some(mut offset) = self.range(sector, len as u64) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 if self.read_only {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                self.buf.resize(len, 0);
-                if reader.read_exact(&mut self.buf).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                match self.file.write_all_at(&self.buf, offset) {
-                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                    Err(e) => {
-                        warn!("write at sector {sector}: {e}");
-                        (VIRTIO_BLK_S_IOERR, 0)
+                while reader.available_bytes() > 0 {
+                    let n = reader.available_bytes().min(CHUNK);
+                    self.buf.resize(n, 0);
+                    if reader.read_exact(&mut self.buf).is_err() {
+                        return (VIRTIO_BLK_S_IOERR, 0);
                     }
+                    if let Err(e) = self.file.write_all_at(&self.buf, offset) {
+                        warn!("write at sector {sector}: {e}");
+                        return (VIRTIO_BLK_S_IOERR, 0);
+                    }
+                    offset += n as u64;
                 }
+                (VIRTIO_BLK_S_OK, 0)
             }
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),

@@ -46,6 +46,8 @@ pub struct Console {
     client: Option<UnixStream>,
     pending: VecDeque<u8>,
     path: Option<PathBuf>,
+    paused: bool,
+    rescan: bool,
 }
 
 impl std::fmt::Debug for Console {
@@ -85,6 +87,8 @@ impl Console {
             client: None,
             pending: VecDeque::new(),
             path: args.input_socket,
+            paused: false,
+            rescan: false,
         })
     }
 
@@ -92,9 +96,17 @@ impl Console {
         let out = &mut self.out;
         let used = drain_queue(queue, mem, |chain| {
             let mut reader = chain.reader(mem).map_err(QueueError::Buffers)?;
-            let mut buf = Vec::with_capacity(reader.available_bytes());
-            reader.read_to_end(&mut buf).map_err(QueueError::Memory)?;
-            if let Err(e) = out.write_all(&buf).and_then(|()| out.flush()) {
+            let mut buf = [0u8; 4096];
+            while reader.available_bytes() > 0 {
+                let n = reader.read(&mut buf).map_err(QueueError::Memory)?;
+                if n == 0 {
+                    break;
+                }
+                if let Err(e) = out.write_all(&buf[..n]) {
+                    warn!("console output: {e}");
+                }
+            }
+            if let Err(e) = out.flush() {
                 warn!("console output: {e}");
             }
             Ok(0)
@@ -118,6 +130,11 @@ impl Console {
                 .add_used(mem, head, n as u32)
                 .map_err(QueueError::Queue)?;
             used = true;
+        }
+        if self.paused && self.pending.len() < MAX_PENDING / 2 {
+            // Room again: have the runtime watch the client once more.
+            self.paused = false;
+            self.rescan = true;
         }
         Ok(used)
     }
@@ -146,6 +163,10 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.pending.clear();
+        if self.paused {
+            self.paused = false;
+            self.rescan = true;
+        }
     }
 
     fn process_queue(
@@ -167,11 +188,15 @@ impl VirtioDevice for Console {
             fds.push(l.as_raw_fd());
         }
         if let Some(c) = &self.client {
-            if self.pending.len() < MAX_PENDING {
+            if !self.paused {
                 fds.push(c.as_raw_fd());
             }
         }
         fds
+    }
+
+    fn fds_changed(&mut self) -> bool {
+        std::mem::take(&mut self.rescan)
     }
 
     fn handle_event(&mut self, index: usize) -> (EventOutcome, Option<usize>) {
@@ -207,6 +232,8 @@ impl VirtioDevice for Console {
             Ok(n) => {
                 self.pending.extend(&buf[..n]);
                 let outcome = if self.pending.len() >= MAX_PENDING {
+                    // Stop reading until the guest drains its input.
+                    self.paused = true;
                     EventOutcome::Rescan
                 } else {
                     EventOutcome::Keep

@@ -244,6 +244,14 @@ pub trait Device {
         EventOutcome::Remove
     }
 
+    /// True (once) when [`Device::event_fds`] would now return a different
+    /// set because of something other than an event on one of them (the
+    /// guest drained input the device had stopped reading, say). The runtime
+    /// asks after every doorbell and re-watches the new set.
+    fn fds_changed(&mut self) -> bool {
+        false
+    }
+
     /// Doorbells the device declares, indexed by position. Called once, at start-up.
     fn doorbells(&self) -> Vec<Doorbell> {
         Vec::new()

@@ -252,7 +252,12 @@ impl<D: Device> Backend<D> {
                         self.serve_data((token & 0xffff_ffff) as usize)?;
                     }
                     TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize)?,
-                    TOKEN_DOORBELL => self.serve_doorbell((token & 0xffff_ffff) as usize),
+                    TOKEN_DOORBELL => {
+                        self.serve_doorbell((token & 0xffff_ffff) as usize);
+                        if self.device.fds_changed() {
+                            self.rescan_device_fds()?;
+                        }
+                    }
                     TOKEN_RESAMPLE => self.serve_resample((token & 0xffff_ffff) as usize),
                     _ => {
                         if let Flow::Exit = self.serve_control()? {
@@ -297,21 +302,24 @@ impl<D: Device> Backend<D> {
                     self.unwatch(fd);
                 }
             }
-            EventOutcome::Rescan => {
-                for &fd in &self.device_fds {
-                    // A closed fd has already left the epoll set; that is fine.
-                    let _ = epoll::ctl(
-                        self.epoll.as_raw_fd(),
-                        epoll::ControlOptions::EPOLL_CTL_DEL,
-                        fd,
-                        epoll::Event::new(epoll::Events::empty(), 0),
-                    );
-                }
-                self.device_fds = self.device.event_fds();
-                for i in 0..self.device_fds.len() {
-                    self.watch(self.device_fds[i], TOKEN_DEVICE | i as u64)?;
-                }
-            }
+            EventOutcome::Rescan => self.rescan_device_fds()?,
+        }
+        Ok(())
+    }
+
+    fn rescan_device_fds(&mut self) -> Result<(), Error> {
+        for &fd in &self.device_fds {
+            // A closed fd has already left the epoll set; that is fine.
+            let _ = epoll::ctl(
+                self.epoll.as_raw_fd(),
+                epoll::ControlOptions::EPOLL_CTL_DEL,
+                fd,
+                epoll::Event::new(epoll::Events::empty(), 0),
+            );
+        }
+        self.device_fds = self.device.event_fds();
+        for i in 0..self.device_fds.len() {
+            self.watch(self.device_fds[i], TOKEN_DEVICE | i as u64)?;
         }
         Ok(())
     }

@@ -220,6 +220,12 @@ pub trait VirtioDevice {
         Vec::new()
     }
 
+    /// True (once) when [`VirtioDevice::event_fds`] would now return a
+    /// different set; see [`Device::fds_changed`].
+    fn fds_changed(&mut self) -> bool {
+        false
+    }
+
     /// The fd at `index` of [`VirtioDevice::event_fds`] is readable. Returns
     /// whether to keep watching it and which queue, if any, now has work.
     fn handle_event(&mut self, index: usize) -> (EventOutcome, Option<usize>) {
@@ -594,5 +600,9 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
             self.kick(q);
         }
         outcome
+    }
+
+    fn fds_changed(&mut self) -> bool {
+        self.device.fds_changed()
     }
 }
