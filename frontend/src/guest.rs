@@ -178,7 +178,10 @@ struct DriverQueue {
     used_seen: u16,
     free: Vec<u16>,
     in_flight: HashMap<u16, Vec<u16>>,
-    done: HashMap<u16, u32>,
+    /// Used chains not yet collected by `wait`: their descriptors stay
+    /// allocated until then, so a head index is never reused while a
+    /// completion for it is pending.
+    done: HashMap<u16, (u32, Vec<u16>)>,
 }
 
 /// A virtio-mmio driver bound to one device.
@@ -427,8 +430,7 @@ impl VirtioMmioDriver {
             let len: u32 = mem.read_obj(GuestAddress(at + 4)).map_err(Error::Memory)?;
             let head = u16::try_from(id).map_err(|_| Error::BogusUsed(id))?;
             let ids = queue.in_flight.remove(&head).ok_or(Error::BogusUsed(id))?;
-            queue.free.extend(ids);
-            queue.done.insert(head, len);
+            queue.done.insert(head, (len, ids));
             queue.used_seen = queue.used_seen.wrapping_add(1);
         }
         Ok(())
@@ -440,13 +442,9 @@ impl VirtioMmioDriver {
         let deadline = Instant::now() + self.timeout;
         loop {
             self.reap(q)?;
-            if let Some(len) = self
-                .queues
-                .get_mut(q)
-                .ok_or(Error::NoQueue(q))?
-                .done
-                .remove(&head)
-            {
+            let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
+            if let Some((len, ids)) = queue.done.remove(&head) {
+                queue.free.extend(ids);
                 return Ok(len);
             }
             let left = deadline
