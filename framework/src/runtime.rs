@@ -167,12 +167,13 @@ impl<D: Device> Backend<D> {
         }
         let doorbells = device.doorbells();
         for (i, d) in doorbells.iter().enumerate() {
-            let fits = regions.get(d.region as usize).is_some_and(|r| {
-                r.allows(
-                    d.offset,
-                    d.size.unwrap_or(outboard_protocol::AccessSize::B1),
-                )
-            });
+            let fits = regions
+                .get(d.region as usize)
+                .is_some_and(|r| match d.size {
+                    Some(size) => r.allows(d.offset, size),
+                    // A sizeless doorbell matches any width: it only needs its offset inside.
+                    None => d.offset < r.size,
+                });
             if !fits || (d.size.is_none() && d.datamatch.is_some()) {
                 return Err(Error::BadDoorbell(i));
             }
@@ -372,7 +373,11 @@ impl<D: Device> Backend<D> {
                 warn!("control request {request} refused: {status}");
                 let always_replies = matches!(
                     Request::from_u32(request),
-                    Ok(Request::Hello | Request::GetDeviceInfo | Request::GetRegionInfo)
+                    Ok(Request::Hello
+                        | Request::GetDeviceInfo
+                        | Request::GetRegionInfo
+                        | Request::GetDoorbellInfo
+                        | Request::GetIrqInfo)
                 );
                 if need_reply || always_replies {
                     self.control
@@ -593,12 +598,12 @@ impl<D: Device> Backend<D> {
             return Err(Status::BadRegionIndex);
         }
         let efd = eventfd_from(fd)?;
-        if let Some(old) = self.doorbell_fds[index].take() {
-            self.unwatch(old.as_raw_fd());
-        }
+        // Watch the new fd before letting the old one go, so a failure keeps the old.
         self.watch(efd.as_raw_fd(), TOKEN_DOORBELL | index as u64)
             .map_err(|_| Status::DeviceError)?;
-        self.doorbell_fds[index] = Some(efd);
+        if let Some(old) = self.doorbell_fds[index].replace(efd) {
+            self.unwatch(old.as_raw_fd());
+        }
         debug!("doorbell {index} connected");
         Ok(())
     }
@@ -615,14 +620,14 @@ impl<D: Device> Backend<D> {
         }
         let line = eventfd_from(fd)?;
         let resample = resample.map(eventfd_from).transpose()?;
-        if let Some(old) = self.resample_fds[index].take() {
-            self.unwatch(old.as_raw_fd());
-        }
+        // Watch the new fd before letting the old one go, so a failure keeps the old.
         if let Some(r) = &resample {
             self.watch(r.as_raw_fd(), TOKEN_RESAMPLE | index as u64)
                 .map_err(|_| Status::DeviceError)?;
         }
-        self.resample_fds[index] = resample;
+        if let Some(old) = std::mem::replace(&mut self.resample_fds[index], resample) {
+            self.unwatch(old.as_raw_fd());
+        }
         self.device
             .connect_interrupt(index, InterruptLine::new(line));
         debug!("interrupt {index} connected");

@@ -355,11 +355,13 @@ impl<D: VirtioDevice> VirtioMmio<D> {
                 value &= !VIRTIO_CONFIG_S_FEATURES_OK;
             }
         }
+        let mut activated = false;
         if newly & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             if value & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
                 warn!("{}: DRIVER_OK without FEATURES_OK", self.device.name());
                 value &= !VIRTIO_CONFIG_S_DRIVER_OK;
             } else {
+                activated = true;
                 debug!(
                     "{}: driver ready, features {:#x}",
                     self.device.name(),
@@ -376,6 +378,13 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             | VIRTIO_CONFIG_S_FEATURES_OK
             | VIRTIO_CONFIG_S_FAILED;
         self.status = (value & known) | keep;
+        if activated {
+            // A notify rides its own eventfd and may have overtaken the
+            // posted DRIVER_OK write; serve whatever is already queued.
+            for q in 0..self.queues.len() {
+                self.kick(q);
+            }
+        }
     }
 
     fn driver_ok(&self) -> bool {

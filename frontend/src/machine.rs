@@ -70,8 +70,8 @@ pub enum Error {
         /// Region index.
         index: u32,
     },
-    /// device {name}: backend offers {count} regions, more than the limit
-    #[error("device {name}: backend offers {count} regions, more than {MAX_REGIONS}")]
+    /// device {name}: backend offers {count} regions, doorbells or interrupt lines, more than the limit
+    #[error("device {name}: backend offers {count} regions, doorbells or interrupt lines, more than {MAX_REGIONS}")]
     TooManyRegions {
         /// Device name.
         name: String,
@@ -372,18 +372,26 @@ impl Frontend {
     pub fn set_memory(&mut self, ram: GuestRam) -> Result<(), Error> {
         let ram = Arc::new(ram);
         self.ram = Some(Arc::clone(&ram));
+        // Every working backend gets the table even if an earlier one fails;
+        // the first failure is reported.
+        let mut first_error = None;
         for dev in &self.devices {
             if dev.is_failed() {
                 continue;
             }
-            let conn = dev.conn()?;
-            if conn.negotiated().features & F_MEM_TABLE != 0 {
+            let result = dev.conn().and_then(|conn| {
+                if conn.negotiated().features & F_MEM_TABLE == 0 {
+                    return Ok(());
+                }
                 let (table, fds) = ram.table();
                 conn.set_mem_table(&table, &fds)
-                    .map_err(|e| dev.backend_err(e))?;
+                    .map_err(|e| dev.backend_err(e))
+            });
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The interrupt sink (socket mode), created with the first interrupt line.
@@ -416,8 +424,14 @@ impl Frontend {
                 dev.conn()?.set_mem_table(&table, &fds).map_err(be)?;
             }
         }
+        if dev.info.num_doorbells > MAX_REGIONS || dev.info.num_irqs > MAX_REGIONS {
+            return Err(Error::TooManyRegions {
+                name: name.clone(),
+                count: dev.info.num_doorbells.max(dev.info.num_irqs),
+            });
+        }
         if features & F_DOORBELL != 0 {
-            for i in 0..dev.info.num_doorbells.min(MAX_REGIONS) {
+            for i in 0..dev.info.num_doorbells {
                 let info = dev.conn()?.doorbell_info(i).map_err(be)?;
                 if info.region >= dev.info.num_regions {
                     return Err(Error::DoorbellRegion {
@@ -438,7 +452,7 @@ impl Frontend {
             }
         }
         if features & F_IRQ != 0 {
-            for i in 0..dev.info.num_irqs.min(MAX_REGIONS) {
+            for i in 0..dev.info.num_irqs {
                 let info = dev.conn()?.irq_info(i).map_err(be)?;
                 let line = self
                     .sink_mut()?
