@@ -10,7 +10,7 @@ use outboard_frontend::guest::{
     blk, rng_read, BlkClient, Buffer, GuestAllocator, VirtioMmioDriver,
 };
 use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{DeviceSpec, Frontend};
+use outboard_frontend::{AccessSize, DeviceSpec, Frontend};
 use outboard_tests::{alive, frontend, signal, socket_path, HANG_GUARD};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -564,4 +564,28 @@ fn console_when_input_outruns_the_guest_then_backpressure_and_no_byte_lost() {
         got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
         "bytes in order"
     );
+}
+
+#[test]
+fn features_ok_when_driver_asks_for_unoffered_feature_then_refused() {
+    let mut g = guest();
+    g.attach("rng", "outboard-virtio-rng", &[]);
+    let base = g.fe.device("rng").unwrap().placed(0).unwrap().addr;
+    let bus = g.fe.mmio().clone();
+    let w = |off: u64, v: u64| bus.try_write(base + off, AccessSize::B4, v).unwrap();
+    let r = |off: u64| bus.try_read(base + off, AccessSize::B4).unwrap();
+    assert_eq!(r(0x000), 0x7472_6976, "magic");
+    for (features_hi, accepted) in [(1u64 << 28, false), (0, false), (1, true)] {
+        w(0x070, 0);
+        w(0x070, 1 | 2);
+        w(0x024, 1);
+        // VERSION_1 is bit 32; bit 60 is offered by no device here.
+        w(0x020, features_hi);
+        w(0x070, 1 | 2 | 8);
+        assert_eq!(
+            r(0x070) & 8 != 0,
+            accepted,
+            "high feature word {features_hi:#x}"
+        );
+    }
 }
