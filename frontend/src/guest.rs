@@ -25,45 +25,18 @@ use crate::irq::IrqLine;
 use crate::memory::GuestRam;
 use outboard_protocol::AccessSize;
 
-/// virtio-mmio register offsets the driver uses.
-mod regs {
-    pub const MAGIC_VALUE: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
-    pub const QUEUE_USED_LOW: u64 = 0x0a0;
-    pub const CONFIG: u64 = 0x100;
-}
+use outboard_protocol::virtio_mmio as regs;
 
 /// Device status bits.
 pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
-    /// The device hit an error and needs a reset.
-    pub const NEEDS_RESET: u32 = 0x40;
+    pub use outboard_protocol::virtio_mmio::{
+        S_ACKNOWLEDGE as ACKNOWLEDGE, S_DRIVER as DRIVER, S_DRIVER_OK as DRIVER_OK,
+        S_FEATURES_OK as FEATURES_OK, S_NEEDS_RESET as NEEDS_RESET,
+    };
 }
 
-/// VIRTIO_F_VERSION_1.
-pub const F_VERSION_1: u64 = 1 << 32;
+pub use outboard_protocol::virtio_mmio::F_VERSION_1;
+
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
@@ -233,7 +206,7 @@ impl VirtioMmioDriver {
             timeout: Duration::from_secs(10),
         };
         let magic = d.reg(regs::MAGIC_VALUE)?;
-        if magic != 0x7472_6976 {
+        if magic != regs::MAGIC {
             return Err(Error::BadMagic(magic));
         }
         let version = d.reg(regs::VERSION)?;

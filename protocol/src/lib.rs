@@ -22,5 +22,6 @@
 pub mod channel;
 pub mod control;
 pub mod ioregionfd;
+pub mod virtio_mmio;
 
 pub use ioregionfd::{AccessSize, Cmd, Op, Resp};
