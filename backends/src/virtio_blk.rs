@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use log::warn;
-use outboard::virtio::{drain_queue, Chain, Memory, QueueError, VirtioDevice, VirtioMmio};
+use outboard::virtio::{drain_queue, Chain, Memory, QueueError, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::Queue;
@@ -301,7 +301,5 @@ impl VirtioDevice for Blk {
 
 /// `main` of `outboard-virtio-blk`.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    outboard::run("outboard-virtio-blk", args, |a: BlkArgs| {
-        Blk::open(&a).map(VirtioMmio::new)
-    })
+    outboard::run_virtio("outboard-virtio-blk", args, |a: BlkArgs| Blk::open(&a))
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use log::{info, warn};
-use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice, VirtioMmio};
+use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice};
 use outboard::EventOutcome;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -41,7 +41,7 @@ pub struct ConsoleArgs {
 
 /// The console device logic.
 pub struct Console {
-    out: Box<dyn Write + Send>,
+    out: Box<dyn Write + Send + Sync>,
     listener: Option<UnixListener>,
     client: Option<UnixStream>,
     pending: VecDeque<u8>,
@@ -61,7 +61,7 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console configured from the command line.
     pub fn from_args(args: ConsoleArgs) -> io::Result<Self> {
-        let out: Box<dyn Write + Send> = if args.output == "stdout" {
+        let out: Box<dyn Write + Send + Sync> = if args.output == "stdout" {
             Box::new(io::stdout())
         } else {
             Box::new(
@@ -260,7 +260,5 @@ impl Drop for Console {
 
 /// `main` of `outboard-virtio-console`.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    outboard::run("outboard-virtio-console", args, |a: ConsoleArgs| {
-        Console::from_args(a).map(VirtioMmio::new)
-    })
+    outboard::run_virtio("outboard-virtio-console", args, Console::from_args)
 }

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::process::ExitCode;
 
-use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice, VirtioMmio};
+use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::Queue;
 
@@ -85,7 +85,5 @@ impl VirtioDevice for Rng {
 
 /// `main` of `outboard-virtio-rng`.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    outboard::run("outboard-virtio-rng", args, |_: RngArgs| {
-        Rng::new().map(VirtioMmio::new)
-    })
+    outboard::run_virtio("outboard-virtio-rng", args, |_: RngArgs| Rng::new())
 }

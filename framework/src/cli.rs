@@ -25,6 +25,7 @@ use thiserror::Error;
 
 use crate::device::Device;
 use crate::runtime::{self, Backend};
+use crate::virtio::{VirtioDevice, VirtioMmio};
 
 /// Exit status after a clean shutdown.
 pub const EXIT_OK: u8 = 0;
@@ -40,13 +41,17 @@ pub struct BackendArgs {
     #[arg(
         long,
         value_name = "N",
-        conflicts_with = "socket",
-        required_unless_present = "socket"
+        conflicts_with_all = ["socket", "vhost_user"],
+        required_unless_present_any = ["socket", "vhost_user"]
     )]
     pub control_fd: Option<RawFd>,
     /// Listen on this Unix socket path and serve the first frontend that connects.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "vhost_user")]
     pub socket: Option<PathBuf>,
+    /// Virtio devices only: serve the device over vhost-user on this socket
+    /// path (to the first frontend that connects) instead of ioregionfd.
+    #[arg(long, value_name = "PATH")]
+    pub vhost_user: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
@@ -81,6 +86,9 @@ pub enum Error {
     /// cannot start the event loop
     #[error("cannot start the event loop")]
     Runtime(#[source] runtime::Error),
+    /// this device has no vhost-user transport
+    #[error("this device has no vhost-user transport")]
+    NoVhostUser,
 }
 
 /// Formats an error with its chain of causes: `a: b: c`.
@@ -163,22 +171,76 @@ where
     F: FnOnce(A) -> Result<D, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let cli = match parse::<A>(program, args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if cli.backend.vhost_user.is_some() {
+        eprintln!("{program}: error: {}", Error::NoVhostUser);
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let device = make(cli.device).map_err(|e| Error::Device(e.into()));
+    finish(program, &cli.backend, device)
+}
+
+/// Like [`run`] for a virtio device: served through the virtio-mmio
+/// transport over ioregionfd, or over vhost-user with `--vhost-user PATH`.
+/// The device logic is the same either way.
+pub fn run_virtio<A, V, F, E>(
+    program: &str,
+    args: impl IntoIterator<Item = OsString>,
+    make: F,
+) -> ExitCode
+where
+    A: Args,
+    V: VirtioDevice + Send + Sync + 'static,
+    F: FnOnce(A) -> Result<V, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let cli = match parse::<A>(program, args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let device = make(cli.device).map_err(|e| Error::Device(e.into()));
+    match (&cli.backend.vhost_user, device) {
+        (Some(path), Ok(device)) => match crate::vhost_user::serve(device, path) {
+            Ok(()) => ExitCode::from(EXIT_OK),
+            Err(e) => {
+                eprintln!("{program}: error: {}", error_chain(&e));
+                ExitCode::from(EXIT_PROTOCOL)
+            }
+        },
+        (_, device) => finish(program, &cli.backend, device.map(VirtioMmio::new)),
+    }
+}
+
+fn parse<A: Args>(
+    program: &str,
+    args: impl IntoIterator<Item = OsString>,
+) -> Result<Cli<A>, ExitCode> {
     let parsed = Cli::<A>::command_for(program)
         .try_get_matches_from(args)
         .and_then(|m| Cli::<A>::from_arg_matches(&m));
-    let cli = match parsed {
-        Ok(c) => c,
+    match parsed {
+        Ok(c) => {
+            init_logging(program, c.backend.log_level);
+            Ok(c)
+        }
         Err(e) => {
             // --help and --version print to stdout and succeed; usage errors
             // are start-up failures (status 1), never mistaken for protocol ones.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EXIT_SETUP } else { EXIT_OK });
+            Err(ExitCode::from(if e.use_stderr() {
+                EXIT_SETUP
+            } else {
+                EXIT_OK
+            }))
         }
-    };
-    init_logging(program, cli.backend.log_level);
-    match serve(&cli.backend, || {
-        make(cli.device).map_err(|e| Error::Device(e.into()))
-    }) {
+    }
+}
+
+fn finish<D: Device>(program: &str, args: &BackendArgs, device: Result<D, Error>) -> ExitCode {
+    match serve(args, || device) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(Served::Setup(e)) => {
             eprintln!("{program}: error: {}", error_chain(&e));

@@ -45,9 +45,10 @@
 pub mod cli;
 pub mod device;
 pub mod runtime;
+pub mod vhost_user;
 pub mod virtio;
 
-pub use cli::{run, BackendArgs};
+pub use cli::{run, run_virtio, BackendArgs};
 pub use device::{Device, EventOutcome, Region, Space};
 pub use outboard_protocol::control::DeviceKind;
 pub use outboard_protocol::AccessSize;

@@ -99,6 +99,14 @@ pub enum Source {
         /// Socket path.
         socket: PathBuf,
     },
+    /// Connect to a standard vhost-user backend; the frontend implements the
+    /// virtio-mmio transport for it.
+    VhostUser {
+        /// The backend's socket path.
+        socket: PathBuf,
+        /// Virtio device type: `blk`, `rng`, `console` or a numeric ID.
+        device: String,
+    },
 }
 
 /// Finds backend programs.

@@ -29,6 +29,7 @@ pub mod machine;
 pub mod memory;
 pub mod remote;
 pub mod script;
+pub mod vhost_user;
 
 pub use bus::{AccessError, Bus, BusDevice, Space};
 pub use machine::{Attached, DeviceSpec, Frontend, Options, Placement};

@@ -29,6 +29,7 @@ use crate::bus::{Bus, BusError, Space};
 use crate::irq::{self, InterruptSink, IrqLine};
 use crate::memory::GuestRam;
 use crate::remote::{DoorbellMatch, Health, Permissions, RemoteRegion};
+use crate::vhost_user::{self, VhostUserDevice, VirtioType};
 
 /// Most regions (and most doorbells, and most interrupt lines) the frontend
 /// accepts from one backend.
@@ -128,6 +129,18 @@ pub enum Error {
     /// cannot deliver interrupts
     #[error("cannot deliver interrupts")]
     Interrupts(#[source] irq::Error),
+    /// device {name}: vhost-user backend failed
+    #[error("device {name}: vhost-user backend failed")]
+    VhostUser {
+        /// Device name.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: vhost_user::Error,
+    },
+    /// device {0} is a vhost-user device: regions are not negotiable
+    #[error("device {0} is a vhost-user device: regions are not negotiable")]
+    NotOutboard(String),
 }
 
 /// Where one region goes.
@@ -266,6 +279,7 @@ pub struct Attached {
     posted_writes: bool,
     doorbells: Vec<AttachedDoorbell>,
     irqs: Vec<IrqLine>,
+    vhost: Option<Arc<VhostUserDevice>>,
 }
 
 impl Attached {
@@ -314,9 +328,17 @@ impl Attached {
         self.conn.as_ref().and_then(Connection::pid)
     }
 
+    /// The vhost-user device, if this is one.
+    pub fn vhost_user(&self) -> Option<&Arc<VhostUserDevice>> {
+        self.vhost.as_ref()
+    }
+
     fn conn(&self) -> Result<&Connection, Error> {
         if self.health.is_failed() {
             return Err(Error::Failed(self.name.clone()));
+        }
+        if self.vhost.is_some() {
+            return Err(Error::NotOutboard(self.name.clone()));
         }
         self.conn
             .as_ref()
@@ -377,6 +399,15 @@ impl Frontend {
         let mut first_error = None;
         for dev in &self.devices {
             if dev.is_failed() {
+                continue;
+            }
+            if let Some(v) = &dev.vhost {
+                if let Err(source) = v.set_memory(&ram) {
+                    first_error.get_or_insert(Error::VhostUser {
+                        name: dev.name.clone(),
+                        source,
+                    });
+                }
                 continue;
             }
             let result = dev.conn().and_then(|conn| {
@@ -527,6 +558,9 @@ impl Frontend {
                 Connection::spawn(cmd, self.options.launcher.quiet_stdout, timeout).map_err(be)?
             }
             Source::Connect { socket } => Connection::connect(socket, timeout).map_err(be)?,
+            Source::VhostUser { socket, device } => {
+                return self.attach_vhost_user(spec, socket, device);
+            }
         };
         let info = conn.device_info().map_err(be)?;
         if info.num_regions > MAX_REGIONS {
@@ -563,6 +597,7 @@ impl Frontend {
             posted_writes: spec.posted_writes,
             doorbells: Vec::new(),
             irqs: Vec::new(),
+            vhost: None,
         };
         if let Err(e) = self.connect_resources(&mut dev) {
             if let Some(sink) = &self.sink {
@@ -581,6 +616,105 @@ impl Frontend {
                 self.unmap_all(&mut dev);
                 return Err(e);
             }
+        }
+        self.devices.push(dev);
+        let idx = self.devices.len() - 1;
+        Ok(&self.devices[idx])
+    }
+
+    /// Attaches a vhost-user backend behind a frontend-implemented virtio-mmio region.
+    fn attach_vhost_user(
+        &mut self,
+        spec: &DeviceSpec,
+        socket: &std::path::Path,
+        device: &str,
+    ) -> Result<&Attached, Error> {
+        let name = spec.name.clone();
+        let vu = |source| Error::VhostUser {
+            name: name.clone(),
+            source,
+        };
+        let ty = VirtioType::parse(device).map_err(vu)?;
+        let health = Health::new(&name);
+        let line = self
+            .sink_mut()?
+            .add_line(&name, 0, false)
+            .map_err(Error::Interrupts)?;
+        let ram = self.ram.clone();
+        let connected = VhostUserDevice::connect(
+            &name,
+            socket,
+            ty,
+            ram.as_deref(),
+            line.clone(),
+            Arc::clone(&health),
+            self.options.timeout,
+        );
+        let vdev = match connected {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                if let Some(sink) = &self.sink {
+                    sink.remove_device(&name);
+                }
+                return Err(vu(e));
+            }
+        };
+        let region = RegionInfo {
+            index: 0,
+            flags: REGION_READ | REGION_WRITE,
+            size: outboard_protocol::virtio_mmio::MMIO_SIZE,
+            preferred_addr: 0,
+            access_sizes: 0x0f,
+            name: "virtio-mmio".into(),
+        };
+        let mut dev = Attached {
+            name: name.clone(),
+            info: DeviceInfo {
+                kind: outboard_protocol::control::DeviceKind(
+                    outboard_protocol::control::DeviceKind::VIRTIO_BASE + ty.id,
+                ),
+                num_regions: 1,
+                num_doorbells: 0,
+                num_irqs: 1,
+                name: format!("vhost-user-{device}"),
+            },
+            regions: vec![region.clone()],
+            placed: vec![None],
+            health,
+            conn: None,
+            posted_writes: false,
+            doorbells: Vec::new(),
+            irqs: vec![line],
+            vhost: Some(Arc::clone(&vdev)),
+        };
+        let result = self.plan(spec, &dev).and_then(|plan| {
+            let Some(&(_, addr)) = plan.first() else {
+                return Ok(());
+            };
+            self.mmio
+                .insert(addr, region.size, vdev.clone())
+                .map_err(|source| Error::Placement {
+                    name: name.clone(),
+                    index: 0,
+                    source,
+                })?;
+            info!(
+                "{name}: vhost-user {device} at mmio {addr:#x}+{:#x}",
+                region.size
+            );
+            dev.placed[0] = Some(PlacedRegion {
+                info: region.clone(),
+                addr,
+                user_data: 0,
+                posted: false,
+            });
+            Ok(())
+        });
+        if let Err(e) = result {
+            if let Some(sink) = &self.sink {
+                sink.remove_device(&name);
+            }
+            return Err(e);
         }
         self.devices.push(dev);
         let idx = self.devices.len() - 1;
@@ -833,6 +967,12 @@ impl Frontend {
     /// Resets device `name`.
     pub fn reset(&self, name: &str) -> Result<(), Error> {
         let dev = self.device(name)?;
+        if let Some(v) = &dev.vhost {
+            return v.reset().map_err(|source| Error::VhostUser {
+                name: name.to_owned(),
+                source,
+            });
+        }
         dev.conn()?.reset().map_err(|e| dev.backend_err(e))
     }
 
