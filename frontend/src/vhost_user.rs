@@ -253,7 +253,6 @@ fn mem_regions(ram: &GuestRam) -> Vec<VhostUserMemoryRegionInfo> {
             userspace_addr: r.guest_addr,
             mmap_offset: r.fd_offset,
             mmap_handle: fd,
-            ..Default::default()
         })
         .collect()
 }
