@@ -197,3 +197,98 @@ fn outboard_rng_over_vhost_user_when_read_then_random_bytes() {
     assert_eq!(a.len(), 4096);
     assert!(a.iter().any(|&b| b != 0));
 }
+
+#[test]
+fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
+    use outboard_frontend::guest::Buffer;
+    use vm_memory::{Bytes, GuestAddress};
+    let out = std::env::temp_dir().join(format!("outboard-vu-console-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let input = socket_path("vu-console-in");
+    let (_b, sock) = outboard_vhost_user(
+        "outboard-virtio-console",
+        &[
+            "--output",
+            out.to_str().unwrap(),
+            "--input-socket",
+            input.to_str().unwrap(),
+        ],
+    );
+    let mut g = guest();
+    g.attach_vhost("con", &sock, "console");
+    let mut d = g.driver("con", 0);
+    assert_eq!(d.num_queues(), 2);
+    let mem = g.fe.memory().unwrap().clone();
+    let rx = g.alloc.alloc(64, 64).unwrap();
+    let head = d.submit(0, &[Buffer::writable(rx, 64)]).unwrap();
+    d.notify(0).unwrap();
+    let tx = g.alloc.alloc(64, 8).unwrap();
+    mem.memory()
+        .write_slice(b"over vhost-user\n", GuestAddress(tx))
+        .unwrap();
+    d.request(1, &[Buffer::readable(tx, 16)]).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), b"over vhost-user\n");
+    let mut client = outboard_tests::connect_stream(&input);
+    std::io::Write::write_all(&mut client, b"pong\n").unwrap();
+    let n = d.wait(0, head).unwrap();
+    let mut buf = vec![0u8; n as usize];
+    mem.memory().read_slice(&mut buf, GuestAddress(rx)).unwrap();
+    assert_eq!(buf, b"pong\n");
+    let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn vhost_user_backend_killed_mid_io_then_reported_and_others_keep_running() {
+    let sectors = 2048;
+    let image = temp_image("kill", sectors);
+    let (mut qsd, sock) = qemu_storage_daemon(&image);
+    let mut g = guest();
+    g.attach_vhost("qsd", &sock, "blk");
+    g.fe.attach(&DeviceSpec::spawn("rng", "outboard-virtio-rng", &[]))
+        .unwrap();
+    let d = g.driver("qsd", 0);
+    let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
+    c.driver.set_timeout(outboard_tests::HANG_GUARD);
+    let mut rng = g.driver("rng", 0);
+    let rng_buf = g.alloc.alloc(64, 8).unwrap();
+    assert_eq!(c.write(0, &[7u8; 4096]).unwrap(), blk::S_OK);
+    // Kill the backend while requests keep coming.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = qsd.0.kill();
+        let _ = qsd.0.wait();
+    });
+    let mut outcome = Ok(());
+    for i in 0..100_000u64 {
+        match c.write((i % 256) * 8, &[i as u8; 4096]) {
+            Ok(s) => assert_eq!(s, blk::S_OK),
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    killer.join().unwrap();
+    let err = outcome.expect_err("I/O must fail once the backend is dead");
+    assert!(
+        matches!(
+            err,
+            outboard_frontend::guest::Error::NeedsReset(_)
+                | outboard_frontend::guest::Error::Timeout
+        ),
+        "{err:?}"
+    );
+    let dev = g.fe.device("qsd").unwrap();
+    assert!(dev.is_failed(), "the frontend reports the dead backend");
+    assert!(
+        dev.failure().unwrap().contains("hung up") || dev.failure().unwrap().contains("vhost-user")
+    );
+    assert_ne!(
+        c.driver.status().unwrap() & 0x40,
+        0,
+        "the guest sees DEVICE_NEEDS_RESET"
+    );
+    // The other device is unaffected.
+    assert_eq!(rng_read(&mut rng, rng_buf, 64).unwrap().len(), 64);
+    let _ = std::fs::remove_file(&image);
+}
