@@ -9,6 +9,10 @@
 //! args = ["--output", "com1.log"]
 //!
 //! [[device]]
+//! name = "disk1"
+//! vhost-user = { socket = "/run/qsd.sock", device = "blk" }   # a vhost-user backend
+//!
+//! [[device]]
 //! name = "scratch"
 //! socket = "/run/scratch.sock" # or: connect to a backend listening here
 //! posted_writes = false        # optional, default true
@@ -40,8 +44,8 @@ pub enum Error {
     /// invalid configuration
     #[error("invalid configuration")]
     Parse(#[source] toml::de::Error),
-    /// device {0}: give exactly one of `backend` and `socket`
-    #[error("device {0}: give exactly one of `backend` and `socket`")]
+    /// device {0}: give exactly one of `backend`, `socket` and `vhost-user`
+    #[error("device {0}: give exactly one of `backend`, `socket` and `vhost-user`")]
     Source(String),
     /// device {0}: `args` only apply to a spawned backend
     #[error("device {0}: `args` only apply to a spawned backend")]
@@ -68,11 +72,20 @@ struct DeviceEntry {
     name: String,
     backend: Option<String>,
     socket: Option<PathBuf>,
+    #[serde(rename = "vhost-user")]
+    vhost_user: Option<VhostUserEntry>,
     #[serde(default)]
     args: Vec<String>,
     posted_writes: Option<bool>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VhostUserEntry {
+    socket: PathBuf,
+    device: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,13 +121,17 @@ impl Config {
             if devices.iter().any(|x| x.name == d.name) {
                 return Err(Error::DuplicateName(d.name));
             }
-            let source = match (d.backend, d.socket) {
-                (Some(program), None) => Source::Spawn {
+            let source = match (d.backend, d.socket, d.vhost_user) {
+                (Some(program), None, None) => Source::Spawn {
                     program,
                     args: d.args,
                 },
-                (None, Some(socket)) if d.args.is_empty() => Source::Connect { socket },
-                (None, Some(_)) => return Err(Error::ArgsWithSocket(d.name)),
+                (None, Some(socket), None) if d.args.is_empty() => Source::Connect { socket },
+                (None, None, Some(v)) if d.args.is_empty() => Source::VhostUser {
+                    socket: v.socket,
+                    device: v.device,
+                },
+                (None, _, _) if !d.args.is_empty() => return Err(Error::ArgsWithSocket(d.name)),
                 _ => return Err(Error::Source(d.name)),
             };
             let mut regions: Vec<Placement> = Vec::new();
@@ -185,6 +202,21 @@ mod tests {
     #[test]
     fn parse_when_both_sources_or_none_then_error() {
         let both = "[[device]]\nname='a'\nbackend='x'\nsocket='/y'\n";
+        let vu = "[[device]]\nname='v'\nvhost-user = { socket = '/q.sock', device = 'blk' }\n";
+        let c = Config::parse(vu).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.devices[0].source,
+            Source::VhostUser {
+                socket: "/q.sock".into(),
+                device: "blk".into()
+            }
+        );
+        let vu_and_backend =
+            "[[device]]\nname='v'\nbackend='x'\nvhost-user = { socket = '/q', device = 'rng' }\n";
+        assert!(matches!(
+            Config::parse(vu_and_backend),
+            Err(Error::Source(_))
+        ));
         assert!(matches!(Config::parse(both), Err(Error::Source(_))));
         let none = "[[device]]\nname='a'\n";
         assert!(matches!(Config::parse(none), Err(Error::Source(_))));

@@ -48,6 +48,9 @@ enum Command {
         /// Connect to a backend listening on this socket path.
         #[arg(long = "connect", value_name = "PATH")]
         sockets: Vec<PathBuf>,
+        /// Attach a vhost-user backend: device type (blk, rng, console) and socket path.
+        #[arg(long = "vhost-user", value_name = "TYPE:PATH")]
+        vhost_user: Vec<String>,
         /// Test-guest script to run (see `outboard_frontend::script`); default: standard input.
         #[arg(long, value_name = "FILE")]
         script: Option<PathBuf>,
@@ -114,9 +117,10 @@ fn main() -> ExitCode {
             config,
             devices,
             sockets,
+            vhost_user,
             script,
             timeout_ms,
-        } => run(config, devices, sockets, script, timeout_ms),
+        } => run(config, devices, sockets, vhost_user, script, timeout_ms),
         Command::Backend { .. } => Ok(()),
     };
     match result {
@@ -134,6 +138,7 @@ fn run(
     config: Option<PathBuf>,
     devices: Vec<String>,
     sockets: Vec<PathBuf>,
+    vhost_user: Vec<String>,
     script_path: Option<PathBuf>,
     timeout_ms: Option<u64>,
 ) -> Result<(), AnyError> {
@@ -159,8 +164,20 @@ fn run(
         cfg.devices
             .push(DeviceSpec::connect(&format!("sock{i}"), s));
     }
+    for (i, v) in vhost_user.iter().enumerate() {
+        let (device, socket) = v
+            .split_once(':')
+            .ok_or("--vhost-user takes TYPE:PATH, e.g. blk:/run/qsd.sock")?;
+        cfg.devices.push(DeviceSpec {
+            source: Source::VhostUser {
+                socket: socket.into(),
+                device: device.to_owned(),
+            },
+            ..DeviceSpec::connect(&format!("vhost{i}"), socket)
+        });
+    }
     if cfg.devices.is_empty() {
-        return Err("no devices: give --config, --device or --connect".into());
+        return Err("no devices: give --config, --device, --connect or --vhost-user".into());
     }
     let timeout = timeout_ms
         .map(Duration::from_millis)
