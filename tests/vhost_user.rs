@@ -292,3 +292,113 @@ fn vhost_user_backend_killed_mid_io_then_reported_and_others_keep_running() {
     assert_eq!(rng_read(&mut rng, rng_buf, 64).unwrap().len(), 64);
     let _ = std::fs::remove_file(&image);
 }
+
+/// The `vhost-device-rng` binary `.ci/run` installs, if present.
+fn vhost_device_rng() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("OUTBOARD_VHOST_DEVICE_RNG") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = Path::new(&home).join(".cache/outboard/bin/vhost-device-rng");
+    p.exists().then_some(p)
+}
+
+/// Starts vhost-device-rng; it listens on `<path>0`.
+fn start_vhost_device_rng(program: &Path) -> (Reaped, PathBuf) {
+    let base = socket_path("vdr");
+    let child = Command::new(program)
+        .arg("--socket-path")
+        .arg(&base)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut sock = base.into_os_string();
+    sock.push("0");
+    (Reaped(child), PathBuf::from(sock))
+}
+
+#[test]
+fn vhost_device_rng_when_read_then_random_bytes() {
+    let Some(program) = vhost_device_rng() else {
+        println!("skipped: vhost-device-rng not installed (.ci/run installs it)");
+        return;
+    };
+    let (_rng, sock) = start_vhost_device_rng(&program);
+    let mut g = guest();
+    g.attach_vhost("vdr", &sock, "rng");
+    let mut d = g.driver("vdr", 0);
+    assert_eq!(d.device_id(), 4);
+    let buf = g.alloc.alloc(4096, 16).unwrap();
+    for len in [16u32, 512, 4096] {
+        let bytes = rng_read(&mut d, buf, len).unwrap();
+        assert_eq!(bytes.len(), len as usize);
+        assert!(bytes.iter().any(|&b| b != 0));
+    }
+}
+
+#[test]
+fn one_vm_when_mixing_ioregionfd_and_vhost_user_devices_then_all_verified_concurrently() {
+    let Some(rng_program) = vhost_device_rng() else {
+        println!("skipped: vhost-device-rng not installed (.ci/run installs it)");
+        return;
+    };
+    let sectors = 4096;
+    let local_img = temp_image("mix-local", sectors);
+    let qsd_img = temp_image("mix-qsd", sectors);
+    let uart_log = std::env::temp_dir().join(format!("outboard-vu-mix-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&uart_log);
+    let (_qsd, qsd_sock) = qemu_storage_daemon(&qsd_img);
+    let (_vdr, vdr_sock) = start_vhost_device_rng(&rng_program);
+    let mut g = guest();
+    g.fe.attach(&DeviceSpec::spawn(
+        "com1",
+        "outboard-uart",
+        &["--output", uart_log.to_str().unwrap()],
+    ))
+    .unwrap();
+    g.fe.attach(&DeviceSpec::spawn(
+        "disk0",
+        "outboard-virtio-blk",
+        &["--path", local_img.to_str().unwrap()],
+    ))
+    .unwrap();
+    g.attach_vhost("disk1", &qsd_sock, "blk");
+    g.attach_vhost("rng", &vdr_sock, "rng");
+    let d0 = g.driver("disk0", blk::F_FLUSH);
+    let mut disk0 = BlkClient::new(d0, &mut g.alloc, 4096).unwrap();
+    let d1 = g.driver("disk1", blk::F_FLUSH);
+    let mut disk1 = BlkClient::new(d1, &mut g.alloc, 4096).unwrap();
+    let mut rng = g.driver("rng", 0);
+    let rng_buf = g.alloc.alloc(64, 16).unwrap();
+    let pio = g.fe.pio().clone();
+    let (li, qi) = (local_img.clone(), qsd_img.clone());
+    std::thread::scope(|s| {
+        s.spawn(move || random_io(&mut disk0, &li, sectors, 11));
+        s.spawn(move || random_io(&mut disk1, &qi, sectors, 22));
+        s.spawn(move || {
+            for _ in 0..300 {
+                let b = rng_read(&mut rng, rng_buf, 64).unwrap();
+                assert_eq!(b.len(), 64);
+            }
+        });
+        s.spawn(move || {
+            for i in 0..200 {
+                for b in format!("line {i}\n").bytes() {
+                    pio.try_write(0x3f8, outboard_frontend::AccessSize::B1, u64::from(b))
+                        .unwrap();
+                }
+            }
+            // An ordered read: every posted byte before it has been written out.
+            pio.try_read(0x3fd, outboard_frontend::AccessSize::B1)
+                .unwrap();
+        });
+    });
+    let expected: String = (0..200).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(&uart_log).unwrap(), expected);
+    for name in ["com1", "disk0", "disk1", "rng"] {
+        assert!(!g.fe.device(name).unwrap().is_failed(), "{name}");
+    }
+    for p in [&local_img, &qsd_img, &uart_log] {
+        let _ = std::fs::remove_file(p);
+    }
+}
