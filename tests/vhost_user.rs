@@ -303,6 +303,16 @@ fn vhost_device_rng() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// Without vhost-device-rng a developer's run skips (saying so); CI
+/// (`OUTBOARD_REQUIRE_TOOLS=1`) fails instead.
+fn skip() {
+    assert!(
+        std::env::var_os("OUTBOARD_REQUIRE_TOOLS").is_none(),
+        "vhost-device-rng is required (set OUTBOARD_VHOST_DEVICE_RNG)"
+    );
+    println!("skipped: vhost-device-rng not installed (.ci/run installs it)");
+}
+
 /// Starts vhost-device-rng; it listens on `<path>0`.
 fn start_vhost_device_rng(program: &Path) -> (Reaped, PathBuf) {
     let base = socket_path("vdr");
@@ -320,8 +330,7 @@ fn start_vhost_device_rng(program: &Path) -> (Reaped, PathBuf) {
 #[test]
 fn vhost_device_rng_when_read_then_random_bytes() {
     let Some(program) = vhost_device_rng() else {
-        println!("skipped: vhost-device-rng not installed (.ci/run installs it)");
-        return;
+        return skip();
     };
     let (_rng, sock) = start_vhost_device_rng(&program);
     let mut g = guest();
@@ -339,8 +348,7 @@ fn vhost_device_rng_when_read_then_random_bytes() {
 #[test]
 fn one_vm_when_mixing_ioregionfd_and_vhost_user_devices_then_all_verified_concurrently() {
     let Some(rng_program) = vhost_device_rng() else {
-        println!("skipped: vhost-device-rng not installed (.ci/run installs it)");
-        return;
+        return skip();
     };
     let sectors = 4096;
     let local_img = temp_image("mix-local", sectors);
