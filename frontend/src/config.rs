@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! timeout_ms = 1000            # optional: longest wait for a backend reply
+//! ram_mb = 64                  # optional: guest RAM shared with backends (0: none)
 //!
 //! [[device]]
 //! name = "com1"
@@ -62,6 +63,7 @@ pub enum Error {
 #[serde(deny_unknown_fields)]
 struct File {
     timeout_ms: Option<u64>,
+    ram_mb: Option<u64>,
     #[serde(default, rename = "device")]
     devices: Vec<DeviceEntry>,
 }
@@ -102,6 +104,8 @@ struct RegionEntry {
 pub struct Config {
     /// Reply timeout, if set.
     pub timeout: Option<Duration>,
+    /// Guest RAM in MiB, if set.
+    pub ram_mb: Option<u64>,
     /// Devices in attach order.
     pub devices: Vec<DeviceSpec>,
 }
@@ -154,6 +158,7 @@ impl Config {
         }
         Ok(Config {
             timeout: file.timeout_ms.map(Duration::from_millis),
+            ram_mb: file.ram_mb,
             devices,
         })
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use outboard_frontend::backend::{Builtin, Launcher, Source};
 use outboard_frontend::config::Config;
+use outboard_frontend::memory::GuestRam;
 use outboard_frontend::remote::error_chain;
 use outboard_frontend::{script, DeviceSpec, Frontend, Options};
 
@@ -57,6 +58,9 @@ enum Command {
         /// Longest wait for a backend reply, in milliseconds (overrides the config).
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Guest RAM shared with the backends, in MiB at guest address 0 (overrides the config).
+        #[arg(long)]
+        ram_mb: Option<u64>,
     },
     /// Run a built-in backend in this process (used when its binary is not installed).
     #[command(hide = true)]
@@ -120,7 +124,10 @@ fn main() -> ExitCode {
             vhost_user,
             script,
             timeout_ms,
-        } => run(config, devices, sockets, vhost_user, script, timeout_ms),
+            ram_mb,
+        } => run(
+            config, devices, sockets, vhost_user, script, timeout_ms, ram_mb,
+        ),
         Command::Backend { .. } => Ok(()),
     };
     match result {
@@ -141,11 +148,13 @@ fn run(
     vhost_user: Vec<String>,
     script_path: Option<PathBuf>,
     timeout_ms: Option<u64>,
+    ram_mb: Option<u64>,
 ) -> Result<(), AnyError> {
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config {
             timeout: None,
+            ram_mb: None,
             devices: Vec::new(),
         },
     };
@@ -184,6 +193,10 @@ fn run(
         .or(cfg.timeout)
         .unwrap_or(Duration::from_secs(1));
     let mut fe = Frontend::new(options(timeout));
+    let ram_mb = ram_mb.or(cfg.ram_mb).unwrap_or(64);
+    if ram_mb > 0 {
+        fe.set_memory(GuestRam::new(&[(0, ram_mb << 20)])?)?;
+    }
     for spec in &cfg.devices {
         fe.attach(spec)?;
     }

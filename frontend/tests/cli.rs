@@ -127,7 +127,7 @@ fn run_when_config_invalid_then_exit_1_with_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr.contains("give exactly one of `backend` and `socket`"),
+        stderr.contains("give exactly one of `backend`, `socket` and `vhost-user`"),
         "{stderr}"
     );
     let out = outboard(&["run", "--device", "no-such-backend-program"]);
