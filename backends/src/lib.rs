@@ -15,6 +15,22 @@ pub mod virtio_blk;
 pub mod virtio_console;
 pub mod virtio_rng;
 
+/// Where a device's output goes, as backends' `--output stdout|PATH` options say.
+pub type Output = Box<dyn std::io::Write + Send + Sync>;
+
+/// Opens `--output`: `stdout`, or a file opened for appending (created if missing).
+pub fn open_output(spec: &str) -> std::io::Result<Output> {
+    if spec == "stdout" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    Ok(Box::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec)?,
+    ))
+}
+
 /// `main` of a backend binary: takes its arguments, returns its exit status.
 pub type BackendMain = fn(Vec<OsString>) -> ExitCode;
 

@@ -8,9 +8,7 @@
 //! interrupt protocol feature's job.
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
-use std::io::{self, Write};
-use std::path::PathBuf;
+use std::io;
 use std::process::ExitCode;
 
 use log::error;
@@ -40,7 +38,7 @@ impl Trigger for IrqLine {
     }
 }
 
-type Output = Box<dyn Write + Send>;
+use crate::Output;
 
 /// The UART device model.
 pub struct Uart {
@@ -64,17 +62,7 @@ impl Uart {
 
     /// A UART configured from the command line.
     pub fn from_args(args: UartArgs) -> io::Result<Self> {
-        let out: Output = if args.output == "stdout" {
-            Box::new(io::stdout())
-        } else {
-            Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(PathBuf::from(&args.output))?,
-            )
-        };
-        Uart::new(out)
+        Uart::new(crate::open_output(&args.output)?)
     }
 }
 
@@ -132,6 +120,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]

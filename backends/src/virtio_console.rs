@@ -9,7 +9,6 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -61,16 +60,7 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console configured from the command line.
     pub fn from_args(args: ConsoleArgs) -> io::Result<Self> {
-        let out: Box<dyn Write + Send + Sync> = if args.output == "stdout" {
-            Box::new(io::stdout())
-        } else {
-            Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&args.output)?,
-            )
-        };
+        let out = crate::open_output(&args.output)?;
         let listener = match &args.input_socket {
             Some(p) => {
                 let _ = std::fs::remove_file(p);

@@ -190,6 +190,26 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Connects to a Unix socket, retrying while the listener is not there yet
+/// (the backend is still starting), for at most `timeout`.
+pub fn connect_retrying(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One backend and its control channel.
 #[derive(Debug)]
 pub struct Connection {
@@ -250,21 +270,8 @@ impl Connection {
     /// Connects to a backend listening at `path` (retrying while it starts up,
     /// within `timeout`) and negotiates.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, Error> {
-        let deadline = Instant::now() + timeout;
-        let sock = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(Error::Connect(path.to_path_buf(), e)),
-            }
-        };
+        let sock =
+            connect_retrying(path, timeout).map_err(|e| Error::Connect(path.to_path_buf(), e))?;
         let label = path.display().to_string();
         info!("connected to {label}");
         Connection::negotiate(Channel::new(sock), None, label, timeout)

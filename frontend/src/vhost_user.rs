@@ -270,21 +270,8 @@ impl VhostUserDevice {
         health: Arc<Health>,
         timeout: Duration,
     ) -> Result<Self, Error> {
-        let deadline = Instant::now() + timeout;
-        let sock = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(Error::Connect(socket.to_path_buf(), e)),
-            }
-        };
+        let sock = crate::backend::connect_retrying(socket, timeout)
+            .map_err(|e| Error::Connect(socket.to_path_buf(), e))?;
         let killer = sock.try_clone().map_err(Error::Setup)?;
         let watchdog = Watchdog::start(killer, Arc::clone(&health), irq.clone(), timeout)
             .map_err(Error::Setup)?;
