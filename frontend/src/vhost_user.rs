@@ -455,6 +455,12 @@ impl VhostUserDevice {
             }
             t.queues[q].started = true;
         }
+        if !t.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Without REPLY_ACK the SET_* messages are not acknowledged: a
+            // request with a reply proves the backend handled them all, so a
+            // kick the driver sends next cannot race the ring's enabling.
+            self.call("GET_FEATURES", || t.fe.get_features())?;
+        }
         Ok(())
     }
 
