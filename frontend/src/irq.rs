@@ -216,6 +216,28 @@ impl InterruptSink {
         Ok(line)
     }
 
+    /// Stops watching line `index` of `device` (an in-kernel irqchip consumes
+    /// its eventfd instead).
+    pub fn remove_line(&self, device: &str, index: u32) {
+        let mut lines = self
+            .shared
+            .lines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        lines.retain(|_, l| {
+            if l.device() != device || l.index() != index {
+                return true;
+            }
+            let _ = epoll::ctl(
+                self.epoll.as_raw_fd(),
+                epoll::ControlOptions::EPOLL_CTL_DEL,
+                l.0.fd.as_raw_fd(),
+                epoll::Event::new(epoll::Events::empty(), 0),
+            );
+            false
+        });
+    }
+
     /// Stops watching every line of `device`.
     pub fn remove_device(&self, device: &str) {
         let mut lines = self

@@ -25,6 +25,7 @@ pub mod bus;
 pub mod config;
 pub mod guest;
 pub mod irq;
+pub mod kvm;
 pub mod machine;
 pub mod memory;
 pub mod remote;

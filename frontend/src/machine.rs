@@ -425,6 +425,14 @@ impl Frontend {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Takes device `name`'s interrupt line `line` away from the socket-mode
+    /// sink (a KVM irqchip consumes it instead).
+    pub fn release_irq(&self, name: &str, line: u32) {
+        if let Some(sink) = &self.sink {
+            sink.remove_line(name, line);
+        }
+    }
+
     /// The interrupt sink (socket mode), created with the first interrupt line.
     pub fn interrupt_sink(&mut self) -> Result<&InterruptSink, Error> {
         self.sink_mut().map(|s| &*s)

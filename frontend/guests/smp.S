@@ -1,0 +1,47 @@
+/* smp: two vCPUs hammer outboard-scratch at once: each adds 1 to ACCUM
+ * 5,000 times (posted writes) and reads the ID register after each write.
+ * vCPU 0 waits for vCPU 1, then checks the totals.
+ * Exit codes: 0 ok; 1 ID read wrong; 2 sum wrong; 3 write count wrong. */
+        .include "common.S"
+        .globl _start
+_start:
+        mov     $SCRATCH, %esi
+        test    %ebx, %ebx
+        jnz     ap
+        mov     S_WRITE_COUNT(%esi), %edi
+        call    hammer
+1:      cmpl    $1, ap_done             /* wait for vCPU 1 */
+        jne     1b
+        cmpl    $10000, S_ACCUM(%esi)
+        jne     e2
+        mov     S_WRITE_COUNT(%esi), %eax
+        sub     %edi, %eax
+        cmp     $10000, %eax
+        jne     e3
+        cmpl    $0, bad_id
+        jne     e1
+        mov     $msg, %esi
+        call    puts
+        EXIT    0
+ap:     call    hammer
+        movl    $1, ap_done
+2:      cli
+        hlt
+        jmp     2b
+hammer:
+        mov     $5000, %ecx
+3:      movl    $1, S_ACCUM(%esi)
+        cmpl    $0x4353424f, S_ID(%esi)
+        je      4f
+        movl    $1, bad_id
+4:      dec     %ecx
+        jnz     3b
+        ret
+e1:     EXIT    1
+e2:     EXIT    2
+e3:     EXIT    3
+        DEFINE_PUTS
+msg:    .asciz  "smp: two vCPUs, 10000 writes, exact totals\n"
+        .balign 4
+ap_done: .long  0
+bad_id: .long   0
