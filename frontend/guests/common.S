@@ -6,6 +6,10 @@
  *   - The program is loaded at 0x10000 and entered there; EBX holds the vCPU
  *     index; ESP is 0x80000 - 0x10000 * vCPU index.
  *   - A 32-bit OUT to port 0x501 ends the run with that value as exit code.
+ *   - MMIO is only ever loaded into or stored from registers (mov, and
+ *     cmpxchg8b for 8 bytes), never compared in memory: some nested
+ *     hypervisors' instruction emulation gets the flags of `cmp mem` wrong
+ *     under load, and plain loads keep the guest portable.
  *   - Devices sit at the addresses below (the tests and the demo place them
  *     there) and interrupt lines use the GSIs below (8259 PIC, master).
  */
@@ -18,6 +22,7 @@
         .equ VIRTIO_BLK,      0xd0010000
         .equ VIRTIO_RNG,      0xd0020000
         .equ IDT,             0x2000
+        .equ DATA,            0x6000    /* variables live here, away from code */
         .equ GSI_SCRATCH,     3
         .equ GSI_BLK,         5
         .equ GSI_RNG,         6

@@ -9,7 +9,8 @@ _start:
 1:      movl    $1, S_DB0(%esi)
         dec     %ecx
         jnz     1b
-2:      cmpl    $100000, S_DB0_COUNT(%esi)
+2:      movl    S_DB0_COUNT(%esi), %ecx
+        cmp     $100000, %ecx
         jb      2b
         mov     $msg, %esi
         call    puts

@@ -7,37 +7,58 @@
 _start:
         mov     $SCRATCH, %esi
         /* ID = "OBSCRTCH" little endian */
-        cmpb    $0x4f, S_ID(%esi)
+        movb    S_ID(%esi), %cl
+        cmp     $0x4f, %cl
         jne     e1
-        cmpw    $0x424f, S_ID(%esi)
+        movw    S_ID(%esi), %cx
+        cmp     $0x424f, %cx
         jne     e2
-        cmpl    $0x4353424f, S_ID(%esi)
+        movl    S_ID(%esi), %ecx
+        cmp     $0x4353424f, %ecx
         jne     e3
-        movq    S_ID(%esi), %xmm0
-        movq    %xmm0, tmp
-        cmpl    $0x48435452, tmp + 4
+        /* 8 bytes in 32-bit code: cmpxchg8b with a value that cannot match
+         * reads the register in one 8-byte access (SSE moves are not
+         * emulated for MMIO on every host). */
+        xor     %eax, %eax
+        xor     %edx, %edx
+        xor     %ebx, %ebx
+        xor     %ecx, %ecx
+        cmpxchg8b S_ID(%esi)
+        cmp     $0x4353424f, %eax
+        jne     e4
+        cmp     $0x48435452, %edx
         jne     e4
         /* bank round trips */
         movb    $0xa5, S_BANK(%esi)
-        cmpb    $0xa5, S_BANK(%esi)
+        movb    S_BANK(%esi), %cl
+        cmp     $0xa5, %cl
         jne     e5
         movw    $0xbeef, S_BANK + 2(%esi)
-        cmpw    $0xbeef, S_BANK + 2(%esi)
+        movw    S_BANK + 2(%esi), %cx
+        cmp     $0xbeef, %cx
         jne     e6
         movl    $0x12345678, S_BANK + 4(%esi)
-        cmpl    $0x12345678, S_BANK + 4(%esi)
+        movl    S_BANK + 4(%esi), %ecx
+        cmp     $0x12345678, %ecx
         jne     e7
-        movl    $0x9abcdef0, tmp
-        movl    $0x0fedcba9, tmp + 4
-        movq    tmp, %xmm1
-        movq    %xmm1, S_BANK + 8(%esi)
-        movq    S_BANK + 8(%esi), %xmm2
-        movq    %xmm2, tmp2
-        mov     tmp2, %eax
-        cmp     tmp, %eax
+        /* 8-byte write: read the old value into EDX:EAX (a match writes the
+         * same value back, ECX:EBX = EDX:EAX = 0), then swap in ECX:EBX */
+        xor     %eax, %eax
+        xor     %edx, %edx
+        xor     %ebx, %ebx
+        xor     %ecx, %ecx
+        cmpxchg8b S_BANK + 8(%esi)
+        mov     $0x9abcdef0, %ebx
+        mov     $0x0fedcba9, %ecx
+        cmpxchg8b S_BANK + 8(%esi)      /* checked by the read-back below */
+        xor     %eax, %eax
+        xor     %edx, %edx
+        xor     %ebx, %ebx
+        xor     %ecx, %ecx
+        cmpxchg8b S_BANK + 8(%esi)
+        cmp     $0x9abcdef0, %eax
         jne     e8
-        mov     tmp2 + 4, %eax
-        cmp     tmp + 4, %eax
+        cmp     $0x0fedcba9, %edx
         jne     e8
         /* 10,000 posted writes, then one read that cannot overtake them */
         mov     S_WRITE_COUNT(%esi), %edi
@@ -46,7 +67,8 @@ _start:
         inc     %ecx
         cmp     $10000, %ecx
         jbe     1b
-        cmpl    $50005000, S_ACCUM(%esi)
+        movl    S_ACCUM(%esi), %ecx
+        cmp     $50005000, %ecx
         jne     e9
         mov     S_WRITE_COUNT(%esi), %eax
         sub     %edi, %eax
@@ -67,6 +89,3 @@ e9:     EXIT    9
 e10:    EXIT    10
         DEFINE_PUTS
 msg:    .asciz  "registers: all sizes ok, 10000 posted writes arrived\n"
-        .balign 8
-tmp:    .quad   0
-tmp2:   .quad   0

@@ -12,7 +12,8 @@ _start:
         call    hammer
 1:      cmpl    $1, ap_done             /* wait for vCPU 1 */
         jne     1b
-        cmpl    $10000, S_ACCUM(%esi)
+        movl    S_ACCUM(%esi), %ecx
+        cmp     $10000, %ecx
         jne     e2
         mov     S_WRITE_COUNT(%esi), %eax
         sub     %edi, %eax
@@ -31,7 +32,8 @@ ap:     call    hammer
 hammer:
         mov     $5000, %ecx
 3:      movl    $1, S_ACCUM(%esi)
-        cmpl    $0x4353424f, S_ID(%esi)
+        movl    S_ID(%esi), %edx
+        cmp     $0x4353424f, %edx
         je      4f
         movl    $1, bad_id
 4:      dec     %ecx
@@ -42,6 +44,5 @@ e2:     EXIT    2
 e3:     EXIT    3
         DEFINE_PUTS
 msg:    .asciz  "smp: two vCPUs, 10000 writes, exact totals\n"
-        .balign 4
-ap_done: .long  0
-bad_id: .long   0
+        .equ    ap_done, DATA
+        .equ    bad_id, DATA + 4

@@ -38,7 +38,7 @@ _start:
         jmp     fail
 1:      xor     %ebp, %ebp              /* sector 0 */
         call    blk_read
-        cmpl    $0x424f5455, BLK_DATA   /* "OUTB" */
+        cmpl    $0x4254554f, BLK_DATA   /* "OUTB" */
         jne     e31
         cmpl    $0x4452414f, BLK_DATA + 4 /* "OARD" */
         jne     e31
@@ -84,11 +84,14 @@ _start:
 /* vinit: device at %esi, rings at %edi, expected device ID in %eax.
  * Returns %eax = 0, or the failing step (1-6). */
 vinit:
-        cmpl    $0x74726976, 0x000(%esi)
+        movl    0x000(%esi), %ecx
+        cmp     $0x74726976, %ecx
         jne     9f
-        cmpl    $2, 0x004(%esi)
+        movl    0x004(%esi), %ecx
+        cmp     $2, %ecx
         jne     8f
-        cmp     0x008(%esi), %eax
+        mov     0x008(%esi), %ecx
+        cmp     %ecx, %eax
         jne     7f
         movl    $0, 0x070(%esi)                 /* reset */
         movl    $3, 0x070(%esi)                 /* ACKNOWLEDGE | DRIVER */
@@ -97,10 +100,12 @@ vinit:
         movl    $0, 0x024(%esi)
         movl    $0, 0x020(%esi)
         movl    $11, 0x070(%esi)                /* | FEATURES_OK */
-        testl   $8, 0x070(%esi)
+        movl    0x070(%esi), %ecx
+        test     $8, %ecx
         jz      6f
         movl    $0, 0x030(%esi)                 /* queue 0 */
-        cmpl    $8, 0x034(%esi)
+        movl    0x034(%esi), %ecx
+        cmp     $8, %ecx
         jb      5f
         movl    $8, 0x038(%esi)
         mov     %edi, 0x080(%esi)
@@ -173,6 +178,10 @@ submit_and_wait:
 2:      sti
         ret
 
+/* Interrupts are only taken in the `sti; hlt` of submit_and_wait, so the
+ * handlers return by dropping the frame and jumping to the saved EIP with
+ * interrupts off (see guests/interrupts.S: no IRET, which some nested
+ * hypervisors cannot emulate in protected mode). */
 isr_blk:
         push    %eax
         mov     VIRTIO_BLK + 0x060, %eax        /* InterruptStatus */
@@ -185,7 +194,9 @@ isr_rng:
 eoi:    mov     $0x20, %al
         out     %al, $0x20
         pop     %eax
-        iret
+        popl    resume
+        add     $8, %esp                        /* CS, EFLAGS */
+        jmp     *resume
 
 fail:   mov     $EXIT_PORT, %dx
         out     %eax, %dx
@@ -199,4 +210,5 @@ e41:    EXIT    41
         DEFINE_IDT
         DEFINE_PIC
         DEFINE_PUTS
+        .equ    resume, DATA
 msg:    .asciz  "virtio: read sectors 0 and 1 from virtio-blk and 64 bytes from virtio-rng\n"

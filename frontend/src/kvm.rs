@@ -144,6 +144,8 @@ pub struct ExitStats {
     pub mmio: Mutex<HashMap<u64, u64>>,
     /// KVM_EXIT_IO exits in all.
     pub pio: AtomicU64,
+    /// The last value read at each MMIO address (for diagnosing a guest).
+    pub last_read: Mutex<HashMap<u64, u64>>,
 }
 
 impl ExitStats {
@@ -515,6 +517,11 @@ impl VcpuContext {
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     self.count_mmio(addr);
                     self.access(false, addr, data, false);
+                    self.stats
+                        .last_read
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(addr, le(data));
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     self.count_mmio(addr);
@@ -528,7 +535,9 @@ impl VcpuContext {
                 }
                 Ok(VcpuExit::Intr) => {}
                 Ok(other) => {
-                    let why = format!("unexpected exit {other:?}");
+                    let what = format!("{other:?}");
+                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let why = format!("unexpected exit {what} at rip {rip:#x}");
                     self.finish(Err(Error::VcpuFailed {
                         vcpu: self.index,
                         why,
