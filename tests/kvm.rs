@@ -207,3 +207,41 @@ fn smp_when_two_vcpus_hammer_one_backend_then_totals_exact() {
     );
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn backend_killed_while_a_vcpu_waits_then_all_ones_and_the_vm_finishes() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut fe = vm_frontend();
+    scratch(&mut fe);
+    let pid = fe.device("scratch").unwrap().pid().unwrap();
+    // The backend cannot answer: the guest's first read waits on it.
+    outboard_tests::signal(pid, libc::SIGSTOP);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        outboard_tests::signal(pid, libc::SIGKILL);
+    });
+    let r = run(&mut fe, 1, programs::REGISTERS, &[]);
+    killer.join().unwrap();
+    // The ID read came back all-ones (exit code 1: "ID read at 1 byte"), and
+    // the guest ran on to its exit instead of wedging the VM.
+    assert_eq!(r.exit_code, 1);
+    assert!(fe.device("scratch").unwrap().is_failed());
+}
+
+#[test]
+fn shutdown_when_guest_exits_then_every_backend_exits_cleanly() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut fe = vm_frontend();
+    let log = uart(&mut fe, "shutdown");
+    scratch(&mut fe);
+    let r = run(&mut fe, 1, programs::HELLO, &[]);
+    assert_eq!(r.exit_code, 0);
+    for (name, status) in fe.shutdown() {
+        assert!(status.unwrap().success(), "{name}");
+    }
+    let _ = std::fs::remove_file(&log);
+}

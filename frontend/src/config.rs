@@ -3,6 +3,9 @@
 //! ```toml
 //! timeout_ms = 1000            # optional: longest wait for a backend reply
 //! ram_mb = 64                  # optional: guest RAM shared with backends (0: none)
+//! guest = "hello"              # optional: run a guest on KVM (a built-in program
+//!                              # name or a flat binary loaded at 0x10000)
+//! vcpus = 1                    # optional, with `guest`
 //!
 //! [[device]]
 //! name = "com1"
@@ -64,6 +67,8 @@ pub enum Error {
 struct File {
     timeout_ms: Option<u64>,
     ram_mb: Option<u64>,
+    guest: Option<String>,
+    vcpus: Option<usize>,
     #[serde(default, rename = "device")]
     devices: Vec<DeviceEntry>,
 }
@@ -81,6 +86,8 @@ struct DeviceEntry {
     posted_writes: Option<bool>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
+    #[serde(default)]
+    gsi: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +113,12 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// Guest RAM in MiB, if set.
     pub ram_mb: Option<u64>,
+    /// Guest program to run on KVM: a built-in name or a file path.
+    pub guest: Option<String>,
+    /// vCPUs for the guest.
+    pub vcpus: Option<usize>,
+    /// KVM GSIs of each device's interrupt lines, by device name.
+    pub gsis: Vec<(String, Vec<u32>)>,
     /// Devices in attach order.
     pub devices: Vec<DeviceSpec>,
 }
@@ -121,7 +134,11 @@ impl Config {
     pub fn parse(text: &str) -> Result<Self, Error> {
         let file: File = toml::from_str(text).map_err(Error::Parse)?;
         let mut devices: Vec<DeviceSpec> = Vec::new();
+        let mut gsis = Vec::new();
         for d in file.devices {
+            if !d.gsi.is_empty() {
+                gsis.push((d.name.clone(), d.gsi.clone()));
+            }
             if devices.iter().any(|x| x.name == d.name) {
                 return Err(Error::DuplicateName(d.name));
             }
@@ -159,6 +176,9 @@ impl Config {
         Ok(Config {
             timeout: file.timeout_ms.map(Duration::from_millis),
             ram_mb: file.ram_mb,
+            guest: file.guest,
+            vcpus: file.vcpus,
+            gsis,
             devices,
         })
     }

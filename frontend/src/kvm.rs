@@ -78,6 +78,39 @@ pub mod programs {
     }
 }
 
+/// Where the guest programs expect their devices (see `guests/common.S`).
+pub mod layout {
+    /// outboard-scratch region 0.
+    pub const SCRATCH: u64 = 0xd000_0000;
+    /// outboard-virtio-blk.
+    pub const VIRTIO_BLK: u64 = 0xd001_0000;
+    /// outboard-virtio-rng.
+    pub const VIRTIO_RNG: u64 = 0xd002_0000;
+    /// GSI of outboard-scratch's edge line.
+    pub const GSI_SCRATCH: u32 = 3;
+    /// GSI of virtio-blk's interrupt.
+    pub const GSI_BLK: u32 = 5;
+    /// GSI of virtio-rng's interrupt.
+    pub const GSI_RNG: u32 = 6;
+}
+
+/// Creates a VM over `fe`, connects `irqs` (device, line, GSI), loads
+/// `program` and runs it on `vcpus` vCPUs for at most `timeout`.
+pub fn run_program(
+    fe: &mut Frontend,
+    program: &[u8],
+    vcpus: usize,
+    irqs: &[(&str, u32, u32)],
+    timeout: Duration,
+) -> Result<RunResult, Error> {
+    let mut m = Machine::new(fe, vcpus)?;
+    for &(dev, line, gsi) in irqs {
+        m.connect_irq(fe, dev, line, gsi)?;
+    }
+    m.load(program)?;
+    m.run(timeout)
+}
+
 /// Errors creating or running a VM.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -328,9 +361,20 @@ impl Machine {
         Ok(())
     }
 
-    /// Copies a flat program to [`LOAD_ADDR`] and builds the GDT.
+    /// Clears guest RAM (a fresh machine: no state from an earlier guest),
+    /// builds the GDT and copies a flat program to [`LOAD_ADDR`].
     pub fn load(&self, program: &[u8]) -> Result<(), Error> {
         let mem = self.ram.memory();
+        let zeros = vec![0u8; 1 << 20];
+        for (addr, size) in self.ram.layout() {
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(zeros.len() as u64) as usize;
+                mem.write_slice(&zeros[..n], GuestAddress(addr + at))
+                    .map_err(Error::Load)?;
+                at += n as u64;
+            }
+        }
         let gdt: [u64; 3] = [0, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
         for (i, e) in gdt.iter().enumerate() {
             mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))

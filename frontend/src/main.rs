@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use outboard_frontend::backend::{Builtin, Launcher, Source};
 use outboard_frontend::config::Config;
+use outboard_frontend::kvm;
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::remote::error_chain;
 use outboard_frontend::{script, DeviceSpec, Frontend, Options};
@@ -73,7 +74,7 @@ enum Command {
     },
 }
 
-fn options(timeout: Duration) -> Options {
+pub(crate) fn options(timeout: Duration) -> Options {
     let mut launcher = Launcher::beside_current_exe();
     if let Ok(exe) = std::env::current_exe() {
         launcher.builtin = Some(Builtin {
@@ -155,6 +156,9 @@ fn run(
         None => Config {
             timeout: None,
             ram_mb: None,
+            guest: None,
+            vcpus: None,
+            gsis: Vec::new(),
             devices: Vec::new(),
         },
     };
@@ -202,6 +206,15 @@ fn run(
     }
     let stdout = io::stdout();
     script::print_map(&fe, &mut stdout.lock())?;
+    if let Some(guest) = &cfg.guest {
+        match kvm::available() {
+            Ok(()) => return run_guest(&mut fe, &cfg, guest),
+            Err(e) => println!(
+                "run: {}; running the test-guest script instead of {guest}",
+                outboard_frontend::remote::error_chain(&e)
+            ),
+        }
+    }
     let result = match script_path {
         Some(p) => {
             let f = File::open(&p).map_err(|e| format!("cannot open {}: {e}", p.display()))?;
@@ -212,5 +225,37 @@ fn run(
     let statuses = fe.shutdown();
     let done = result?;
     println!("run: {done} commands, {} devices shut down", statuses.len());
+    Ok(())
+}
+
+/// Runs the configured guest program on KVM; the process exits with the
+/// guest's exit code.
+fn run_guest(fe: &mut Frontend, cfg: &Config, guest: &str) -> Result<(), AnyError> {
+    let program: Vec<u8> = match kvm::programs::by_name(guest) {
+        Some(p) => p.to_vec(),
+        None => std::fs::read(guest).map_err(|e| format!("cannot read guest {guest}: {e}"))?,
+    };
+    let irqs: Vec<(&str, u32, u32)> = cfg
+        .gsis
+        .iter()
+        .flat_map(|(dev, gsis)| {
+            gsis.iter()
+                .enumerate()
+                .map(move |(line, &gsi)| (dev.as_str(), line as u32, gsi))
+        })
+        .collect();
+    let vcpus = cfg.vcpus.unwrap_or(1).max(1);
+    println!("run: /dev/kvm is usable: running {guest} on {vcpus} vCPU(s)");
+    let r = kvm::run_program(fe, &program, vcpus, &irqs, Duration::from_secs(600))?;
+    let statuses = fe.shutdown();
+    println!(
+        "run: guest exited with code {} after {:?}; {} devices shut down",
+        r.exit_code,
+        r.elapsed,
+        statuses.len()
+    );
+    if r.exit_code != 0 {
+        std::process::exit(i32::try_from(r.exit_code).unwrap_or(255).clamp(1, 255));
+    }
     Ok(())
 }

@@ -33,6 +33,11 @@ fn demo_when_run_then_greeting_printed_and_all_checks_pass() {
     assert!(stdout.contains("virtio-blk: 4 MiB disk"), "{stdout}");
     assert!(stdout.contains("512 4 KiB requests verified"), "{stdout}");
     assert!(stdout.contains("demo: virtio-rng: "), "{stdout}");
+    assert!(
+        stdout.contains("demo: kvm: smp on 2 vCPU(s): exit code 0")
+            || stdout.contains("the socket test driver above stood in for a guest"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -137,4 +142,33 @@ fn run_when_config_invalid_then_exit_1_with_reason() {
         stderr.contains("backend program no-such-backend-program not found"),
         "{stderr}"
     );
+}
+
+#[test]
+fn run_when_config_names_a_guest_then_it_runs_on_kvm_or_says_why_not() {
+    let log = std::env::temp_dir().join(format!("outboard-cli-{}-guest.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let config = temp(
+        "guest.toml",
+        &format!(
+            "guest = \"hello\"\nram_mb = 16\n[[device]]\nname = \"com1\"\nbackend = \"outboard-uart\"\nargs = [\"--output\", \"{}\"]\n",
+            log.display()
+        ),
+    );
+    let out = outboard(&["run", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    if stdout.contains("/dev/kvm is usable") {
+        assert!(stdout.contains("guest exited with code 0"), "{stdout}");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "Hello from a KVM guest, through the outboard-uart backend!\n"
+        );
+    } else {
+        assert!(
+            stdout.contains("running the test-guest script instead of hello"),
+            "{stdout}"
+        );
+    }
+    let _ = std::fs::remove_file(&log);
 }
