@@ -370,3 +370,34 @@ fn refused_request_then_device_not_marked_failed() {
     assert!(!fe.device("s").unwrap().is_failed());
     assert!(fe.reset("s").is_ok());
 }
+
+#[test]
+fn access_when_made_by_a_vcpu_then_backend_learns_which_through_its_token() {
+    let (fe, base) = scratch_frontend();
+    let d = fe.device("s").unwrap();
+    assert_eq!(
+        d.placed(0).unwrap().vcpu_tokens,
+        outboard_frontend::machine::DEFAULT_VCPU_TOKENS
+    );
+    let mmio = fe.mmio().clone();
+    let last = || {
+        mmio.try_read(base + scratch::REG_LAST_VCPU, AccessSize::B8)
+            .unwrap()
+    };
+    mmio.try_write_from(3, base + scratch::BANK, AccessSize::B4, 1)
+        .unwrap();
+    assert_eq!(last(), 4, "vCPU 3");
+    mmio.try_write(base + scratch::BANK, AccessSize::B4, 1)
+        .unwrap();
+    assert_eq!(last(), 0, "no vCPU");
+    mmio.try_write_from(7, base + scratch::BANK, AccessSize::B4, 1)
+        .unwrap();
+    assert_eq!(last(), 8, "vCPU 7, the last with a token");
+    mmio.try_write_from(8, base + scratch::BANK, AccessSize::B4, 1)
+        .unwrap();
+    assert_eq!(last(), 0, "beyond the tokens: the base token");
+    // Reads and posted writes keep working from every vCPU.
+    for v in 0..10 {
+        assert_eq!(mmio.try_read_from(v, base, AccessSize::B8).unwrap(), ID);
+    }
+}

@@ -20,6 +20,7 @@
 //! | 0x068         | MEM_ADDR    | RW     | guest-physical address for MEM_DATA          |
 //! | 0x070         | MEM_DATA    | RW     | 8 bytes of guest memory at MEM_ADDR; all-ones if unmapped |
 //! | 0x078         | DB2_COUNT   | RO     | rings of doorbell 2 (the `kick` region)      |
+//! | 0x080         | LAST_VCPU   | RO     | 1 + the vCPU of the last write; 0 if unknown |
 //! | 0x100..0x200  | BANK        | RW     | 256 bytes of plain storage, little endian    |
 //!
 //! Region 1, `aux` (MMIO, 256 bytes) and region 2, `port` (PIO, 16 bytes)
@@ -77,7 +78,9 @@ pub const REG_MEM_ADDR: u64 = 0x068;
 pub const REG_MEM_DATA: u64 = 0x070;
 /// Offset of the DB2_COUNT register.
 pub const REG_DB2_COUNT: u64 = 0x078;
-const REGISTERS: usize = 0x80;
+/// Offset of the LAST_VCPU register.
+pub const REG_LAST_VCPU: u64 = 0x080;
+const REGISTERS: usize = 0x88;
 /// Size of region 3 (`kick`).
 pub const KICK_SIZE: u64 = 8;
 /// Offset of the byte bank in region 0.
@@ -116,6 +119,7 @@ struct State {
     db2_count: u64,
     irq_level: u64,
     mem_addr: u64,
+    last_vcpu: u64,
     bank: [u8; BANK_SIZE as usize],
     aux: [u8; AUX_SIZE as usize],
     port: [u8; PORT_SIZE as usize],
@@ -134,6 +138,7 @@ impl Default for State {
             db2_count: 0,
             irq_level: 0,
             mem_addr: 0,
+            last_vcpu: 0,
             bank: [0; BANK_SIZE as usize],
             aux: [0; AUX_SIZE as usize],
             port: [0; PORT_SIZE as usize],
@@ -180,6 +185,7 @@ impl Scratch {
             s.mem_addr,
             self.mem_data(),
             s.db2_count,
+            s.last_vcpu,
         ];
         for (i, v) in values.into_iter().enumerate() {
             r[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
@@ -325,6 +331,18 @@ impl Device for Scratch {
             (2, o) => store(&mut s.port, o, size, value),
             _ => {}
         }
+    }
+
+    fn write_from(
+        &mut self,
+        vcpu: Option<u32>,
+        region: u32,
+        offset: u64,
+        size: AccessSize,
+        value: u64,
+    ) {
+        self.state.last_vcpu = vcpu.map_or(0, |v| u64::from(v) + 1);
+        self.write(region, offset, size, value);
     }
 
     fn reset(&mut self) {

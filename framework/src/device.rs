@@ -228,6 +228,28 @@ pub trait Device {
     /// A guest write of `value` (already truncated to `size`) at `offset` into region `region`.
     fn write(&mut self, region: u32, offset: u64, size: AccessSize, value: u64);
 
+    /// A read by vCPU `vcpu` (`None`: no particular vCPU, or the frontend
+    /// did not say). Devices that care which vCPU accesses them (an
+    /// interrupt controller's per-CPU banks) override this; the default
+    /// forwards to [`Device::read`].
+    fn read_from(&mut self, vcpu: Option<u32>, region: u32, offset: u64, size: AccessSize) -> u64 {
+        let _ = vcpu;
+        self.read(region, offset, size)
+    }
+
+    /// A write by vCPU `vcpu`; the default forwards to [`Device::write`].
+    fn write_from(
+        &mut self,
+        vcpu: Option<u32>,
+        region: u32,
+        offset: u64,
+        size: AccessSize,
+        value: u64,
+    ) {
+        let _ = vcpu;
+        self.write(region, offset, size, value)
+    }
+
     /// Return to the power-on state.
     fn reset(&mut self);
 

@@ -135,7 +135,9 @@ pub struct Backend<D: Device> {
     negotiated: Option<Negotiated>,
     placements: Vec<Option<Placement>>,
     sockets: Vec<Option<DataSocket>>,
-    by_user_data: HashMap<u64, u32>,
+    /// Token -> (region, vCPU): each placed region's base token and its
+    /// per-vCPU tokens.
+    by_user_data: HashMap<u64, (u32, Option<u32>)>,
     device_fds: Vec<RawFd>,
     doorbells: Vec<Doorbell>,
     doorbell_fds: Vec<Option<EventFd>>,
@@ -643,7 +645,19 @@ impl<D: Device> Backend<D> {
         if set.guest_addr.checked_add(region.size - 1).is_none() {
             return Err(Status::BadPayload);
         }
-        if self.by_user_data.contains_key(&set.user_data) {
+        let tokens = u64::from(set.vcpu_tokens());
+        if tokens > 0
+            && self
+                .negotiated
+                .is_none_or(|n| n.features & outboard_protocol::control::F_VCPU_TOKENS == 0)
+        {
+            return Err(Status::Unsupported);
+        }
+        let last_token = set
+            .user_data
+            .checked_add(tokens)
+            .ok_or(Status::BadPayload)?;
+        if (set.user_data..=last_token).any(|t| self.by_user_data.contains_key(&t)) {
             return Err(Status::BadPayload);
         }
         let posted_ok = region.posted_writes
@@ -679,7 +693,11 @@ impl<D: Device> Backend<D> {
             buf: vec![0u8; BATCH_BYTES],
             len: 0,
         });
-        self.by_user_data.insert(set.user_data, set.index);
+        self.by_user_data.insert(set.user_data, (set.index, None));
+        for vcpu in 0..set.vcpu_tokens() {
+            self.by_user_data
+                .insert(set.user_data + 1 + u64::from(vcpu), (set.index, Some(vcpu)));
+        }
         self.placements[index] = Some(Placement { set, slot });
         Ok(())
     }
@@ -700,7 +718,9 @@ impl<D: Device> Backend<D> {
     /// Forgets a placement and closes its data socket.
     fn take_down(&mut self, index: usize) {
         if let Some(p) = self.placements.get_mut(index).and_then(Option::take) {
-            self.by_user_data.remove(&p.set.user_data);
+            for t in 0..=u64::from(p.set.vcpu_tokens()) {
+                self.by_user_data.remove(&(p.set.user_data + t));
+            }
             // The slot may have been reused by another region after this
             // region's socket reached EOF; only close the socket if it is ours.
             let slot = self.sockets.get_mut(p.slot);
@@ -775,11 +795,11 @@ impl<D: Device> Backend<D> {
             })?;
             // Dispatch by user_data, as a kernel-written stream would need; a
             // token of another region on this socket is as wrong as an unknown one.
-            let index = self
+            let (index, vcpu) = self
                 .by_user_data
                 .get(&cmd.user_data)
                 .copied()
-                .filter(|&i| i == socket_region)
+                .filter(|&(i, _)| i == socket_region)
                 .ok_or(Error::UnknownUserData {
                     region: socket_region,
                     user_data: cmd.user_data,
@@ -805,12 +825,17 @@ impl<D: Device> Backend<D> {
             let data = match cmd.op {
                 Op::Read if valid => cmd
                     .size
-                    .truncate(self.device.read(index, cmd.offset, cmd.size)),
+                    .truncate(self.device.read_from(vcpu, index, cmd.offset, cmd.size)),
                 Op::Read => cmd.size.all_ones(),
                 Op::Write => {
                     if valid {
-                        self.device
-                            .write(index, cmd.offset, cmd.size, cmd.size.truncate(cmd.data));
+                        self.device.write_from(
+                            vcpu,
+                            index,
+                            cmd.offset,
+                            cmd.size,
+                            cmd.size.truncate(cmd.data),
+                        );
                     }
                     0
                 }

@@ -34,6 +34,7 @@
         .equ S_DB0,           0x028
         .equ S_DB0_COUNT,     0x030
         .equ S_IRQ_RAISE,     0x058
+        .equ S_LAST_VCPU,     0x080
         .equ S_BANK,          0x100
 
         .macro EXIT code

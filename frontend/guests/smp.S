@@ -2,7 +2,10 @@
  * 5,000 times (posted writes) and reads the ID register after each write.
  * vCPU 0 waits for vCPU 1, then checks the totals (the device must start
  * from reset: the counts are absolute).
- * Exit codes: 0 ok; 1 ID read wrong; 2 sum wrong; 3 write count wrong. */
+ * Finally vCPU 0 writes once more and reads LAST_VCPU: the backend must
+ * have learnt that vCPU 0 wrote (per-vCPU user_data tokens).
+ * Exit codes: 0 ok; 1 ID read wrong; 2 sum wrong; 3 write count wrong;
+ * 4 the backend did not see vCPU 0. */
         .include "common.S"
         .globl _start
 _start:
@@ -20,6 +23,10 @@ _start:
         jne     e3
         cmpl    $0, bad_id
         jne     e1
+        movl    $1, S_BANK(%esi)
+        movl    S_LAST_VCPU(%esi), %ecx
+        cmp     $1, %ecx
+        jne     e4
         mov     $msg, %esi
         call    puts
         EXIT    0
@@ -41,6 +48,7 @@ hammer:
 e1:     EXIT    1
 e2:     EXIT    2
 e3:     EXIT    3
+e4:     EXIT    4
         DEFINE_PUTS
 msg:    .asciz  "smp: two vCPUs, 10000 writes, exact totals\n"
         .equ    ap_done, DATA

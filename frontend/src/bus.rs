@@ -118,6 +118,24 @@ pub trait BusDevice: Send + Sync {
     fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError>;
     /// A write of `value` at `offset` from the start of the range.
     fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError>;
+
+    /// A read made by vCPU `vcpu`; devices that pass the vCPU on override it.
+    fn read_from(&self, vcpu: u32, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+        let _ = vcpu;
+        self.read(offset, size)
+    }
+
+    /// A write made by vCPU `vcpu`; devices that pass the vCPU on override it.
+    fn write_from(
+        &self,
+        vcpu: u32,
+        offset: u64,
+        size: AccessSize,
+        value: u64,
+    ) -> Result<(), AccessError> {
+        let _ = vcpu;
+        self.write(offset, size, value)
+    }
 }
 
 #[derive(Clone)]
@@ -261,6 +279,29 @@ impl Bus {
     pub fn try_write(&self, addr: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
         let (dev, offset) = self.resolve(addr, size)?;
         dev.write(offset, size, size.truncate(value))
+    }
+
+    /// Reads on behalf of vCPU `vcpu` (a KVM exit), saying why if it cannot.
+    pub fn try_read_from(
+        &self,
+        vcpu: u32,
+        addr: u64,
+        size: AccessSize,
+    ) -> Result<u64, AccessError> {
+        let (dev, offset) = self.resolve(addr, size)?;
+        dev.read_from(vcpu, offset, size).map(|v| size.truncate(v))
+    }
+
+    /// Writes on behalf of vCPU `vcpu` (a KVM exit), saying why if it cannot.
+    pub fn try_write_from(
+        &self,
+        vcpu: u32,
+        addr: u64,
+        size: AccessSize,
+        value: u64,
+    ) -> Result<(), AccessError> {
+        let (dev, offset) = self.resolve(addr, size)?;
+        dev.write_from(vcpu, offset, size, size.truncate(value))
     }
 
     /// Reads `size` bytes at `addr`; all-ones if the access cannot complete.

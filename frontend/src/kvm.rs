@@ -527,12 +527,13 @@ impl VcpuContext {
             data.fill(0xff);
             return;
         };
+        let vcpu = self.index as u32;
         if write {
-            if let Err(e) = bus.try_write(addr, size, le(data)) {
+            if let Err(e) = bus.try_write_from(vcpu, addr, size, le(data)) {
                 self.unclaimed(pio, addr, &e);
             }
         } else {
-            let v = bus.try_read(addr, size).unwrap_or_else(|e| {
+            let v = bus.try_read_from(vcpu, addr, size).unwrap_or_else(|e| {
                 self.unclaimed(pio, addr, &e);
                 size.all_ones()
             });

@@ -17,8 +17,9 @@ use std::time::Duration;
 use log::info;
 use outboard_protocol::control::{
     DeviceInfo, DoorbellInfo, RegionInfo, SetRegion, DOORBELL_DATAMATCH, F_DOORBELL, F_FAST_MMIO,
-    F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, IRQ_LEVEL, REGION_FAST_MMIO, REGION_POSTED_WRITES,
-    REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE, SET_REGION_POSTED,
+    F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, F_VCPU_TOKENS, IRQ_LEVEL, REGION_FAST_MMIO,
+    REGION_POSTED_WRITES, REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE, SET_REGION_POSTED,
+    SET_REGION_VCPUS_SHIFT,
 };
 use outboard_protocol::AccessSize;
 use thiserror::Error;
@@ -212,13 +213,19 @@ pub struct Options {
     pub timeout: Duration,
     /// How backend programs are found.
     pub launcher: Launcher,
+    /// vCPUs whose accesses carry their own token ([`F_VCPU_TOKENS`]).
+    pub vcpu_tokens: u32,
 }
+
+/// vCPUs that get a token by default.
+pub const DEFAULT_VCPU_TOKENS: u32 = 8;
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             timeout: Duration::from_secs(1),
             launcher: Launcher::beside_current_exe(),
+            vcpu_tokens: DEFAULT_VCPU_TOKENS,
         }
     }
 }
@@ -234,6 +241,8 @@ pub struct PlacedRegion {
     pub user_data: u64,
     /// Writes are posted.
     pub posted: bool,
+    /// Per-vCPU tokens after `user_data` (0: none).
+    pub vcpu_tokens: u32,
 }
 
 impl PlacedRegion {
@@ -715,6 +724,7 @@ impl Frontend {
                 addr,
                 user_data: 0,
                 posted: false,
+                vcpu_tokens: 0,
             });
             Ok(())
         });
@@ -814,11 +824,17 @@ impl Frontend {
     ) -> Result<(), Error> {
         let info = dev.regions[index as usize].clone();
         let posted = posted_ok && info.flags & REGION_POSTED_WRITES != 0;
+        let vcpu_tokens = if dev.conn()?.negotiated().features & F_VCPU_TOKENS != 0 {
+            self.options.vcpu_tokens.min(0xffff)
+        } else {
+            0
+        };
         let user_data = self.next_user_data;
-        self.next_user_data += 1;
+        self.next_user_data += 1 + u64::from(vcpu_tokens);
         let set = SetRegion {
             index,
-            flags: if posted { SET_REGION_POSTED } else { 0 },
+            flags: (if posted { SET_REGION_POSTED } else { 0 })
+                | (vcpu_tokens << SET_REGION_VCPUS_SHIFT),
             guest_addr: addr,
             user_data,
         };
@@ -842,6 +858,7 @@ impl Frontend {
             self.options.timeout,
         )
         .map_err(Error::DataSocket)?
+        .with_vcpu_tokens(vcpu_tokens)
         .with_doorbells(
             dev.doorbells
                 .iter()
@@ -856,6 +873,7 @@ impl Frontend {
             addr,
             user_data,
             posted,
+            vcpu_tokens,
         };
         self.bus(placed.space())
             .insert(addr, placed.info.size, Arc::new(remote))
@@ -946,7 +964,8 @@ impl Frontend {
         };
         let set = SetRegion {
             index,
-            flags: if placed.posted { SET_REGION_POSTED } else { 0 },
+            flags: (if placed.posted { SET_REGION_POSTED } else { 0 })
+                | (placed.vcpu_tokens << SET_REGION_VCPUS_SHIFT),
             guest_addr: placed.addr,
             user_data: placed.user_data,
         };

@@ -86,7 +86,11 @@ pub(crate) fn options(timeout: Duration) -> Options {
                 .collect(),
         });
     }
-    Options { timeout, launcher }
+    Options {
+        timeout,
+        launcher,
+        ..Options::default()
+    }
 }
 
 fn init_logging(level: log::LevelFilter) {

@@ -131,6 +131,7 @@ pub struct RemoteRegion {
     health: Arc<Health>,
     doorbells: Vec<DoorbellMatch>,
     fast_mmio: bool,
+    vcpu_tokens: u32,
 }
 
 impl RemoteRegion {
@@ -153,7 +154,22 @@ impl RemoteRegion {
             health,
             doorbells: Vec::new(),
             fast_mmio: false,
+            vcpu_tokens: 0,
         })
+    }
+
+    /// The backend answers to `user_data + 1 + i` for vCPU `i < tokens`.
+    pub fn with_vcpu_tokens(mut self, tokens: u32) -> Self {
+        self.vcpu_tokens = tokens;
+        self
+    }
+
+    /// The token for an access by `vcpu` (the base token when unknown or out of range).
+    fn token(&self, vcpu: Option<u32>) -> u64 {
+        match vcpu {
+            Some(v) if v < self.vcpu_tokens => self.user_data + 1 + u64::from(v),
+            _ => self.user_data,
+        }
     }
 
     /// Adds the region's doorbells; with `fast_mmio`, writes that match no
@@ -260,13 +276,24 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> Result<(), AccessError> {
     Ok(())
 }
 
-impl BusDevice for RemoteRegion {
-    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+impl RemoteRegion {
+    fn read_as(
+        &self,
+        vcpu: Option<u32>,
+        offset: u64,
+        size: AccessSize,
+    ) -> Result<u64, AccessError> {
         self.check(size, self.perms.read)?;
-        self.transact(Cmd::read(self.user_data, offset, size))
+        self.transact(Cmd::read(self.token(vcpu), offset, size))
     }
 
-    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
+    fn write_as(
+        &self,
+        vcpu: Option<u32>,
+        offset: u64,
+        size: AccessSize,
+        value: u64,
+    ) -> Result<(), AccessError> {
         self.check(size, self.perms.write)?;
         if let Some(d) = self
             .doorbells
@@ -278,7 +305,37 @@ impl BusDevice for RemoteRegion {
         if self.fast_mmio {
             return Err(AccessError::Denied);
         }
-        self.transact(Cmd::write(self.user_data, offset, size, value, self.posted))
-            .map(|_| ())
+        self.transact(Cmd::write(
+            self.token(vcpu),
+            offset,
+            size,
+            value,
+            self.posted,
+        ))
+        .map(|_| ())
+    }
+}
+
+impl BusDevice for RemoteRegion {
+    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+        self.read_as(None, offset, size)
+    }
+
+    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
+        self.write_as(None, offset, size, value)
+    }
+
+    fn read_from(&self, vcpu: u32, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+        self.read_as(Some(vcpu), offset, size)
+    }
+
+    fn write_from(
+        &self,
+        vcpu: u32,
+        offset: u64,
+        size: AccessSize,
+        value: u64,
+    ) -> Result<(), AccessError> {
+        self.write_as(Some(vcpu), offset, size, value)
     }
 }

@@ -44,7 +44,11 @@ pub fn frontend(timeout: Duration) -> Frontend {
     let mut launcher = Launcher::beside_current_exe();
     launcher.search_dirs.insert(0, bin_dir());
     launcher.quiet_stdout = true;
-    Frontend::new(Options { timeout, launcher })
+    Frontend::new(Options {
+        timeout,
+        launcher,
+        ..Options::default()
+    })
 }
 
 /// A fresh, unused socket path.
