@@ -13,6 +13,7 @@ const PROGRAMS: &[&str] = &[
     "doorbells",
     "interrupts",
     "smp",
+    "bench",
 ];
 
 fn run(cmd: &mut Command) {

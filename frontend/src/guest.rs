@@ -428,9 +428,13 @@ impl VirtioMmioDriver {
                     self.irq_seen = n;
                     let cause = self.reg(regs::INTERRUPT_STATUS)?;
                     self.set_reg(regs::INTERRUPT_ACK, cause)?;
-                    let s = self.status()?;
-                    if s & status::NEEDS_RESET != 0 {
-                        return Err(Error::NeedsReset(s));
+                    // Only a configuration-change interrupt can announce
+                    // DEVICE_NEEDS_RESET; a used-buffer one costs no Status read.
+                    if cause & regs::INT_CONFIG != 0 {
+                        let s = self.status()?;
+                        if s & status::NEEDS_RESET != 0 {
+                            return Err(Error::NeedsReset(s));
+                        }
                     }
                 }
                 None => return Err(Error::Timeout),

@@ -46,6 +46,8 @@ pub const EXIT_PORT: u16 = 0x501;
 pub const LOAD_ADDR: u64 = 0x10000;
 /// Where the frontend builds the GDT.
 pub const GDT_ADDR: u64 = 0x1000;
+/// Where guest programs keep their variables (and the bench its parameters).
+pub const DATA_ADDR: u64 = 0x6000;
 const STACK_TOP: u64 = 0x80000;
 const STACK_PER_VCPU: u64 = 0x10000;
 
@@ -63,6 +65,8 @@ pub mod programs {
     pub const INTERRUPTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/interrupts.bin"));
     /// Two vCPUs hammering the scratch device.
     pub const SMP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/smp.bin"));
+    /// A measurement loop; parameters at [`super::DATA_ADDR`] (see guests/bench.S).
+    pub const BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/bench.bin"));
 
     /// A program by name.
     pub fn by_name(name: &str) -> Option<&'static [u8]> {
@@ -359,6 +363,14 @@ impl Machine {
         }
         info!("{name}: interrupt line {line} is KVM GSI {gsi}");
         Ok(())
+    }
+
+    /// Writes a 32-bit value into guest RAM (after [`Machine::load`]).
+    pub fn poke(&self, addr: u64, value: u32) -> Result<(), Error> {
+        self.ram
+            .memory()
+            .write_obj(value, GuestAddress(addr))
+            .map_err(Error::Load)
     }
 
     /// Clears guest RAM (a fresh machine: no state from an earlier guest),

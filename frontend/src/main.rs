@@ -15,6 +15,7 @@ use outboard_frontend::memory::GuestRam;
 use outboard_frontend::remote::error_chain;
 use outboard_frontend::{script, DeviceSpec, Frontend, Options};
 
+mod bench;
 mod demo;
 
 #[derive(Debug, Parser)]
@@ -62,6 +63,24 @@ enum Command {
         /// Guest RAM shared with the backends, in MiB at guest address 0 (overrides the config).
         #[arg(long)]
         ram_mb: Option<u64>,
+    },
+    /// Measure Outboard beside its baselines and print the table (docs/performance.md).
+    Bench {
+        /// A shorter run (under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "PATH")]
+        json: Option<PathBuf>,
+    },
+    /// The echo peer of the benchmark's raw ping-pong.
+    #[command(hide = true)]
+    BenchEcho {
+        /// Socket to connect to.
+        path: PathBuf,
+        /// Wait in epoll_wait before each read.
+        #[arg(long)]
+        epoll: bool,
     },
     /// Run a built-in backend in this process (used when its binary is not installed).
     #[command(hide = true)]
@@ -133,6 +152,8 @@ fn main() -> ExitCode {
         } => run(
             config, devices, sockets, vhost_user, script, timeout_ms, ram_mb,
         ),
+        Command::Bench { quick, json } => bench::run(options(Duration::from_secs(10)), quick, json),
+        Command::BenchEcho { path, epoll } => bench::echo(&path, epoll),
         Command::Backend { .. } => Ok(()),
     };
     match result {

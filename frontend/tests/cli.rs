@@ -172,3 +172,28 @@ fn run_when_config_names_a_guest_then_it_runs_on_kvm_or_says_why_not() {
     }
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn bench_when_quick_with_json_then_every_figure_reported() {
+    let json = std::env::temp_dir().join(format!("outboard-cli-{}-bench.json", std::process::id()));
+    let out = outboard(&["bench", "--quick", "--json", json.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).unwrap();
+    // Numbers are machine-dependent and never asserted; the figures must all be there.
+    for id in [
+        "\"1\"", "\"1e\"", "\"2r\"", "\"2w\"", "\"3\"", "\"4l\"", "\"4c\"", "\"5\"", "\"7\"",
+        "\"8s\"", "\"8m\"", "\"8n\"",
+    ] {
+        assert!(
+            text.contains(&format!("\"id\": {id}")),
+            "{id} missing from {text}"
+        );
+    }
+    assert!(stdout.contains("bench: finished"), "{stdout}");
+    let _ = std::fs::remove_file(&json);
+}

@@ -1,0 +1,920 @@
+//! `outboard bench`: Outboard measured beside its baselines, in one run.
+//!
+//! Every figure is measured in this process tree in this run, next to the
+//! baseline it is compared with; numbers are printed, never asserted.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use outboard::Device;
+use outboard_backends::scratch::{self, Scratch};
+use outboard_frontend::backend::Source;
+use outboard_frontend::bus::{AccessError, BusDevice};
+use outboard_frontend::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
+use outboard_frontend::kvm::{self, programs, Machine, DATA_ADDR};
+use outboard_frontend::memory::GuestRam;
+use outboard_frontend::{AccessSize, DeviceSpec, Frontend, Options};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::AnyError;
+
+/// Sizes of one run.
+struct Plan {
+    latency_iters: usize,
+    posted_writes: u64,
+    storm: u64,
+    kvm_accesses: u32,
+    blk_ops: usize,
+    backends: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                latency_iters: 2_000,
+                posted_writes: 200_000,
+                storm: 20_000,
+                kvm_accesses: 5_000,
+                blk_ops: 1_000,
+                backends: 64,
+            }
+        } else {
+            Plan {
+                latency_iters: 20_000,
+                posted_writes: 1_000_000,
+                storm: 100_000,
+                kvm_accesses: 50_000,
+                blk_ops: 10_000,
+                backends: 64,
+            }
+        }
+    }
+}
+
+/// One line of the table.
+struct Figure {
+    id: &'static str,
+    name: String,
+    /// Median (latency, ns) or rate (per second).
+    value: f64,
+    unit: &'static str,
+    p99: Option<f64>,
+    baseline: Option<(String, f64)>,
+    /// The ratio the table shows: value over baseline, or baseline over value.
+    ratio: Option<f64>,
+    target: Option<(String, bool)>,
+}
+
+struct Report {
+    figures: Vec<Figure>,
+}
+
+impl Report {
+    fn add(&mut self, f: Figure) {
+        let ratio = f.ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
+        let target = f
+            .target
+            .as_ref()
+            .map(|(t, met)| format!("{t}: {}", if *met { "met" } else { "NOT met" }))
+            .unwrap_or_default();
+        println!(
+            "  {:<4} {:<58} {:>12} {:<6} {:>10} {:>8}  {}",
+            f.id,
+            f.name,
+            fmt_num(f.value),
+            f.unit,
+            f.p99.map(fmt_num).unwrap_or_default(),
+            ratio,
+            target
+        );
+        self.figures.push(f);
+    }
+
+    fn json(&self, date: &str, quick: bool) -> String {
+        let mut s =
+            format!("{{\n  \"date\": \"{date}\",\n  \"quick\": {quick},\n  \"figures\": [\n");
+        for (i, f) in self.figures.iter().enumerate() {
+            let opt = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.3}"));
+            s.push_str(&format!(
+                "    {{\"id\": \"{}\", \"name\": \"{}\", \"value\": {:.3}, \"unit\": \"{}\", \"p99\": {}, \"baseline\": {}, \"ratio\": {}, \"target\": {}}}{}\n",
+                f.id,
+                f.name.replace('"', "'"),
+                f.value,
+                f.unit,
+                opt(f.p99),
+                f.baseline
+                    .as_ref()
+                    .map_or("null".to_owned(), |(n, v)| format!("{{\"name\": \"{}\", \"value\": {v:.3}}}", n.replace('"', "'"))),
+                opt(f.ratio),
+                f.target.as_ref().map_or("null".to_owned(), |(t, met)| format!(
+                    "{{\"target\": \"{}\", \"met\": {met}}}",
+                    t.replace('"', "'")
+                )),
+                if i + 1 < self.figures.len() { "," } else { "" }
+            ));
+        }
+        s.push_str("  ]\n}\n");
+        s
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Median and 99th percentile of nanosecond samples.
+fn stats(mut ns: Vec<u64>) -> (f64, f64) {
+    if ns.is_empty() {
+        return (0.0, 0.0);
+    }
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
+    (at(0.5), at(0.99))
+}
+
+fn time_each(n: usize, mut f: impl FnMut() -> Result<(), AnyError>) -> Result<Vec<u64>, AnyError> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(v)
+}
+
+/// The echo peer of the raw ping-pong: `outboard bench-echo PATH [--epoll]`.
+/// With `epoll` it waits in epoll_wait before each read, as a backend's
+/// event loop does; otherwise it blocks in read.
+pub fn echo(path: &Path, use_epoll: bool) -> Result<(), AnyError> {
+    let mut s = match path.to_str().and_then(|p| p.strip_prefix("fd:")) {
+        Some(fd) => {
+            let fd: i32 = fd.parse()?;
+            // SAFETY: the fd was inherited for exactly this purpose and is
+            // taken once, here.
+            unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        }
+        None => UnixStream::connect(path)?,
+    };
+    let mut buf = [0u8; 32];
+    let ep = if use_epoll {
+        let fd = epoll::create(true)?;
+        epoll::ctl(
+            fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            epoll::Event::new(epoll::Events::EPOLLIN, 0),
+        )?;
+        Some(fd)
+    } else {
+        None
+    };
+    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 1];
+    loop {
+        if let Some(fd) = ep {
+            epoll::wait(fd, -1, &mut events)?;
+        }
+        match s.read_exact(&mut buf) {
+            Ok(()) => s.write_all(&buf)?,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A scratch device called directly in this process: what an in-process
+/// VMM device costs.
+struct InProcess(Mutex<Scratch>);
+
+impl BusDevice for InProcess {
+    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .read(0, offset, size))
+    }
+
+    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .write(0, offset, size, value);
+        Ok(())
+    }
+}
+
+/// A child process killed when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Pins every thread of process `pid` to `cpu`.
+fn pin_process(pid: u32, cpu: usize) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            pin_thread(tid, cpu);
+        }
+    }
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn pin_thread(tid: i32, cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it and
+    // sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The CPUs the run is spread over: this process on the first, every peer
+/// and backend on the second (when there is one), so every figure pays the
+/// same cross-CPU wake-up its baseline pays.
+fn cpus() -> (usize, usize) {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0, if n > 1 { 1 } else { 0 })
+}
+
+/// Pins every backend process of `fe` to the peers' CPU.
+fn pin_backends(fe: &Frontend) {
+    for d in fe.devices() {
+        if let Some(pid) = d.pid() {
+            pin_process(pid, cpus().1);
+        }
+    }
+}
+
+fn temp_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("outboard-bench-{}-{tag}", std::process::id()))
+}
+
+pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), AnyError> {
+    let plan = Plan::new(quick);
+    let started = Instant::now();
+    let date = String::from_utf8_lossy(
+        &Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()?
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    println!(
+        "outboard bench{} ({date}); medians, p99 for latencies; ratios measured side by side",
+        if quick { " --quick" } else { "" }
+    );
+    println!(
+        "  {:<4} {:<58} {:>12} {:<6} {:>10} {:>8}  target",
+        "fig", "what", "value", "unit", "p99", "ratio"
+    );
+    let mut r = Report {
+        figures: Vec::new(),
+    };
+    let exe = std::env::current_exe()?;
+    let (fe_cpu, peer_cpu) = cpus();
+    pin_thread(0, fe_cpu);
+    println!("  (this process pinned to CPU {fe_cpu}, every peer and backend to CPU {peer_cpu})");
+
+    // (1) Raw ping-pong between two processes: the floor of a synchronous access.
+    let sock = temp_path("echo.sock");
+    let _ = std::fs::remove_file(&sock);
+    // The peer inherits one end of a socketpair, as a spawned backend does.
+    let (mut raw, theirs) = UnixStream::pair()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut cmd = Command::new(&exe);
+    cmd.arg("bench-echo")
+        .arg(format!("fd:{fd}"))
+        .stdin(Stdio::null());
+    // SAFETY: between fork and exec only fcntl on an integer fd runs.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _peer = Reaped(cmd.spawn()?);
+    drop(theirs);
+    let listener = UnixListener::bind(&sock)?;
+    pin_process(_peer.0.id(), peer_cpu);
+    let _peer_ep = Reaped(
+        Command::new(&exe)
+            .arg("bench-echo")
+            .arg(&sock)
+            .arg("--epoll")
+            .stdin(Stdio::null())
+            .spawn()?,
+    );
+    let (mut raw_ep, _) = listener.accept()?;
+    pin_process(_peer_ep.0.id(), peer_cpu);
+    let _ = std::fs::remove_file(&sock);
+    // (2) Synchronous MMIO round trips through the Bus to outboard-scratch,
+    // sampled interleaved with (1) so both see the same machine state.
+    let mut fe = Frontend::new(options.clone());
+    let base = fe
+        .attach(&DeviceSpec::spawn("scratch", "outboard-scratch", &[]))?
+        .placed(0)
+        .ok_or("scratch not placed")?
+        .addr;
+    let mut sync_spec = DeviceSpec::spawn("scratch-sync", "outboard-scratch", &[]);
+    sync_spec.posted_writes = false;
+    let sync_base = fe
+        .attach(&sync_spec)?
+        .placed(0)
+        .ok_or("scratch not placed")?
+        .addr;
+    pin_backends(&fe);
+    let mmio = fe.mmio().clone();
+    let mut buf = [0u8; 32];
+    let (mut raw_ns, mut read_ns, mut write_ns) = (Vec::new(), Vec::new(), Vec::new());
+    let mut raw_ep_ns = Vec::new();
+    for _ in 0..plan.latency_iters {
+        let t = Instant::now();
+        raw.write_all(&buf)?;
+        raw.read_exact(&mut buf)?;
+        raw_ns.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        raw_ep.write_all(&buf)?;
+        raw_ep.read_exact(&mut buf)?;
+        raw_ep_ns.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        mmio.try_read(base + scratch::REG_ID, AccessSize::B4)?;
+        read_ns.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        mmio.try_write(sync_base + scratch::BANK, AccessSize::B4, 1)?;
+        write_ns.push(t.elapsed().as_nanos() as u64);
+    }
+    let (raw_med, raw_p99) = stats(raw_ns);
+    r.add(Figure {
+        id: "1",
+        name: "raw 32-byte ping-pong over a socketpair, two processes".into(),
+        value: raw_med,
+        unit: "ns",
+        p99: Some(raw_p99),
+        baseline: None,
+        ratio: None,
+        target: None,
+    });
+    let (raw_ep_med, raw_ep_p99) = stats(raw_ep_ns);
+    r.add(Figure {
+        id: "1e",
+        name: "raw ping-pong, peer waits in epoll_wait (as a backend does)".into(),
+        value: raw_ep_med,
+        unit: "ns",
+        p99: Some(raw_ep_p99),
+        baseline: Some(("raw ping-pong (1)".into(), raw_med)),
+        ratio: Some(raw_ep_med / raw_med),
+        target: None,
+    });
+    let (read_med, read_p99) = stats(read_ns);
+    r.add(Figure {
+        id: "2r",
+        name: "MMIO read round trip, Bus -> outboard-scratch".into(),
+        value: read_med,
+        unit: "ns",
+        p99: Some(read_p99),
+        baseline: Some(("raw ping-pong (1)".into(), raw_med)),
+        ratio: Some(read_med / raw_med),
+        target: Some(("<= 1.15x raw".into(), read_med <= 1.15 * raw_med)),
+    });
+    let (write_med, write_p99) = stats(write_ns);
+    r.add(Figure {
+        id: "2w",
+        name: "MMIO write round trip (not posted)".into(),
+        value: write_med,
+        unit: "ns",
+        p99: Some(write_p99),
+        baseline: Some(("raw ping-pong (1)".into(), raw_med)),
+        ratio: Some(write_med / raw_med),
+        target: None,
+    });
+
+    // (3) Posted writes ended by a read barrier, against synchronous writes.
+    let t = Instant::now();
+    for v in 0..plan.posted_writes {
+        mmio.try_write(base + scratch::REG_ACCUM, AccessSize::B4, v & 1)?;
+    }
+    mmio.try_read(base + scratch::REG_ACCUM, AccessSize::B8)?;
+    let posted_rate = plan.posted_writes as f64 / t.elapsed().as_secs_f64();
+    let sync_rate = 1e9 / write_med;
+    r.add(Figure {
+        id: "3",
+        name: format!("posted writes, {} then a read barrier", plan.posted_writes),
+        value: posted_rate,
+        unit: "/s",
+        p99: None,
+        baseline: Some(("synchronous writes (2w)".into(), sync_rate)),
+        ratio: Some(posted_rate / sync_rate),
+        target: Some((">= 5x synchronous".into(), posted_rate >= 5.0 * sync_rate)),
+    });
+
+    // (4) Doorbells: ring-to-handled latency, and coalescing under a storm.
+    fe.reset("scratch")?;
+    let mut seen = 0u64;
+    let bell_ns = time_each(plan.latency_iters.min(5_000), || {
+        mmio.try_write(base + scratch::REG_DB0, AccessSize::B4, 1)?;
+        seen += 1;
+        while mmio.try_read(base + scratch::REG_DB0_COUNT, AccessSize::B8)? < seen {}
+        Ok(())
+    })?;
+    let (bell_med, bell_p99) = stats(bell_ns);
+    r.add(Figure {
+        id: "4l",
+        name: "doorbell -> backend handler -> observed by a read".into(),
+        value: bell_med,
+        unit: "ns",
+        p99: Some(bell_p99),
+        baseline: Some(("MMIO read (2r)".into(), read_med)),
+        ratio: Some(bell_med / read_med),
+        target: None,
+    });
+    fe.reset("scratch")?;
+    for _ in 0..plan.storm {
+        mmio.try_write(base + scratch::REG_DB0, AccessSize::B4, 1)?;
+    }
+    while mmio.try_read(base + scratch::REG_DB0_COUNT, AccessSize::B8)? < plan.storm {}
+    let wakeups = mmio
+        .try_read(base + scratch::REG_DB0_WAKEUPS, AccessSize::B8)?
+        .max(1);
+    r.add(Figure {
+        id: "4c",
+        name: format!(
+            "doorbell coalescing: {} rings / backend wake-ups",
+            plan.storm
+        ),
+        value: plan.storm as f64 / wakeups as f64,
+        unit: "x",
+        p99: None,
+        baseline: None,
+        ratio: None,
+        target: None,
+    });
+
+    // (5) The same device logic in process vs out of process.
+    let local = Arc::new(InProcess(Mutex::new(Scratch::default())));
+    let local_bus = outboard_frontend::Bus::new(outboard_frontend::Space::Mmio);
+    local_bus.insert(0x1000, scratch::REGS_SIZE, local.clone())?;
+    // Interleaved with Outboard reads, so both see the same machine state.
+    let (mut inproc_ns, mut remote_ns) = (Vec::new(), Vec::new());
+    for _ in 0..plan.latency_iters {
+        let t = Instant::now();
+        local_bus.try_read(0x1000 + scratch::REG_ID, AccessSize::B4)?;
+        inproc_ns.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        mmio.try_read(base + scratch::REG_ID, AccessSize::B4)?;
+        remote_ns.push(t.elapsed().as_nanos() as u64);
+    }
+    let (remote_med, _) = stats(remote_ns);
+    let (inproc_med, inproc_p99) = stats(inproc_ns);
+    r.add(Figure {
+        id: "5",
+        name: "scratch read in process (no isolation)".into(),
+        value: inproc_med,
+        unit: "ns",
+        p99: Some(inproc_p99),
+        baseline: Some(("Outboard read, interleaved".into(), remote_med)),
+        ratio: Some(remote_med / inproc_med.max(1.0)),
+        target: None,
+    });
+
+    // (6) KVM: guest MMIO reads to an in-frontend device vs an Outboard backend.
+    match kvm::available() {
+        Ok(()) => kvm_figures(&mut r, &plan, options.clone(), local)?,
+        Err(e) => println!(
+            "  (6)  skipped: {}",
+            outboard_frontend::remote::error_chain(&e)
+        ),
+    }
+
+    // (7) virtio-blk 4 KiB random I/O at QD 1 and 16.
+    blk_figures(&mut r, &plan, options.clone())?;
+
+    // (8) Footprint and scale.
+    scale_figures(&mut r, &plan, options)?;
+
+    fe.shutdown();
+    println!(
+        "bench: finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(p) = json {
+        std::fs::write(&p, r.json(&date, quick))?;
+        println!("bench: wrote {}", p.display());
+    }
+    Ok(())
+}
+
+fn kvm_figures(
+    r: &mut Report,
+    plan: &Plan,
+    options: Options,
+    local: Arc<InProcess>,
+) -> Result<(), AnyError> {
+    const LOCAL: u64 = 0xd010_0000;
+    let mut fe = Frontend::new(options);
+    fe.set_memory(GuestRam::new(&[(0, 16 << 20)])?)?;
+    fe.attach(
+        &DeviceSpec::spawn("scratch", "outboard-scratch", &[]).place(0, kvm::layout::SCRATCH),
+    )?;
+    pin_backends(&fe);
+    fe.mmio().insert(LOCAL, scratch::REGS_SIZE, local)?;
+    let mut run = |mode: u32, addr: u64, count: u32| -> Result<Duration, AnyError> {
+        let m = Machine::new(&mut fe, 1)?;
+        m.load(programs::BENCH)?;
+        m.poke(DATA_ADDR, mode)?;
+        m.poke(DATA_ADDR + 4, addr as u32)?;
+        m.poke(DATA_ADDR + 8, count)?;
+        let res = m.run(Duration::from_secs(300))?;
+        if res.exit_code != 0 {
+            return Err(format!("bench guest exited with {}", res.exit_code).into());
+        }
+        Ok(res.elapsed)
+    };
+    let n = plan.kvm_accesses;
+    let per =
+        |d: Duration, empty: Duration| (d.saturating_sub(empty)).as_nanos() as f64 / f64::from(n);
+    let empty = run(0, LOCAL, 0)?;
+    let local_ns = per(run(0, LOCAL, n)?, empty);
+    let remote_ns = per(run(0, kvm::layout::SCRATCH, n)?, empty);
+    r.add(Figure {
+        id: "6a",
+        name: "KVM guest MMIO read, device in the frontend".into(),
+        value: local_ns,
+        unit: "ns",
+        p99: None,
+        baseline: None,
+        ratio: None,
+        target: None,
+    });
+    r.add(Figure {
+        id: "6b",
+        name: "KVM guest MMIO read, Outboard backend".into(),
+        value: remote_ns,
+        unit: "ns",
+        p99: None,
+        baseline: Some(("in-frontend device (6a)".into(), local_ns)),
+        ratio: Some(remote_ns / local_ns.max(1.0)),
+        target: None,
+    });
+    let bell = run(1, kvm::layout::SCRATCH + scratch::REG_DB0, n * 10)?;
+    let rate = f64::from(n * 10) / bell.saturating_sub(empty).as_secs_f64().max(1e-9);
+    r.add(Figure {
+        id: "6c",
+        name: "KVM guest doorbell writes (KVM_IOEVENTFD, no exit)".into(),
+        value: rate,
+        unit: "/s",
+        p99: None,
+        baseline: Some((
+            "guest MMIO reads to the backend (6b)".into(),
+            1e9 / remote_ns.max(1.0),
+        )),
+        ratio: Some(rate * remote_ns / 1e9),
+        target: None,
+    });
+    fe.shutdown();
+    Ok(())
+}
+
+/// One block-device setup under test.
+struct BlkSetup {
+    label: &'static str,
+    fe: Frontend,
+    alloc: GuestAllocator,
+    driver: VirtioMmioDriver,
+    _proc: Option<Reaped>,
+}
+
+const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
+
+fn blk_setup(label: &'static str, options: Options, image: &Path) -> Result<BlkSetup, AnyError> {
+    let mut fe = Frontend::new(options);
+    fe.set_memory(GuestRam::new(&[(0, 64 << 20)])?)?;
+    let path = image.to_str().ok_or("image path is not UTF-8")?.to_owned();
+    let mut proc = None;
+    match label {
+        "outboard-virtio-blk (ioregionfd)" => {
+            fe.attach(&DeviceSpec::spawn(
+                "blk",
+                "outboard-virtio-blk",
+                &["--path", &path],
+            ))?;
+        }
+        "outboard-virtio-blk --vhost-user" | "qemu-storage-daemon" => {
+            let sock = temp_path(if label.starts_with("qemu") {
+                "qsd.sock"
+            } else {
+                "ob.sock"
+            });
+            let child = if label.starts_with("qemu") {
+                Command::new("qemu-storage-daemon")
+                    .arg("--blockdev")
+                    .arg(format!("driver=file,node-name=d0,filename={path},cache.direct=off,aio=threads"))
+                    .arg("--export")
+                    .arg(format!(
+                        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                        sock.display()
+                    ))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()?
+            } else {
+                let prog = fe_backend_path("outboard-virtio-blk")?;
+                Command::new(prog)
+                    .args(["--path", &path, "--vhost-user"])
+                    .arg(&sock)
+                    .stdin(Stdio::null())
+                    .spawn()?
+            };
+            proc = Some(Reaped(child));
+            fe.attach(&DeviceSpec {
+                source: Source::VhostUser {
+                    socket: sock.clone(),
+                    device: "blk".into(),
+                },
+                ..DeviceSpec::connect("blk", &sock)
+            })?;
+        }
+        other => return Err(format!("unknown setup {other}").into()),
+    }
+    pin_backends(&fe);
+    if let Some(p) = &proc {
+        pin_process(p.0.id(), cpus().1);
+    }
+    let mut alloc = GuestAllocator::new(0x1000, (64 << 20) - 0x1000);
+    let d = fe.device("blk")?;
+    let driver = VirtioMmioDriver::init(
+        fe.mmio().clone(),
+        d.placed(0).ok_or("blk not placed")?.addr,
+        fe.memory().ok_or("no RAM")?.clone(),
+        d.irq(0).ok_or("no irq")?.clone(),
+        &mut alloc,
+        0,
+        256,
+    )?;
+    Ok(BlkSetup {
+        label,
+        fe,
+        alloc,
+        driver,
+        _proc: proc,
+    })
+}
+
+/// Finds a backend binary beside this executable (built by `cargo build`),
+/// since a vhost-user backend is started by hand rather than by the frontend.
+fn fe_backend_path(name: &str) -> Result<PathBuf, AnyError> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or("no exe dir")?;
+    let p = dir.join(name);
+    if p.exists() {
+        return Ok(p);
+    }
+    Err(format!(
+        "{name} is not built beside {}; run cargo build --release --workspace",
+        exe.display()
+    )
+    .into())
+}
+
+/// Random 4 KiB I/O at queue depth `qd`; returns IOPS.
+fn blk_iops(
+    s: &mut BlkSetup,
+    ops: usize,
+    qd: usize,
+    write: bool,
+    seed: u64,
+) -> Result<f64, AnyError> {
+    struct Slot {
+        header: u64,
+        data: u64,
+        status: u64,
+    }
+    let slots: Vec<Slot> = (0..qd)
+        .map(|_| {
+            Ok(Slot {
+                header: s.alloc.alloc(16, 16)?,
+                data: s.alloc.alloc(4096, 4096)?,
+                status: s.alloc.alloc(1, 1)?,
+            })
+        })
+        .collect::<Result<_, AnyError>>()?;
+    let mem = s.fe.memory().ok_or("no RAM")?.clone();
+    let mut rng = seed | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % (IMAGE_SECTORS / 8)) * 8
+    };
+    let kind = if write { blk::T_OUT } else { blk::T_IN };
+    let issue =
+        |driver: &mut VirtioMmioDriver, slot: &Slot, sector: u64| -> Result<u16, AnyError> {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.memory().write_slice(&h, GuestAddress(slot.header))?;
+            Ok(driver.submit(
+                0,
+                &[
+                    Buffer::readable(slot.header, 16),
+                    Buffer {
+                        addr: slot.data,
+                        len: 4096,
+                        device_writes: !write,
+                    },
+                    Buffer::writable(slot.status, 1),
+                ],
+            )?)
+        };
+    let mut inflight = std::collections::VecDeque::new();
+    let t = Instant::now();
+    let mut issued = 0;
+    for (i, slot) in slots.iter().enumerate().take(qd.min(ops)) {
+        let sector = next();
+        inflight.push_back((issue(&mut s.driver, slot, sector)?, i));
+        issued += 1;
+    }
+    s.driver.notify(0)?;
+    let mut done = 0;
+    while done < ops {
+        let (head, i) = inflight.pop_front().ok_or("queue drained early")?;
+        s.driver.wait(0, head)?;
+        let status: u8 = mem.memory().read_obj(GuestAddress(slots[i].status))?;
+        if status != blk::S_OK {
+            return Err(format!("{}: request failed with status {status}", s.label).into());
+        }
+        done += 1;
+        if issued < ops {
+            let sector = next();
+            inflight.push_back((issue(&mut s.driver, &slots[i], sector)?, i));
+            issued += 1;
+            s.driver.notify(0)?;
+        }
+    }
+    Ok(ops as f64 / t.elapsed().as_secs_f64())
+}
+
+fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
+    let image = temp_path("blk.img");
+    std::fs::File::create(&image)?.set_len(IMAGE_SECTORS * 512)?;
+    let labels = [
+        "qemu-storage-daemon",
+        "outboard-virtio-blk (ioregionfd)",
+        "outboard-virtio-blk --vhost-user",
+    ];
+    let mut results: Vec<(&str, [f64; 4])> = Vec::new();
+    for label in labels {
+        let mut s = match blk_setup(label, options.clone(), &image) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("  (7)  {label}: skipped: {e}");
+                continue;
+            }
+        };
+        let mut v = [0f64; 4];
+        for (k, (qd, write)) in [(1, false), (1, true), (16, false), (16, true)]
+            .into_iter()
+            .enumerate()
+        {
+            v[k] = blk_iops(&mut s, plan.blk_ops, qd, write, 0x9e37_79b9 + k as u64)?;
+        }
+        s.fe.shutdown();
+        results.push((label, v));
+    }
+    let _ = std::fs::remove_file(&image);
+    let qsd = results
+        .iter()
+        .find(|(l, _)| l.starts_with("qemu"))
+        .map(|(_, v)| *v);
+    let names = [
+        "randread QD1",
+        "randwrite QD1",
+        "randread QD16",
+        "randwrite QD16",
+    ];
+    for (label, v) in &results {
+        for k in 0..4 {
+            let ratio = qsd.map(|q| v[k] / q[k]);
+            let is_target = label.contains("ioregionfd");
+            r.add(Figure {
+                id: "7",
+                name: format!("virtio-blk 4K {} {}", names[k], label),
+                value: v[k],
+                unit: "IOPS",
+                p99: None,
+                baseline: qsd.map(|q| ("qemu-storage-daemon".to_owned(), q[k])),
+                ratio,
+                target: if is_target {
+                    ratio.map(|x| (">= 1.0x qsd".to_owned(), x >= 1.0))
+                } else {
+                    None
+                },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn scale_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
+    let mut fe = Frontend::new(options);
+    fe.set_memory(GuestRam::new(&[(0, 16 << 20)])?)?;
+    let mut spawn_ns = Vec::new();
+    for i in 0..plan.backends {
+        let t = Instant::now();
+        fe.attach(&DeviceSpec::spawn(
+            &format!("s{i}"),
+            "outboard-scratch",
+            &[],
+        ))?;
+        spawn_ns.push(t.elapsed().as_nanos() as u64);
+    }
+    let mut answering = 0;
+    for i in 0..plan.backends {
+        let d = fe.device(&format!("s{i}"))?;
+        let addr = d.placed(0).ok_or("not placed")?.addr;
+        if fe.mmio().try_read(addr, AccessSize::B8)? == scratch::ID {
+            answering += 1;
+        }
+    }
+    let rss: Vec<u64> = fe
+        .devices()
+        .iter()
+        .filter_map(|d| d.pid().and_then(rss_kib))
+        .collect();
+    let (rss_med, rss_max) = {
+        let mut v = rss.clone();
+        v.sort_unstable();
+        (
+            v.get(v.len() / 2).copied().unwrap_or(0),
+            v.last().copied().unwrap_or(0),
+        )
+    };
+    let (spawn_med, spawn_p99) = stats(spawn_ns);
+    r.add(Figure {
+        id: "8s",
+        name: "spawn + negotiate + place, per scratch backend".into(),
+        value: spawn_med,
+        unit: "ns",
+        p99: Some(spawn_p99),
+        baseline: None,
+        ratio: None,
+        target: Some(("<= 10 ms".into(), spawn_med <= 10e6)),
+    });
+    r.add(Figure {
+        id: "8m",
+        name: "RSS per scratch backend after setup (median; max in p99 column)".into(),
+        value: rss_med as f64,
+        unit: "KiB",
+        p99: Some(rss_max as f64),
+        baseline: None,
+        ratio: None,
+        target: Some(("<= 4 MiB".into(), rss_max <= 4096)),
+    });
+    r.add(Figure {
+        id: "8n",
+        name: format!(
+            "{} scratch backends attached at once, answering",
+            plan.backends
+        ),
+        value: f64::from(answering),
+        unit: "",
+        p99: None,
+        baseline: None,
+        ratio: None,
+        target: Some(("all answer".into(), answering as usize == plan.backends)),
+    });
+    fe.shutdown();
+    Ok(())
+}
