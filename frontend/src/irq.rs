@@ -219,34 +219,22 @@ impl InterruptSink {
     /// Stops watching line `index` of `device` (an in-kernel irqchip consumes
     /// its eventfd instead).
     pub fn remove_line(&self, device: &str, index: u32) {
-        let mut lines = self
-            .shared
-            .lines
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        lines.retain(|_, l| {
-            if l.device() != device || l.index() != index {
-                return true;
-            }
-            let _ = epoll::ctl(
-                self.epoll.as_raw_fd(),
-                epoll::ControlOptions::EPOLL_CTL_DEL,
-                l.0.fd.as_raw_fd(),
-                epoll::Event::new(epoll::Events::empty(), 0),
-            );
-            false
-        });
+        self.remove_where(|l| l.device() == device && l.index() == index);
     }
 
     /// Stops watching every line of `device`.
     pub fn remove_device(&self, device: &str) {
+        self.remove_where(|l| l.device() == device);
+    }
+
+    fn remove_where(&self, gone: impl Fn(&IrqLine) -> bool) {
         let mut lines = self
             .shared
             .lines
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         lines.retain(|_, l| {
-            if l.device() != device {
+            if !gone(l) {
                 return true;
             }
             let _ = epoll::ctl(
