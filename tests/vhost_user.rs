@@ -10,14 +10,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use outboard_frontend::backend::Source;
-use outboard_frontend::guest::{blk, rng_read, BlkClient, GuestAllocator, VirtioMmioDriver};
-use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{DeviceSpec, Frontend};
-use outboard_tests::{bin, frontend, socket_path};
+use outboard_frontend::guest::{blk, rng_read, BlkClient};
+use outboard_frontend::DeviceSpec;
+use outboard_tests::{bin, guest, socket_path};
 
 const T: Duration = Duration::from_secs(10);
-const RAM: u64 = 32 << 20;
 
 /// A child process killed when the test ends.
 struct Reaped(Child);
@@ -70,47 +67,6 @@ fn outboard_vhost_user(program: &str, args: &[&str]) -> (Reaped, PathBuf) {
     (Reaped(child), sock)
 }
 
-struct Guest {
-    fe: Frontend,
-    alloc: GuestAllocator,
-}
-
-fn guest() -> Guest {
-    let mut fe = frontend(T);
-    fe.set_memory(GuestRam::new(&[(0, RAM)]).unwrap()).unwrap();
-    Guest {
-        fe,
-        alloc: GuestAllocator::new(0x1000, RAM - 0x1000),
-    }
-}
-
-impl Guest {
-    fn attach_vhost(&mut self, name: &str, socket: &Path, device: &str) {
-        let spec = DeviceSpec {
-            source: Source::VhostUser {
-                socket: socket.to_path_buf(),
-                device: device.to_owned(),
-            },
-            ..DeviceSpec::connect(name, socket)
-        };
-        self.fe.attach(&spec).unwrap();
-    }
-
-    fn driver(&mut self, name: &str, wanted: u64) -> VirtioMmioDriver {
-        let d = self.fe.device(name).unwrap();
-        VirtioMmioDriver::init(
-            self.fe.mmio().clone(),
-            d.placed(0).unwrap().addr,
-            self.fe.memory().unwrap().clone(),
-            d.irq(0).unwrap().clone(),
-            &mut self.alloc,
-            wanted,
-            256,
-        )
-        .unwrap()
-    }
-}
-
 struct Rand(u64);
 
 impl Rand {
@@ -153,7 +109,7 @@ fn qemu_storage_daemon_when_1000_random_4k_ios_then_image_matches() {
     let sectors = 8192;
     let image = temp_image("qsd", sectors);
     let (_qsd, sock) = qemu_storage_daemon(&image);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("qsd", &sock, "blk");
     let d = g.driver("qsd", blk::F_FLUSH);
     assert_eq!(d.device_id(), 2);
@@ -173,7 +129,7 @@ fn outboard_blk_over_vhost_user_when_1000_random_4k_ios_then_image_matches() {
     let image = temp_image("ob", sectors);
     let (_b, sock) =
         outboard_vhost_user("outboard-virtio-blk", &["--path", image.to_str().unwrap()]);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("ob", &sock, "blk");
     let d = g.driver("ob", blk::F_FLUSH);
     let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
@@ -189,7 +145,7 @@ fn outboard_blk_over_vhost_user_when_1000_random_4k_ios_then_image_matches() {
 #[test]
 fn outboard_rng_over_vhost_user_when_read_then_random_bytes() {
     let (_b, sock) = outboard_vhost_user("outboard-virtio-rng", &[]);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("rng", &sock, "rng");
     let mut d = g.driver("rng", 0);
     let buf = g.alloc.alloc(4096, 16).unwrap();
@@ -214,7 +170,7 @@ fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
             input.to_str().unwrap(),
         ],
     );
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("con", &sock, "console");
     let mut d = g.driver("con", 0);
     assert_eq!(d.num_queues(), 2);
@@ -242,7 +198,7 @@ fn vhost_user_backend_killed_mid_io_then_reported_and_others_keep_running() {
     let sectors = 2048;
     let image = temp_image("kill", sectors);
     let (mut qsd, sock) = qemu_storage_daemon(&image);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("qsd", &sock, "blk");
     g.fe.attach(&DeviceSpec::spawn("rng", "outboard-virtio-rng", &[]))
         .unwrap();
@@ -333,7 +289,7 @@ fn vhost_device_rng_when_read_then_random_bytes() {
         return skip();
     };
     let (_rng, sock) = start_vhost_device_rng(&program);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach_vhost("vdr", &sock, "rng");
     let mut d = g.driver("vdr", 0);
     assert_eq!(d.device_id(), 4);
@@ -357,7 +313,7 @@ fn one_vm_when_mixing_ioregionfd_and_vhost_user_devices_then_all_verified_concur
     let _ = std::fs::remove_file(&uart_log);
     let (_qsd, qsd_sock) = qemu_storage_daemon(&qsd_img);
     let (_vdr, vdr_sock) = start_vhost_device_rng(&rng_program);
-    let mut g = guest();
+    let mut g = guest(T);
     g.fe.attach(&DeviceSpec::spawn(
         "com1",
         "outboard-uart",

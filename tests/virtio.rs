@@ -6,54 +6,13 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use outboard_frontend::guest::{
-    blk, rng_read, BlkClient, Buffer, GuestAllocator, VirtioMmioDriver,
-};
-use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{AccessSize, DeviceSpec, Frontend};
-use outboard_tests::{alive, frontend, signal, socket_path, HANG_GUARD};
+use outboard_frontend::guest::{blk, rng_read, BlkClient, Buffer, VirtioMmioDriver};
+use outboard_frontend::AccessSize;
+use outboard_tests::{alive, guest, signal, socket_path, Guest, HANG_GUARD};
 use vm_memory::{Bytes, GuestAddress};
 
 const T: Duration = Duration::from_secs(10);
-const RAM: u64 = 32 << 20;
-
-struct Guest {
-    fe: Frontend,
-    alloc: GuestAllocator,
-}
-
-fn guest() -> Guest {
-    let mut fe = frontend(T);
-    fe.set_memory(GuestRam::new(&[(0, RAM)]).unwrap()).unwrap();
-    Guest {
-        fe,
-        alloc: GuestAllocator::new(0x1000, RAM - 0x1000),
-    }
-}
-
-impl Guest {
-    fn attach(&mut self, name: &str, program: &str, args: &[&str]) {
-        self.fe
-            .attach(&DeviceSpec::spawn(name, program, args))
-            .unwrap();
-    }
-
-    fn driver(&mut self, name: &str, wanted: u64) -> VirtioMmioDriver {
-        let d = self.fe.device(name).unwrap();
-        let base = d.placed(0).unwrap().addr;
-        let irq = d.irq(0).unwrap().clone();
-        VirtioMmioDriver::init(
-            self.fe.mmio().clone(),
-            base,
-            self.fe.memory().unwrap().clone(),
-            irq,
-            &mut self.alloc,
-            wanted,
-            256,
-        )
-        .unwrap()
-    }
-}
+const RAM: u64 = outboard_tests::GUEST_RAM;
 
 fn temp_image(tag: &str, sectors: u64) -> std::path::PathBuf {
     let p = std::env::temp_dir().join(format!("outboard-{tag}-{}.img", std::process::id()));
@@ -64,7 +23,7 @@ fn temp_image(tag: &str, sectors: u64) -> std::path::PathBuf {
 
 #[test]
 fn rng_when_buffers_offered_then_filled_with_random_bytes() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let mut d = g.driver("rng", 0);
     assert_eq!(d.device_id(), 4);
@@ -84,7 +43,7 @@ fn rng_when_buffers_offered_then_filled_with_random_bytes() {
 #[test]
 fn blk_when_basic_requests_then_served() {
     let img = temp_image("basic", 2048);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -126,7 +85,7 @@ impl Rand {
 fn blk_when_1000_random_4k_reads_and_writes_then_file_matches_byte_for_byte() {
     const SECTORS: u64 = 8192; // 4 MiB
     let img = temp_image("random", SECTORS);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -165,7 +124,7 @@ fn blk_when_1000_random_4k_reads_and_writes_then_file_matches_byte_for_byte() {
 #[test]
 fn blk_when_request_past_capacity_or_not_whole_sectors_then_ioerr() {
     let img = temp_image("bounds", 64);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -212,7 +171,7 @@ fn blk_when_read_only_then_writes_fail_and_reads_work() {
         .unwrap()
         .write_all_at(&[0xab; 512], 0)
         .unwrap();
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -231,7 +190,7 @@ fn blk_when_read_only_then_writes_fail_and_reads_work() {
 #[test]
 fn blk_when_discard_and_write_zeroes_then_ranges_read_as_zero() {
     let img = temp_image("discard", 64);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -265,7 +224,7 @@ fn blk_when_discard_and_write_zeroes_then_ranges_read_as_zero() {
 #[test]
 fn blk_when_reset_and_reinitialized_then_data_intact() {
     let img = temp_image("reset", 256);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -290,7 +249,7 @@ fn console_when_guest_writes_and_client_types_then_both_directions_arrive() {
     let out = std::env::temp_dir().join(format!("outboard-console-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&out);
     let input = socket_path("console-in");
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "con",
         "outboard-virtio-console",
@@ -339,7 +298,7 @@ fn console_when_guest_writes_and_client_types_then_both_directions_arrive() {
 
 #[test]
 fn notifies_when_rung_while_backend_stopped_then_coalesced_and_every_request_completed() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let mut d = g.driver("rng", 0);
     let pid = g.fe.device("rng").unwrap().pid().unwrap();
@@ -362,7 +321,7 @@ fn notifies_when_rung_while_backend_stopped_then_coalesced_and_every_request_com
 
 #[test]
 fn interrupts_when_10000_requests_then_every_completion_signalled() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let mut d = g.driver("rng", 0);
     let irq = g.fe.device("rng").unwrap().irq(0).unwrap().clone();
@@ -391,7 +350,7 @@ fn expect_needs_reset(g: &mut Guest, d: &mut VirtioMmioDriver, name: &str, head:
 
 #[test]
 fn chain_when_buffer_outside_guest_memory_then_needs_reset_and_reset_recovers() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let mut d = g.driver("rng", 0);
     for addr in [RAM + 0x1000, RAM - 8, u64::MAX - 15] {
@@ -412,7 +371,7 @@ fn chain_when_buffer_outside_guest_memory_then_needs_reset_and_reset_recovers() 
 #[test]
 fn chain_when_descriptor_loops_then_needs_reset() {
     let img = temp_image("loop", 64);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -434,7 +393,7 @@ fn chain_when_descriptor_loops_then_needs_reset() {
 #[test]
 fn chain_when_wrong_direction_then_ioerr_or_needs_reset() {
     let img = temp_image("direction", 64);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -463,7 +422,7 @@ fn chain_when_wrong_direction_then_ioerr_or_needs_reset() {
 
 #[test]
 fn memory_table_when_extended_while_idle_then_device_uses_new_mapping() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let mut d = g.driver("rng", 0);
     let buf = g.alloc.alloc(64, 16).unwrap();
@@ -489,7 +448,7 @@ fn memory_table_when_extended_while_idle_then_device_uses_new_mapping() {
 #[test]
 fn blk_when_one_request_moves_a_megabyte_then_streamed_in_chunks_intact() {
     let img = temp_image("big", 4096);
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "blk",
         "outboard-virtio-blk",
@@ -508,7 +467,7 @@ fn blk_when_one_request_moves_a_megabyte_then_streamed_in_chunks_intact() {
 #[test]
 fn console_when_input_outruns_the_guest_then_backpressure_and_no_byte_lost() {
     let input = socket_path("console-flood");
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach(
         "con",
         "outboard-virtio-console",
@@ -568,7 +527,7 @@ fn console_when_input_outruns_the_guest_then_backpressure_and_no_byte_lost() {
 
 #[test]
 fn features_ok_when_driver_asks_for_unoffered_feature_then_refused() {
-    let mut g = guest();
+    let mut g = guest(T);
     g.attach("rng", "outboard-virtio-rng", &[]);
     let base = g.fe.device("rng").unwrap().placed(0).unwrap().addr;
     let bus = g.fe.mmio().clone();

@@ -11,8 +11,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use outboard_frontend::backend::Launcher;
-use outboard_frontend::{Frontend, Options};
+use outboard_frontend::backend::{Launcher, Source};
+use outboard_frontend::guest::{GuestAllocator, VirtioMmioDriver};
+use outboard_frontend::memory::GuestRam;
+use outboard_frontend::{DeviceSpec, Frontend, Options};
 use outboard_protocol::channel::{Channel, Message};
 use outboard_protocol::control::{
     Header, Hello, Payload, Request, StatusReply, FEATURES_SUPPORTED,
@@ -180,4 +182,64 @@ pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// Guest RAM of a [`Guest`].
+pub const GUEST_RAM: u64 = 32 << 20;
+
+/// A test guest: a frontend with [`GUEST_RAM`] bytes of RAM at 0 and an
+/// allocator over it for rings and buffers.
+#[derive(Debug)]
+pub struct Guest {
+    /// The frontend.
+    pub fe: Frontend,
+    /// Allocates guest memory (from 0x1000).
+    pub alloc: GuestAllocator,
+}
+
+/// A [`Guest`] whose frontend waits `timeout` for backends.
+pub fn guest(timeout: Duration) -> Guest {
+    let mut fe = frontend(timeout);
+    fe.set_memory(GuestRam::new(&[(0, GUEST_RAM)]).expect("guest RAM"))
+        .expect("memory table");
+    Guest {
+        fe,
+        alloc: GuestAllocator::new(0x1000, GUEST_RAM - 0x1000),
+    }
+}
+
+impl Guest {
+    /// Spawns `program` as device `name`.
+    pub fn attach(&mut self, name: &str, program: &str, args: &[&str]) {
+        self.fe
+            .attach(&DeviceSpec::spawn(name, program, args))
+            .expect("attach");
+    }
+
+    /// Attaches the vhost-user backend at `socket` as virtio `device` (blk, rng, console).
+    pub fn attach_vhost(&mut self, name: &str, socket: &Path, device: &str) {
+        let spec = DeviceSpec {
+            source: Source::VhostUser {
+                socket: socket.to_path_buf(),
+                device: device.to_owned(),
+            },
+            ..DeviceSpec::connect(name, socket)
+        };
+        self.fe.attach(&spec).expect("attach vhost-user");
+    }
+
+    /// Initializes device `name` with the test driver, asking for `wanted` features.
+    pub fn driver(&mut self, name: &str, wanted: u64) -> VirtioMmioDriver {
+        let d = self.fe.device(name).expect("device");
+        VirtioMmioDriver::init(
+            self.fe.mmio().clone(),
+            d.placed(0).expect("placed").addr,
+            self.fe.memory().expect("RAM").clone(),
+            d.irq(0).expect("interrupt line").clone(),
+            &mut self.alloc,
+            wanted,
+            256,
+        )
+        .expect("driver init")
+    }
 }
