@@ -5,14 +5,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outboard_frontend::guest::{blk, rng_read, BlkClient};
 use outboard_frontend::DeviceSpec;
-use outboard_tests::{bin, guest, socket_path};
+use outboard_tests::{bin, guest, random_io, socket_path, temp_image};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -24,15 +23,6 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn temp_image(tag: &str, sectors: u64) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("outboard-vu-{tag}-{}.img", std::process::id()));
-    std::fs::File::create(&p)
-        .unwrap()
-        .set_len(sectors * 512)
-        .unwrap();
-    p
 }
 
 fn qemu_storage_daemon(image: &Path) -> (Reaped, PathBuf) {
@@ -67,47 +57,10 @@ fn outboard_vhost_user(program: &str, args: &[&str]) -> (Reaped, PathBuf) {
     (Reaped(child), sock)
 }
 
-struct Rand(u64);
-
-impl Rand {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// 1,000 random 4 KiB reads and writes, checked against a model and the image.
-fn random_io(c: &mut BlkClient, image: &Path, sectors: u64, seed: u64) {
-    let mut model = std::fs::read(image).unwrap();
-    let mut r = Rand(seed);
-    for _ in 0..1000 {
-        let sector = (r.next() % (sectors / 8)) * 8;
-        let at = (sector * 512) as usize;
-        if r.next().is_multiple_of(2) {
-            let data: Vec<u8> = (0..4096).map(|_| r.next() as u8).collect();
-            assert_eq!(c.write(sector, &data).unwrap(), blk::S_OK);
-            model[at..at + 4096].copy_from_slice(&data);
-        } else {
-            let mut buf = vec![0u8; 4096];
-            assert_eq!(c.read(sector, &mut buf).unwrap(), blk::S_OK);
-            assert!(buf == model[at..at + 4096], "read at sector {sector}");
-        }
-    }
-    assert_eq!(c.flush().unwrap(), blk::S_OK);
-    let mut on_disk = vec![0u8; model.len()];
-    std::fs::File::open(image)
-        .unwrap()
-        .read_exact_at(&mut on_disk, 0)
-        .unwrap();
-    assert!(on_disk == model, "image matches the model");
-}
-
 #[test]
 fn qemu_storage_daemon_when_1000_random_4k_ios_then_image_matches() {
     let sectors = 8192;
-    let image = temp_image("qsd", sectors);
+    let image = temp_image("vu-qsd", sectors);
     let (_qsd, sock) = qemu_storage_daemon(&image);
     let mut g = guest(T);
     g.attach_vhost("qsd", &sock, "blk");
@@ -126,7 +79,7 @@ fn qemu_storage_daemon_when_1000_random_4k_ios_then_image_matches() {
 #[test]
 fn outboard_blk_over_vhost_user_when_1000_random_4k_ios_then_image_matches() {
     let sectors = 8192;
-    let image = temp_image("ob", sectors);
+    let image = temp_image("vu-ob", sectors);
     let (_b, sock) =
         outboard_vhost_user("outboard-virtio-blk", &["--path", image.to_str().unwrap()]);
     let mut g = guest(T);
@@ -196,7 +149,7 @@ fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
 #[test]
 fn vhost_user_backend_killed_mid_io_then_reported_and_others_keep_running() {
     let sectors = 2048;
-    let image = temp_image("kill", sectors);
+    let image = temp_image("vu-kill", sectors);
     let (mut qsd, sock) = qemu_storage_daemon(&image);
     let mut g = guest(T);
     g.attach_vhost("qsd", &sock, "blk");
@@ -307,8 +260,8 @@ fn one_vm_when_mixing_ioregionfd_and_vhost_user_devices_then_all_verified_concur
         return skip();
     };
     let sectors = 4096;
-    let local_img = temp_image("mix-local", sectors);
-    let qsd_img = temp_image("mix-qsd", sectors);
+    let local_img = temp_image("vu-mix-local", sectors);
+    let qsd_img = temp_image("vu-mix-qsd", sectors);
     let uart_log = std::env::temp_dir().join(format!("outboard-vu-mix-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&uart_log);
     let (_qsd, qsd_sock) = qemu_storage_daemon(&qsd_img);

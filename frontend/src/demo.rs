@@ -37,6 +37,27 @@ const DISK_SECTORS: u64 = 8192;
 /// A scratch disk image that is removed when dropped.
 struct TempImage(std::path::PathBuf);
 
+impl TempImage {
+    /// A file of `len` bytes in the temporary directory that starts with
+    /// `contents` (the rest a hole reading as zeros); returns it and its path.
+    fn new(tag: &str, contents: &[u8], len: u64) -> Result<(Self, String), AnyError> {
+        let path =
+            std::env::temp_dir().join(format!("outboard-demo-{tag}-{}.img", std::process::id()));
+        let image = TempImage(path);
+        std::fs::write(&image.0, contents)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.0)?
+            .set_len(len)?;
+        let path = image
+            .0
+            .to_str()
+            .ok_or("temporary path is not UTF-8")?
+            .to_owned();
+        Ok((image, path))
+    }
+}
+
 impl Drop for TempImage {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -53,18 +74,10 @@ fn kvm_demo(
     options: Options,
     c: &mut Checks,
 ) -> Result<Vec<(String, Option<std::process::ExitStatus>)>, AnyError> {
-    let image = TempImage(
-        std::env::temp_dir().join(format!("outboard-demo-kvm-{}.img", std::process::id())),
-    );
-    let mut data = vec![0u8; 1 << 20];
-    data[..8].copy_from_slice(b"OUTBOARD");
-    data[512..520].copy_from_slice(b"SECTOR-1");
-    std::fs::write(&image.0, &data)?;
-    let image_path = image
-        .0
-        .to_str()
-        .ok_or("temporary path is not UTF-8")?
-        .to_owned();
+    let mut sectors = [0u8; 1024];
+    sectors[..8].copy_from_slice(b"OUTBOARD");
+    sectors[512..520].copy_from_slice(b"SECTOR-1");
+    let (_image, image_path) = TempImage::new("kvm", &sectors, 1 << 20)?;
     let mut fe = Frontend::new(options);
     fe.set_memory(GuestRam::new(&[(0, RAM_SIZE)])?)?;
     fe.attach(&DeviceSpec::spawn("com1", "outboard-uart", &[]))?;
@@ -116,14 +129,7 @@ fn kvm_demo(
 }
 
 pub fn run(options: Options) -> Result<(), AnyError> {
-    let image =
-        TempImage(std::env::temp_dir().join(format!("outboard-demo-{}.img", std::process::id())));
-    std::fs::File::create(&image.0)?.set_len(DISK_SECTORS * 512)?;
-    let image_path = image
-        .0
-        .to_str()
-        .ok_or("temporary path is not UTF-8")?
-        .to_owned();
+    let (_image, image_path) = TempImage::new("disk", &[], DISK_SECTORS * 512)?;
     let mut fe = Frontend::new(options);
     fe.set_memory(GuestRam::new(&[(0, RAM_SIZE)])?)?;
     fe.attach(&DeviceSpec::spawn("com1", "outboard-uart", &[]))?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use outboard_frontend::backend::{Launcher, Source};
-use outboard_frontend::guest::{GuestAllocator, VirtioMmioDriver};
+use outboard_frontend::guest::{blk, BlkClient, GuestAllocator, VirtioMmioDriver};
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend, Options};
 use outboard_protocol::channel::{Channel, Message};
@@ -242,4 +242,58 @@ impl Guest {
         )
         .expect("driver init")
     }
+}
+
+/// A zero-filled disk image of `sectors` 512-byte sectors in the temporary directory.
+pub fn temp_image(tag: &str, sectors: u64) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("outboard-{tag}-{}.img", std::process::id()));
+    std::fs::File::create(&p)
+        .expect("create image")
+        .set_len(sectors * 512)
+        .expect("size image");
+    p
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+#[derive(Debug)]
+pub struct Rand(pub u64);
+
+impl Rand {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// 1,000 random 4 KiB reads and writes through `c`, every read checked
+/// against a model of the image, then a flush and the whole image file
+/// compared with the model. Returns (reads, writes).
+pub fn random_io(c: &mut BlkClient, image: &Path, sectors: u64, seed: u64) -> (u32, u32) {
+    let mut model = std::fs::read(image).expect("read image");
+    let mut r = Rand(seed);
+    let (mut reads, mut writes) = (0, 0);
+    for _ in 0..1000 {
+        let sector = (r.next_u64() % (sectors / 8)) * 8;
+        let at = (sector * 512) as usize;
+        if r.next_u64().is_multiple_of(2) {
+            let data: Vec<u8> = (0..4096).map(|_| r.next_u64() as u8).collect();
+            assert_eq!(c.write(sector, &data).expect("write"), blk::S_OK);
+            model[at..at + 4096].copy_from_slice(&data);
+            writes += 1;
+        } else {
+            let mut buf = vec![0u8; 4096];
+            assert_eq!(c.read(sector, &mut buf).expect("read"), blk::S_OK);
+            assert!(buf == model[at..at + 4096], "read at sector {sector}");
+            reads += 1;
+        }
+    }
+    assert_eq!(c.flush().expect("flush"), blk::S_OK);
+    assert!(
+        std::fs::read(image).expect("read image") == model,
+        "backing file matches the model"
+    );
+    (reads, writes)
 }
