@@ -608,6 +608,8 @@ struct BlkSetup {
 const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
 
 fn blk_setup(label: &'static str, options: Options, image: &Path) -> Result<BlkSetup, AnyError> {
+    // A vhost-user backend is started by hand, found as the frontend finds backends.
+    let launcher = options.launcher.clone();
     let mut fe = Frontend::new(options);
     fe.set_memory(GuestRam::new(&[(0, 64 << 20)])?)?;
     let path = image.to_str().ok_or("image path is not UTF-8")?.to_owned();
@@ -639,10 +641,14 @@ fn blk_setup(label: &'static str, options: Options, image: &Path) -> Result<BlkS
                     .stdout(Stdio::null())
                     .spawn()?
             } else {
-                let prog = fe_backend_path("outboard-virtio-blk")?;
-                Command::new(prog)
-                    .args(["--path", &path, "--vhost-user"])
-                    .arg(&sock)
+                let args = [
+                    "--path".to_owned(),
+                    path.clone(),
+                    "--vhost-user".to_owned(),
+                    sock.display().to_string(),
+                ];
+                launcher
+                    .command("outboard-virtio-blk", &args)?
                     .stdin(Stdio::null())
                     .spawn()?
             };
@@ -679,22 +685,6 @@ fn blk_setup(label: &'static str, options: Options, image: &Path) -> Result<BlkS
         driver,
         _proc: proc,
     })
-}
-
-/// Finds a backend binary beside this executable (built by `cargo build`),
-/// since a vhost-user backend is started by hand rather than by the frontend.
-fn fe_backend_path(name: &str) -> Result<PathBuf, AnyError> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().ok_or("no exe dir")?;
-    let p = dir.join(name);
-    if p.exists() {
-        return Ok(p);
-    }
-    Err(format!(
-        "{name} is not built beside {}; run cargo build --release --workspace",
-        exe.display()
-    )
-    .into())
 }
 
 /// Random 4 KiB I/O at queue depth `qd`; returns IOPS.

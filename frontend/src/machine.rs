@@ -622,7 +622,7 @@ impl Frontend {
             }
             return Err(e);
         }
-        let plan = self.plan(spec, &dev)?;
+        let plan = self.plan(&spec.regions, &dev)?;
         let posted_ok = dev
             .conn
             .as_ref()
@@ -704,7 +704,7 @@ impl Frontend {
             irqs: vec![line],
             vhost: Some(Arc::clone(&vdev)),
         };
-        let result = self.plan(spec, &dev).and_then(|plan| {
+        let result = self.plan(&spec.regions, &dev).and_then(|plan| {
             let Some(&(_, addr)) = plan.first() else {
                 return Ok(());
             };
@@ -741,13 +741,13 @@ impl Frontend {
 
     /// Chooses an address for every region to place, checking for overlaps
     /// with the buses and among the regions themselves.
-    fn plan(&self, spec: &DeviceSpec, dev: &Attached) -> Result<Vec<(u32, u64)>, Error> {
+    fn plan(&self, placements: &[Placement], dev: &Attached) -> Result<Vec<(u32, u64)>, Error> {
         let mut plan: Vec<(u32, u64)> = Vec::new();
         let scratch_mmio = Bus::new(Space::Mmio);
         let scratch_pio = Bus::new(Space::Pio);
         let dummy: Arc<dyn crate::bus::BusDevice> = Arc::new(Unused);
         for info in &dev.regions {
-            let placement = spec.regions.iter().find(|p| p.index == info.index);
+            let placement = placements.iter().find(|p| p.index == info.index);
             if placement.is_some_and(|p| p.skip) {
                 continue;
             }
@@ -768,13 +768,13 @@ impl Frontend {
                 None => {
                     self.allocate(space, info.size, scratch)
                         .ok_or_else(|| Error::NoAddress {
-                            name: spec.name.clone(),
+                            name: dev.name.clone(),
                             index: info.index,
                         })?
                 }
             };
             let placement_err = |source| Error::Placement {
-                name: spec.name.clone(),
+                name: dev.name.clone(),
                 index: info.index,
                 source,
             };
@@ -921,23 +921,17 @@ impl Frontend {
                 index,
             });
         }
-        let spec = DeviceSpec {
-            name: dev.name.clone(),
-            source: Source::Connect {
-                socket: PathBuf::new(),
-            },
-            regions: dev
-                .regions
-                .iter()
-                .map(|r| Placement {
-                    index: r.index,
-                    addr: if r.index == index { addr } else { None },
-                    skip: r.index != index,
-                })
-                .collect(),
-            posted_writes: dev.posted_writes,
-        };
-        let plan = self.plan(&spec, dev)?;
+        // Place only region `index`: at `addr`, or wherever placement would put it.
+        let placements: Vec<Placement> = dev
+            .regions
+            .iter()
+            .map(|r| Placement {
+                index: r.index,
+                addr: if r.index == index { addr } else { None },
+                skip: r.index != index,
+            })
+            .collect();
+        let plan = self.plan(&placements, dev)?;
         let posted_ok =
             dev.posted_writes && dev.conn()?.negotiated().features & F_POSTED_WRITES != 0;
         let addr = plan.first().map(|&(_, a)| a).ok_or(Error::NoSuchRegion {

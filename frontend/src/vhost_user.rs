@@ -141,18 +141,13 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(
-        sock: UnixStream,
-        health: Arc<Health>,
-        irq: IrqLine,
-        timeout: Duration,
-    ) -> io::Result<Self> {
+    fn start(sock: UnixStream, health: Arc<Health>, irq: IrqLine) -> io::Result<Self> {
         let deadline: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (Arc::clone(&deadline), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("outboard-vhost-watchdog".into())
-            .spawn(move || watch(&sock, &health, &irq, &d, &s, timeout))?;
+            .spawn(move || watch(&sock, &health, &irq, &d, &s))?;
         Ok(Watchdog {
             deadline,
             stop,
@@ -185,7 +180,6 @@ fn watch(
     irq: &IrqLine,
     deadline: &Mutex<Option<Instant>>,
     stop: &AtomicBool,
-    _timeout: Duration,
 ) {
     while !stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
@@ -273,8 +267,8 @@ impl VhostUserDevice {
         let sock = crate::backend::connect_retrying(socket, timeout)
             .map_err(|e| Error::Connect(socket.to_path_buf(), e))?;
         let killer = sock.try_clone().map_err(Error::Setup)?;
-        let watchdog = Watchdog::start(killer, Arc::clone(&health), irq.clone(), timeout)
-            .map_err(Error::Setup)?;
+        let watchdog =
+            Watchdog::start(killer, Arc::clone(&health), irq.clone()).map_err(Error::Setup)?;
         let fe = Frontend::from_stream(sock, 64);
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         let dev = VhostUserDevice {
