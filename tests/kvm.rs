@@ -130,15 +130,6 @@ fn virtio_when_guest_driver_runs_on_kvm_then_sectors_and_random_bytes_arrive() {
         programs::VIRTIO,
         &[("blk", 0, 5), ("rng", 0, 6)],
     );
-    if r.exit_code != 0 {
-        let last = r.stats.last_read.lock().unwrap();
-        let mut v: Vec<_> = last.iter().map(|(a, v)| (*a, *v)).collect();
-        v.sort();
-        eprintln!(
-            "guest failed; last MMIO reads {v:x?}, exits {:?}",
-            r.stats.mmio
-        );
-    }
     assert_eq!(r.exit_code, 0, "guest exit code (see guests/virtio.S)");
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),

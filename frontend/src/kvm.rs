@@ -181,8 +181,6 @@ pub struct ExitStats {
     pub mmio: Mutex<HashMap<u64, u64>>,
     /// KVM_EXIT_IO exits in all.
     pub pio: AtomicU64,
-    /// The last value read at each MMIO address (for diagnosing a guest).
-    pub last_read: Mutex<HashMap<u64, u64>>,
 }
 
 impl ExitStats {
@@ -574,11 +572,6 @@ impl VcpuContext {
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     self.count_mmio(addr);
                     self.access(false, addr, data, false);
-                    self.stats
-                        .last_read
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(addr, le(data));
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     self.count_mmio(addr);
