@@ -19,9 +19,24 @@
 
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod channel;
 pub mod control;
 pub mod ioregionfd;
 pub mod virtio_mmio;
 
+pub use access::{Access, Space};
 pub use ioregionfd::{AccessSize, Cmd, Op, Resp};
+
+/// Formats an error with its chain of causes: `a: b: c`. Every Outboard
+/// program prints its errors this way.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
