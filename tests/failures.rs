@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use outboard_backends::scratch::{self, ID};
 use outboard_frontend::backend::Error as BackendError;
-use outboard_frontend::machine::Error as MachineError;
+use outboard_frontend::Error as MachineError;
 use outboard_frontend::{AccessError, AccessSize, DeviceSpec};
 use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{
@@ -68,7 +68,13 @@ fn backend_sigkilled_while_read_pending_then_all_ones_failed_and_others_served()
         Err(AccessError::DeviceFailed(_))
     ));
     fe.mmio().write(addr + scratch::BANK, AccessSize::B1, 1);
-    assert!(matches!(fe.reset("victim"), Err(MachineError::Failed(_))));
+    assert!(matches!(
+        fe.reset("victim"),
+        Err(MachineError::Device {
+            source: outboard_frontend::device::Error::Failed,
+            ..
+        })
+    ));
     // The other device never noticed.
     assert_eq!(fe.mmio().try_read(other, AccessSize::B8).unwrap(), ID);
     fe.mmio()
@@ -296,7 +302,10 @@ fn attach_when_backend_replies_malformed_then_typed_error_and_no_panic() {
         let path = fake_backend(lie);
         let mut fe = frontend(Duration::from_millis(300));
         match fe.attach(&DeviceSpec::connect("liar", &path)) {
-            Err(MachineError::Backend { source, .. }) => {
+            Err(MachineError::Device {
+                source: outboard_frontend::device::Error::Backend(source),
+                ..
+            }) => {
                 assert!(expected(&source), "{lie:?}: {source:?}")
             }
             other => panic!("{lie:?}: {other:?}"),

@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
-use outboard_frontend::kvm::{self, programs, Machine, RunResult};
+use outboard_frontend::kvm::{self, RunResult};
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend};
+use outboard_testkit::loader::{programs, run_program};
 use outboard_tests::frontend;
 
 const T: Duration = Duration::from_secs(10);
@@ -41,12 +42,7 @@ fn vm_frontend() -> Frontend {
 }
 
 fn run(fe: &mut Frontend, vcpus: usize, program: &[u8], irqs: &[(&str, u32, u32)]) -> RunResult {
-    let mut m = Machine::new(fe, vcpus).unwrap();
-    for &(dev, line, gsi) in irqs {
-        m.connect_irq(fe, dev, line, gsi).unwrap();
-    }
-    m.load(program).unwrap();
-    m.run(Duration::from_secs(60)).unwrap()
+    run_program(fe, program, vcpus, irqs, Duration::from_secs(60)).unwrap()
 }
 
 fn uart(fe: &mut Frontend, tag: &str) -> std::path::PathBuf {
@@ -79,7 +75,7 @@ fn hello_when_run_on_kvm_then_greeting_reaches_the_uart_backend() {
         std::fs::read_to_string(&log).unwrap(),
         "Hello from a KVM guest, through the outboard-uart backend!\n"
     );
-    assert!(r.stats.pio.load(std::sync::atomic::Ordering::Relaxed) > 50);
+    assert!(r.stats.pio_exits() > 50);
     let _ = std::fs::remove_file(&log);
 }
 

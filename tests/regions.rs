@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outboard_backends::scratch::{self, ID};
 use outboard_backends::uart::COM1;
-use outboard_frontend::machine::Error as MachineError;
+use outboard_frontend::Error as MachineError;
 use outboard_frontend::{AccessError, AccessSize, DeviceSpec, Space};
 use outboard_protocol::control::{DeviceKind, REGION_PIO};
 use outboard_tests::{frontend, spawn_listening, wait_exit};
@@ -249,7 +249,10 @@ fn remove_when_exact_then_gone_and_access_fails_cleanly() {
     mmio.try_write(aux, AccessSize::B4, 1).unwrap();
     assert!(matches!(
         fe.remove_region("s", 1, aux + 0x10),
-        Err(MachineError::NotPlaced { .. })
+        Err(MachineError::Device {
+            source: outboard_frontend::device::Error::NotPlaced { .. },
+            ..
+        })
     ));
     assert!(fe.remove_region("s", 1, aux).is_ok());
     assert!(matches!(
@@ -259,7 +262,10 @@ fn remove_when_exact_then_gone_and_access_fails_cleanly() {
     assert_eq!(mmio.read(aux, AccessSize::B4), 0xffff_ffff);
     assert!(matches!(
         fe.remove_region("s", 1, aux),
-        Err(MachineError::NotPlaced { .. })
+        Err(MachineError::Device {
+            source: outboard_frontend::device::Error::NotPlaced { .. },
+            ..
+        })
     ));
     // The rest of the device is unaffected and the region can come back.
     assert_eq!(mmio.try_read(regs, AccessSize::B8).unwrap(), ID);
@@ -365,7 +371,16 @@ fn refused_request_then_device_not_marked_failed() {
         .unwrap();
     // Region 0 is placed already: the backend refuses a second placement.
     let err = fe.set_region("s", 0, Some(0xdf00_0000)).unwrap_err();
-    assert!(matches!(err, MachineError::Backend { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            MachineError::Device {
+                source: outboard_frontend::device::Error::Backend(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("s"), "{err}");
     assert!(!fe.device("s").unwrap().is_failed());
     assert!(fe.reset("s").is_ok());
@@ -377,27 +392,27 @@ fn access_when_made_by_a_vcpu_then_backend_learns_which_through_its_token() {
     let d = fe.device("s").unwrap();
     assert_eq!(
         d.placed(0).unwrap().vcpu_tokens,
-        outboard_frontend::machine::DEFAULT_VCPU_TOKENS
+        outboard_frontend::attached::DEFAULT_VCPU_TOKENS
     );
     let mmio = fe.mmio().clone();
     let last = || {
         mmio.try_read(base + scratch::REG_LAST_VCPU, AccessSize::B8)
             .unwrap()
     };
-    mmio.try_write_from(3, base + scratch::BANK, AccessSize::B4, 1)
+    mmio.try_write_by(Some(3), base + scratch::BANK, AccessSize::B4, 1)
         .unwrap();
     assert_eq!(last(), 4, "vCPU 3");
     mmio.try_write(base + scratch::BANK, AccessSize::B4, 1)
         .unwrap();
     assert_eq!(last(), 0, "no vCPU");
-    mmio.try_write_from(7, base + scratch::BANK, AccessSize::B4, 1)
+    mmio.try_write_by(Some(7), base + scratch::BANK, AccessSize::B4, 1)
         .unwrap();
     assert_eq!(last(), 8, "vCPU 7, the last with a token");
-    mmio.try_write_from(8, base + scratch::BANK, AccessSize::B4, 1)
+    mmio.try_write_by(Some(8), base + scratch::BANK, AccessSize::B4, 1)
         .unwrap();
     assert_eq!(last(), 0, "beyond the tokens: the base token");
     // Reads and posted writes keep working from every vCPU.
     for v in 0..10 {
-        assert_eq!(mmio.try_read_from(v, base, AccessSize::B8).unwrap(), ID);
+        assert_eq!(mmio.try_read_by(Some(v), base, AccessSize::B8).unwrap(), ID);
     }
 }

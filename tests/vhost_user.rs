@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use outboard_frontend::guest::{blk, rng_read, BlkClient};
 use outboard_frontend::DeviceSpec;
+use outboard_testkit::guest::{blk, rng_read, BlkClient};
 use outboard_tests::{bin, guest, random_io, socket_path, temp_image};
 
 const T: Duration = Duration::from_secs(10);
@@ -109,7 +109,7 @@ fn outboard_rng_over_vhost_user_when_read_then_random_bytes() {
 
 #[test]
 fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
-    use outboard_frontend::guest::Buffer;
+    use outboard_testkit::guest::Buffer;
     use vm_memory::{Bytes, GuestAddress};
     let out = std::env::temp_dir().join(format!("outboard-vu-console-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&out);
@@ -182,8 +182,7 @@ fn vhost_user_backend_killed_mid_io_then_reported_and_others_keep_running() {
     assert!(
         matches!(
             err,
-            outboard_frontend::guest::Error::NeedsReset(_)
-                | outboard_frontend::guest::Error::Timeout
+            outboard_testkit::guest::Error::NeedsReset(_) | outboard_testkit::guest::Error::Timeout
         ),
         "{err:?}"
     );

@@ -6,8 +6,8 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use outboard_frontend::guest::{blk, rng_read, BlkClient, Buffer, VirtioMmioDriver};
 use outboard_frontend::AccessSize;
+use outboard_testkit::guest::{blk, rng_read, BlkClient, Buffer, VirtioMmioDriver};
 use outboard_tests::{alive, guest, random_io, signal, socket_path, temp_image, Guest, HANG_GUARD};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -295,7 +295,7 @@ fn interrupts_when_10000_requests_then_every_completion_signalled() {
 fn expect_needs_reset(g: &mut Guest, d: &mut VirtioMmioDriver, name: &str, head: u16) {
     d.set_timeout(HANG_GUARD);
     match d.wait(0, head) {
-        Err(outboard_frontend::guest::Error::NeedsReset(s)) => assert_ne!(s & 0x40, 0),
+        Err(outboard_testkit::guest::Error::NeedsReset(s)) => assert_ne!(s & 0x40, 0),
         other => panic!("expected DEVICE_NEEDS_RESET, got {other:?}"),
     }
     let dev = g.fe.device(name).unwrap();

@@ -10,16 +10,18 @@
 //! control timeout; a reply is checked (REPLY bit, same request code,
 //! payload layout) before anything in it is used.
 
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+
+pub use crate::launch::{Builtin, Launcher, Source};
 use outboard_protocol::channel::{self, Channel};
 use outboard_protocol::control::{
     self, DeviceInfo, DoorbellInfo, Header, Hello, IrqInfo, MemTable, Negotiated, Payload,
@@ -84,112 +86,6 @@ pub enum Error {
     Negotiation(#[source] control::Error),
 }
 
-/// Where a backend comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// Spawn this program (a path, or a name looked up by [`Launcher`]) with these arguments.
-    Spawn {
-        /// Program path or name.
-        program: String,
-        /// Arguments after the ones the frontend adds.
-        args: Vec<String>,
-    },
-    /// Connect to a backend listening on this Unix socket path.
-    Connect {
-        /// Socket path.
-        socket: PathBuf,
-    },
-    /// Connect to a standard vhost-user backend; the frontend implements the
-    /// virtio-mmio transport for it.
-    VhostUser {
-        /// The backend's socket path.
-        socket: PathBuf,
-        /// Virtio device type: `blk`, `rng`, `console` or a numeric ID.
-        device: String,
-    },
-}
-
-/// Finds backend programs.
-#[derive(Debug, Clone, Default)]
-pub struct Launcher {
-    /// Directories searched first, in order, for a program given by name.
-    pub search_dirs: Vec<PathBuf>,
-    /// A program that can run built-in backends as `EXE PREFIX... NAME ARGS...`,
-    /// used when a named backend is not found but is in `names`.
-    pub builtin: Option<Builtin>,
-    /// Where spawned backends' stdout goes (inherited when `None`).
-    pub quiet_stdout: bool,
-}
-
-/// A multi-call program that can run backends by name.
-#[derive(Debug, Clone)]
-pub struct Builtin {
-    /// The program.
-    pub exe: PathBuf,
-    /// Arguments before the backend name.
-    pub prefix: Vec<OsString>,
-    /// Backend names it can run.
-    pub names: Vec<String>,
-}
-
-impl Launcher {
-    /// Searches beside the running executable (and its parent directory, where
-    /// test executables live below the binaries).
-    pub fn beside_current_exe() -> Self {
-        let mut search_dirs = Vec::new();
-        if let Ok(exe) = std::env::current_exe() {
-            if let Some(dir) = exe.parent() {
-                search_dirs.push(dir.to_path_buf());
-                if let Some(up) = dir.parent() {
-                    search_dirs.push(up.to_path_buf());
-                }
-            }
-        }
-        Launcher {
-            search_dirs,
-            builtin: None,
-            quiet_stdout: false,
-        }
-    }
-
-    /// The command that starts `program` with `args`.
-    pub fn command(&self, program: &str, args: &[String]) -> Result<Command, Error> {
-        if program.contains('/') {
-            let mut c = Command::new(program);
-            c.args(args);
-            return Ok(c);
-        }
-        let path_dirs = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let found = self
-            .search_dirs
-            .iter()
-            .chain(path_dirs.iter())
-            .map(|d| d.join(program))
-            .find(|p| is_executable(p));
-        if let Some(path) = found {
-            let mut c = Command::new(path);
-            c.args(args);
-            return Ok(c);
-        }
-        match &self.builtin {
-            Some(b) if b.names.iter().any(|n| n == program) => {
-                debug!("{program} not installed; running the built-in copy");
-                let mut c = Command::new(&b.exe);
-                c.args(&b.prefix).arg(program).args(args);
-                Ok(c)
-            }
-            _ => Err(Error::NotFound(program.to_owned())),
-        }
-    }
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
 /// Connects to a Unix socket, retrying while the listener is not there yet
 /// (the backend is still starting), for at most `timeout`.
 pub fn connect_retrying(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
@@ -214,7 +110,9 @@ pub fn connect_retrying(path: &Path, timeout: Duration) -> io::Result<UnixStream
 #[derive(Debug)]
 pub struct Connection {
     channel: Channel,
-    child: Option<Child>,
+    /// One request/reply exchange at a time: threads share the connection.
+    calls: Mutex<()>,
+    child: Mutex<Option<Child>>,
     negotiated: Negotiated,
     label: String,
 }
@@ -286,7 +184,8 @@ impl Connection {
         channel.set_timeout(Some(timeout)).map_err(Error::Channel)?;
         let mut conn = Connection {
             channel,
-            child,
+            calls: Mutex::new(()),
+            child: Mutex::new(child),
             negotiated: Negotiated {
                 version: 0,
                 features: 0,
@@ -311,12 +210,13 @@ impl Connection {
     }
 
     /// If the spawned child has already exited, the error that says so.
-    fn exited(&mut self) -> Option<Error> {
-        let child = self.child.as_mut()?;
+    fn exited(&self) -> Option<Error> {
+        let mut guard = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        let child = guard.as_mut()?;
         // Give a dying child a moment to be reaped before asking.
         for _ in 0..50 {
             if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
+                *guard = None;
                 return Some(Error::Exited(self.label.clone(), status));
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -331,7 +231,11 @@ impl Connection {
 
     /// The spawned child's pid, if this backend was spawned.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(Child::id)
     }
 
     /// Program path or socket path, for messages.
@@ -341,6 +245,7 @@ impl Connection {
 
     /// Sends a request with NEED_REPLY and returns the reply payload.
     fn call(&self, request: Request, payload: &[u8], fds: &[RawFd]) -> Result<Vec<u8>, Error> {
+        let _one_at_a_time = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
         self.channel
             .send(Header::request(request, payload.len(), true), payload, fds)
             .map_err(Error::Channel)?;
@@ -478,22 +383,30 @@ impl Connection {
         self.call_ack(Request::Reset, &[], &[])
     }
 
+    /// Returns once the backend has served every data command sent before
+    /// the call: any control request is a barrier (docs/protocol.md,
+    /// section 7.5); GET_DEVICE_INFO is the one without side effects.
+    pub fn barrier(&self) -> Result<(), Error> {
+        self.device_info().map(|_| ())
+    }
+
     /// Asks the backend to exit, waits up to `grace` for a spawned child to
     /// do so, then kills it. Returns the child's exit status.
-    pub fn shutdown(mut self, grace: Duration) -> Option<ExitStatus> {
+    pub fn shutdown(&self, grace: Duration) -> Option<ExitStatus> {
         if let Err(e) = self.call_ack(Request::Shutdown, &[], &[]) {
             debug!("{}: shutdown request: {e}", self.label);
         }
         self.reap(grace)
     }
 
-    fn reap(&mut self, grace: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
+    fn reap(&self, grace: Duration) -> Option<ExitStatus> {
+        let mut guard = self.child.lock().unwrap_or_else(PoisonError::into_inner);
+        let child = guard.as_mut()?;
         let deadline = Instant::now() + grace;
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    self.child = None;
+                    *guard = None;
                     return Some(status);
                 }
                 Ok(None) if Instant::now() < deadline => {
@@ -505,7 +418,7 @@ impl Connection {
         warn!("{} did not exit; killing it", self.label);
         let _ = child.kill();
         let status = child.wait().ok();
-        self.child = None;
+        *guard = None;
         status
     }
 }
@@ -513,7 +426,12 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         // Closing the channel makes a healthy backend exit; a hung one is killed.
-        if self.child.is_some() {
+        let spawned = self
+            .child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        if spawned {
             let _ = self.channel.socket().shutdown(std::net::Shutdown::Both);
             self.reap(Duration::from_millis(500));
         }

@@ -15,26 +15,9 @@ use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use log::debug;
-use outboard_protocol::{ioregionfd, AccessSize};
+pub use outboard_protocol::Space;
+use outboard_protocol::{ioregionfd, Access, AccessSize};
 use thiserror::Error;
-
-/// Which address space a bus serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Space {
-    /// Memory-mapped I/O.
-    Mmio,
-    /// x86 port I/O.
-    Pio,
-}
-
-impl std::fmt::Display for Space {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Space::Mmio => "mmio",
-            Space::Pio => "pio",
-        })
-    }
-}
 
 /// Why one access did not complete.
 #[derive(Debug, Error)]
@@ -113,29 +96,20 @@ pub enum BusError {
 }
 
 /// Something that answers guest accesses to one range.
+///
+/// The bus hands every access over as an [`Access`]: the offset from the
+/// start of the range, the width and the vCPU that made it (when known).
+/// The bus does not know region indices and passes 0; a device that serves
+/// several ranges substitutes its own.
 pub trait BusDevice: Send + Sync {
-    /// A read of `size` bytes at `offset` from the start of the range.
-    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError>;
-    /// A write of `value` at `offset` from the start of the range.
-    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError>;
-
-    /// A read made by vCPU `vcpu`; devices that pass the vCPU on override it.
-    fn read_from(&self, vcpu: u32, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
-        let _ = vcpu;
-        self.read(offset, size)
-    }
-
-    /// A write made by vCPU `vcpu`; devices that pass the vCPU on override it.
-    fn write_from(
-        &self,
-        vcpu: u32,
-        offset: u64,
-        size: AccessSize,
-        value: u64,
-    ) -> Result<(), AccessError> {
-        let _ = vcpu;
-        self.write(offset, size, value)
-    }
+    /// A read; the result is truncated to the access size by the bus.
+    fn read(&self, access: Access) -> Result<u64, AccessError>;
+    /// A write of `value` (already truncated to the access size).
+    fn write(&self, access: Access, value: u64) -> Result<(), AccessError>;
+    /// Returns once every access made before the call has taken effect in
+    /// the device (posted writes included). Devices that complete accesses
+    /// synchronously have nothing to do.
+    fn quiesce(&self) {}
 }
 
 #[derive(Clone)]
@@ -271,37 +245,48 @@ impl Bus {
 
     /// Reads `size` bytes at `addr`, saying why if it cannot.
     pub fn try_read(&self, addr: u64, size: AccessSize) -> Result<u64, AccessError> {
-        let (dev, offset) = self.resolve(addr, size)?;
-        dev.read(offset, size).map(|v| size.truncate(v))
+        self.try_read_by(None, addr, size)
     }
 
     /// Writes `size` bytes of `value` at `addr`, saying why if it cannot.
     pub fn try_write(&self, addr: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
-        let (dev, offset) = self.resolve(addr, size)?;
-        dev.write(offset, size, size.truncate(value))
+        self.try_write_by(None, addr, size, value)
     }
 
     /// Reads on behalf of vCPU `vcpu` (a KVM exit), saying why if it cannot.
-    pub fn try_read_from(
+    pub fn try_read_by(
         &self,
-        vcpu: u32,
+        vcpu: Option<u32>,
         addr: u64,
         size: AccessSize,
     ) -> Result<u64, AccessError> {
         let (dev, offset) = self.resolve(addr, size)?;
-        dev.read_from(vcpu, offset, size).map(|v| size.truncate(v))
+        dev.read(Access::new(0, offset, size).by(vcpu))
+            .map(|v| size.truncate(v))
     }
 
     /// Writes on behalf of vCPU `vcpu` (a KVM exit), saying why if it cannot.
-    pub fn try_write_from(
+    pub fn try_write_by(
         &self,
-        vcpu: u32,
+        vcpu: Option<u32>,
         addr: u64,
         size: AccessSize,
         value: u64,
     ) -> Result<(), AccessError> {
         let (dev, offset) = self.resolve(addr, size)?;
-        dev.write_from(vcpu, offset, size, size.truncate(value))
+        dev.write(Access::new(0, offset, size).by(vcpu), size.truncate(value))
+    }
+
+    /// Waits until every device on the bus has served the accesses made so
+    /// far ([`BusDevice::quiesce`]); a VMM calls it when the guest stops.
+    pub fn quiesce(&self) {
+        let devices: Vec<Arc<dyn BusDevice>> = {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            map.values().map(|m| Arc::clone(&m.device)).collect()
+        };
+        for d in devices {
+            d.quiesce();
+        }
     }
 
     /// Reads `size` bytes at `addr`; all-ones if the access cannot complete.
@@ -335,10 +320,10 @@ mod tests {
 
     struct Reg(AtomicU64);
     impl BusDevice for Reg {
-        fn read(&self, offset: u64, _: AccessSize) -> Result<u64, AccessError> {
-            Ok(self.0.load(Ordering::SeqCst) + offset)
+        fn read(&self, a: Access) -> Result<u64, AccessError> {
+            Ok(self.0.load(Ordering::SeqCst) + a.offset)
         }
-        fn write(&self, _: u64, _: AccessSize, v: u64) -> Result<(), AccessError> {
+        fn write(&self, _: Access, v: u64) -> Result<(), AccessError> {
             self.0.store(v, Ordering::SeqCst);
             Ok(())
         }

@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::warn;
 use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors setting up interrupt delivery.
@@ -125,7 +126,7 @@ struct Shared {
 
 /// Delivers interrupts from backends' eventfds to waiters and a callback.
 pub struct InterruptSink {
-    epoll: Arc<OwnedFd>,
+    epoll: Arc<Epoll>,
     shared: Arc<Shared>,
     stop: EventFd,
     next_token: u64,
@@ -143,17 +144,15 @@ const STOP_TOKEN: u64 = 0;
 impl InterruptSink {
     /// Starts the sink's thread.
     pub fn new() -> Result<Self, Error> {
-        let epfd = epoll::create(true).map_err(Error::Create)?;
-        // SAFETY: epoll_create1 just returned this fd; nothing else owns it.
-        let epoll = Arc::new(unsafe { OwnedFd::from_raw_fd(epfd) });
+        let epoll = Arc::new(Epoll::new().map_err(Error::Create)?);
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Create)?;
-        epoll::ctl(
-            epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            stop.as_raw_fd(),
-            epoll::Event::new(epoll::Events::EPOLLIN, STOP_TOKEN),
-        )
-        .map_err(Error::Watch)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, STOP_TOKEN),
+            )
+            .map_err(Error::Watch)?;
         let shared = Arc::new(Shared {
             lines: Mutex::new(HashMap::new()),
             callback: Mutex::new(None),
@@ -206,13 +205,13 @@ impl InterruptSink {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(token, line.clone());
-        epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            line.0.fd.as_raw_fd(),
-            epoll::Event::new(epoll::Events::EPOLLIN, token),
-        )
-        .map_err(Error::Watch)?;
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                line.0.fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(Error::Watch)?;
         Ok(line)
     }
 
@@ -237,21 +236,20 @@ impl InterruptSink {
             if !gone(l) {
                 return true;
             }
-            let _ = epoll::ctl(
-                self.epoll.as_raw_fd(),
-                epoll::ControlOptions::EPOLL_CTL_DEL,
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
                 l.0.fd.as_raw_fd(),
-                epoll::Event::new(epoll::Events::empty(), 0),
+                EpollEvent::default(),
             );
             false
         });
     }
 }
 
-fn run(epoll: &OwnedFd, shared: &Shared) {
-    let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 32];
+fn run(epoll: &Epoll, shared: &Shared) {
+    let mut events = [EpollEvent::default(); 32];
     loop {
-        let n = match epoll::wait(epoll.as_raw_fd(), -1, &mut events) {
+        let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -260,7 +258,7 @@ fn run(epoll: &OwnedFd, shared: &Shared) {
             }
         };
         for ev in &events[..n] {
-            let token = ev.data;
+            let token = ev.data();
             if token == STOP_TOKEN {
                 return;
             }

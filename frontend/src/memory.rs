@@ -1,9 +1,16 @@
-//! Guest RAM shared with backends: memfd-backed regions.
+//! Guest memory shared with backends.
 //!
-//! The frontend allocates every RAM region as its own memfd, sealed against
-//! shrinking and growing (a backend that mapped it can never be made to
-//! fault by a later truncation), maps it itself with vm-memory, and hands the
-//! same fds to every backend that negotiated the memory table.
+//! Two ways in:
+//!
+//! * [`GuestRam`], Outboard's own: every RAM region is its own memfd, sealed
+//!   against shrinking and growing (a backend that mapped it can never be
+//!   made to fault by a later truncation), mapped in the frontend too with
+//!   vm-memory; the same fds go to every backend that negotiated the memory
+//!   table.
+//! * Bring your own: [`memory_table`] builds the memory-table message from
+//!   any vm-memory `GuestMemoryMmap` whose regions are file-backed (a VMM's
+//!   existing guest memory). Backends accept any file but refuse memfds that
+//!   can still shrink, so seal yours (`F_SEAL_SHRINK`).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -12,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use outboard_protocol::control::{MemRegion, MemTable, MAX_MEM_REGIONS};
 use thiserror::Error;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Errors creating guest RAM.
 #[derive(Debug, Error)]
@@ -23,6 +30,12 @@ pub enum Error {
     /// cannot size or seal the memfd
     #[error("cannot size or seal the memfd")]
     Seal(#[source] io::Error),
+    /// guest memory region at {0:#x} is not backed by a file
+    #[error("guest memory region at {0:#x} is not backed by a file")]
+    NotFileBacked(u64),
+    /// guest memory has {0} regions, more than a memory table holds
+    #[error("guest memory has {0} regions, more than a memory table holds")]
+    TooManyRegions(usize),
     /// invalid RAM layout: {0}
     #[error("invalid RAM layout: {0}")]
     Layout(&'static str),
@@ -136,6 +149,29 @@ impl GuestRam {
     }
 }
 
+/// The memory-table message for any file-backed guest memory, with its fds
+/// (borrowed from `mem`: keep it alive until the message is sent).
+pub fn memory_table<B: vm_memory::bitmap::Bitmap>(
+    mem: &GuestMemoryMmap<B>,
+) -> Result<(MemTable, Vec<RawFd>), Error> {
+    let mut regions = Vec::new();
+    let mut fds = Vec::new();
+    for r in mem.iter() {
+        let addr = r.start_addr().0;
+        let fo = r.file_offset().ok_or(Error::NotFileBacked(addr))?;
+        regions.push(MemRegion {
+            guest_addr: addr,
+            size: r.len(),
+            fd_offset: fo.start(),
+        });
+        fds.push(fo.file().as_raw_fd());
+    }
+    if regions.is_empty() || regions.len() > MAX_MEM_REGIONS {
+        return Err(Error::TooManyRegions(regions.len()));
+    }
+    Ok((MemTable { regions }, fds))
+}
+
 fn sealed_memfd(size: u64) -> Result<File, Error> {
     let name = CString::new("outboard-guest-ram").map_err(|_| Error::Layout("name"))?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call;
@@ -175,6 +211,20 @@ mod tests {
         let seals = unsafe { libc::fcntl(fds[0], libc::F_GET_SEALS) };
         assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
         assert!(ram.regions[0].file.set_len(1).is_err(), "cannot shrink");
+    }
+
+    #[test]
+    fn memory_table_when_file_backed_then_entries_and_fds_else_error() {
+        let ram = GuestRam::new(&[(0, 0x10000)]).unwrap_or_else(|e| panic!("{e}"));
+        let (table, fds) = memory_table(ram.memory()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(table, ram.table().0);
+        assert_eq!(fds.len(), 1);
+        let anon = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x1000)])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            memory_table(&anon),
+            Err(Error::NotFileBacked(0x1000))
+        ));
     }
 
     #[test]

@@ -17,75 +17,17 @@
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use log::error;
 use outboard_protocol::ioregionfd::{Cmd, Resp, RESP_SIZE};
-use outboard_protocol::AccessSize;
+use outboard_protocol::{Access, AccessSize};
 
+use crate::backend::Connection;
 use crate::bus::{AccessError, BusDevice};
-
-/// Whether a device still works; shared by all its regions.
-#[derive(Debug)]
-pub struct Health {
-    name: String,
-    failed: AtomicBool,
-    reason: Mutex<Option<String>>,
-}
-
-impl Health {
-    /// A healthy device called `name`.
-    pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(Health {
-            name: name.to_owned(),
-            failed: AtomicBool::new(false),
-            reason: Mutex::new(None),
-        })
-    }
-
-    /// The device's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// True once the device has failed.
-    pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
-
-    /// Why the device failed, if it has.
-    pub fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Marks the device failed; the first call logs `why`, later calls do nothing.
-    pub fn fail(&self, why: &dyn std::error::Error) {
-        if !self.failed.swap(true, Ordering::AcqRel) {
-            let text = error_chain(why);
-            error!("device {} failed: {text}", self.name);
-            *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
-        }
-    }
-}
-
-/// `a: b: c` for an error and its causes.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::health::Health;
 
 /// What the guest may do with a region, as the backend declared it.
 #[derive(Debug, Clone, Copy)]
@@ -125,6 +67,7 @@ impl DoorbellMatch {
 #[derive(Debug)]
 pub struct RemoteRegion {
     sock: Mutex<UnixStream>,
+    region: u32,
     user_data: u64,
     posted: bool,
     perms: Permissions,
@@ -132,14 +75,15 @@ pub struct RemoteRegion {
     doorbells: Vec<DoorbellMatch>,
     fast_mmio: bool,
     vcpu_tokens: u32,
+    control: Weak<Connection>,
 }
 
 impl RemoteRegion {
-    /// Wraps the frontend end of a region's data socket.
+    /// Wraps the frontend end of region `region`'s data socket.
     pub fn new(
         sock: UnixStream,
+        region: u32,
         user_data: u64,
-        posted: bool,
         perms: Permissions,
         health: Arc<Health>,
         timeout: Duration,
@@ -148,19 +92,35 @@ impl RemoteRegion {
         sock.set_write_timeout(Some(timeout))?;
         Ok(RemoteRegion {
             sock: Mutex::new(sock),
+            region,
             user_data,
-            posted,
+            posted: false,
             perms,
             health,
             doorbells: Vec::new(),
             fast_mmio: false,
             vcpu_tokens: 0,
+            control: Weak::new(),
         })
+    }
+
+    /// Writes to the region are posted (sent without waiting for an answer).
+    pub fn with_posted_writes(mut self, posted: bool) -> Self {
+        self.posted = posted;
+        self
     }
 
     /// The backend answers to `user_data + 1 + i` for vCPU `i < tokens`.
     pub fn with_vcpu_tokens(mut self, tokens: u32) -> Self {
         self.vcpu_tokens = tokens;
+        self
+    }
+
+    /// The device's control connection, used by [`BusDevice::quiesce`] as a
+    /// barrier: the backend serves every data command queued before any
+    /// control request (docs/protocol.md, section 7.5, "data before control").
+    pub fn with_control(mut self, control: Weak<Connection>) -> Self {
+        self.control = control;
         self
     }
 
@@ -178,6 +138,11 @@ impl RemoteRegion {
         self.doorbells = doorbells;
         self.fast_mmio = fast_mmio;
         self
+    }
+
+    /// The region index within its device.
+    pub fn region(&self) -> u32 {
+        self.region
     }
 
     /// True when writes to this region are posted.
@@ -276,24 +241,18 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> Result<(), AccessError> {
     Ok(())
 }
 
-impl RemoteRegion {
-    fn read_as(
-        &self,
-        vcpu: Option<u32>,
-        offset: u64,
-        size: AccessSize,
-    ) -> Result<u64, AccessError> {
-        self.check(size, self.perms.read)?;
-        self.transact(Cmd::read(self.token(vcpu), offset, size))
+impl BusDevice for RemoteRegion {
+    fn read(&self, access: Access) -> Result<u64, AccessError> {
+        self.check(access.size, self.perms.read)?;
+        self.transact(Cmd::read(
+            self.token(access.vcpu),
+            access.offset,
+            access.size,
+        ))
     }
 
-    fn write_as(
-        &self,
-        vcpu: Option<u32>,
-        offset: u64,
-        size: AccessSize,
-        value: u64,
-    ) -> Result<(), AccessError> {
+    fn write(&self, access: Access, value: u64) -> Result<(), AccessError> {
+        let Access { offset, size, .. } = access;
         self.check(size, self.perms.write)?;
         if let Some(d) = self
             .doorbells
@@ -306,7 +265,7 @@ impl RemoteRegion {
             return Err(AccessError::Denied);
         }
         self.transact(Cmd::write(
-            self.token(vcpu),
+            self.token(access.vcpu),
             offset,
             size,
             value,
@@ -314,28 +273,17 @@ impl RemoteRegion {
         ))
         .map(|_| ())
     }
-}
 
-impl BusDevice for RemoteRegion {
-    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
-        self.read_as(None, offset, size)
-    }
-
-    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
-        self.write_as(None, offset, size, value)
-    }
-
-    fn read_from(&self, vcpu: u32, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
-        self.read_as(Some(vcpu), offset, size)
-    }
-
-    fn write_from(
-        &self,
-        vcpu: u32,
-        offset: u64,
-        size: AccessSize,
-        value: u64,
-    ) -> Result<(), AccessError> {
-        self.write_as(Some(vcpu), offset, size, value)
+    fn quiesce(&self) {
+        if !self.posted || self.health.is_failed() {
+            return;
+        }
+        // Hold the socket so no access of ours slips in behind the barrier.
+        let _sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(conn) = self.control.upgrade() {
+            if let Err(e) = conn.barrier() {
+                self.health.fail(&e);
+            }
+        }
     }
 }

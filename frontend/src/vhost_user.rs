@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use outboard_protocol::virtio_mmio as regs;
-use outboard_protocol::AccessSize;
+use outboard_protocol::{Access, AccessSize, Space};
 use thiserror::Error;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -44,9 +44,13 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{AccessError, BusDevice};
+use crate::health::Health;
 use crate::irq::IrqLine;
 use crate::memory::GuestRam;
-use crate::remote::Health;
+use crate::registrar::{IoEvent, Registrar};
+
+/// Size of the virtio-mmio region the frontend implements for a vhost-user device.
+pub const MMIO_SIZE: u64 = regs::MMIO_SIZE;
 
 /// Errors attaching or driving a vhost-user backend.
 #[derive(Debug, Error)]
@@ -374,6 +378,30 @@ impl VhostUserDevice {
         self.ty
     }
 
+    /// The device's shared health.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Registers (`on`) or unregisters every queue's kick eventfd as the
+    /// doorbell QueueNotify == queue index of the region at `base`.
+    pub fn register_kicks(&self, registrar: &dyn Registrar, base: u64, on: bool) -> io::Result<()> {
+        for (q, kick) in self.kicks.iter().enumerate() {
+            let ev = IoEvent {
+                space: Space::Mmio,
+                addr: base + regs::QUEUE_NOTIFY,
+                size: Some(AccessSize::B4),
+                datamatch: Some(q as u64),
+            };
+            if on {
+                registrar.register_ioevent(&ev, kick)?;
+            } else {
+                registrar.unregister_ioevent(&ev, kick)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Queue `q`'s kick eventfd (QueueNotify signals it; a KVM frontend would
     /// register it as an ioeventfd).
     pub fn kick_eventfd(&self, q: usize) -> Option<&EventFd> {
@@ -617,7 +645,8 @@ impl VhostUserDevice {
 }
 
 impl BusDevice for VhostUserDevice {
-    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+    fn read(&self, access: Access) -> Result<u64, AccessError> {
+        let Access { offset, size, .. } = access;
         let mut t = self.lock();
         if offset >= regs::CONFIG {
             if self.health.is_failed() {
@@ -631,7 +660,8 @@ impl BusDevice for VhostUserDevice {
         Ok(u64::from(self.read_register(&mut t, offset)))
     }
 
-    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
+    fn write(&self, access: Access, value: u64) -> Result<(), AccessError> {
+        let Access { offset, size, .. } = access;
         if offset >= regs::CONFIG {
             // Configuration writes are not needed by the supported devices.
             return Ok(());

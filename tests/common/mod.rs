@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use outboard_frontend::backend::{Launcher, Source};
-use outboard_frontend::guest::{blk, BlkClient, GuestAllocator, VirtioMmioDriver};
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend, Options};
 use outboard_protocol::channel::{Channel, Message};
 use outboard_protocol::control::{
     Header, Hello, Payload, Request, StatusReply, FEATURES_SUPPORTED,
 };
+use outboard_testkit::guest::{blk, BlkClient, GuestAllocator, VirtioMmioDriver};
 
 /// Generous upper bound for anything a test waits on; hitting it means a hang.
 pub const HANG_GUARD: Duration = Duration::from_secs(20);

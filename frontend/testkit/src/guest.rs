@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::bus::{AccessError, Bus};
-use crate::irq::IrqLine;
-use crate::memory::GuestRam;
+use outboard_frontend::bus::{AccessError, Bus};
+use outboard_frontend::irq::IrqLine;
+use outboard_frontend::memory::GuestRam;
 use outboard_protocol::AccessSize;
 
 use outboard_protocol::virtio_mmio as regs;

@@ -1,6 +1,6 @@
 /* Shared definitions and routines of Outboard's guest programs.
  *
- * Machine contract (set up by outboard_frontend::kvm):
+ * Machine contract (set up by outboard_testkit::loader):
  *   - 32-bit flat protected mode, paging off; GDT at 0x1000 with a flat code
  *     segment at selector 0x08 and a flat data segment at 0x10.
  *   - The program is loaded at 0x10000 and entered there; EBX holds the vCPU

@@ -21,8 +21,8 @@ use std::io::{BufRead, Write};
 
 use thiserror::Error;
 
-use crate::bus::{AccessError, Space};
-use crate::machine::{self, Frontend};
+use outboard_frontend::{AccessError, Frontend, Space};
+
 use outboard_protocol::AccessSize;
 
 /// Why a script line failed.
@@ -62,7 +62,7 @@ pub enum Error {
         line: usize,
         /// Why.
         #[source]
-        source: machine::Error,
+        source: outboard_frontend::Error,
     },
     /// cannot read or write the script streams
     #[error("cannot read or write the script streams")]

@@ -14,6 +14,8 @@ const PROGRAMS: &[&str] = &[
     "interrupts",
     "smp",
     "bench",
+    "relocate",
+    "echo",
 ];
 
 fn run(cmd: &mut Command) {

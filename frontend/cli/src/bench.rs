@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use outboard::Device;
 use outboard_backends::scratch::{self, Scratch};
-use outboard_frontend::backend::Source;
 use outboard_frontend::bus::{AccessError, BusDevice};
-use outboard_frontend::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
-use outboard_frontend::kvm::{self, programs, Machine, DATA_ADDR};
+use outboard_frontend::kvm;
+use outboard_frontend::launch::Source;
 use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{AccessSize, DeviceSpec, Frontend, Options};
+use outboard_frontend::{Access, AccessSize, DeviceSpec, Frontend, Options};
+use outboard_testkit::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::loader::{self, programs, DATA_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::AnyError;
@@ -195,19 +196,19 @@ pub fn echo(path: &Path, use_epoll: bool) -> Result<(), AnyError> {
 struct InProcess(Mutex<Scratch>);
 
 impl BusDevice for InProcess {
-    fn read(&self, offset: u64, size: AccessSize) -> Result<u64, AccessError> {
+    fn read(&self, a: Access) -> Result<u64, AccessError> {
         Ok(self
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .read(0, offset, size))
+            .read(0, a.offset, a.size))
     }
 
-    fn write(&self, offset: u64, size: AccessSize, value: u64) -> Result<(), AccessError> {
+    fn write(&self, a: Access, value: u64) -> Result<(), AccessError> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .write(0, offset, size, value);
+            .write(0, a.offset, a.size, value);
         Ok(())
     }
 }
@@ -501,10 +502,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     // (6) KVM: guest MMIO reads to an in-frontend device vs an Outboard backend.
     match kvm::available() {
         Ok(()) => kvm_figures(&mut r, &plan, options.clone(), local)?,
-        Err(e) => println!(
-            "  (6)  skipped: {}",
-            outboard_frontend::remote::error_chain(&e)
-        ),
+        Err(e) => println!("  (6)  skipped: {}", outboard_frontend::error_chain(&e)),
     }
 
     // (7) virtio-blk 4 KiB random I/O at QD 1 and 16.
@@ -535,17 +533,21 @@ fn kvm_figures(
     let mut fe = Frontend::new(options);
     fe.set_memory(GuestRam::new(&[(0, 16 << 20)])?)?;
     fe.attach(
-        &DeviceSpec::spawn("scratch", "outboard-scratch", &[]).place(0, kvm::layout::SCRATCH),
+        &DeviceSpec::spawn("scratch", "outboard-scratch", &[]).place(0, loader::layout::SCRATCH),
     )?;
     pin_backends(&fe);
     fe.mmio().insert(LOCAL, scratch::REGS_SIZE, local)?;
     let mut run = |mode: u32, addr: u64, count: u32| -> Result<Duration, AnyError> {
-        let m = Machine::new(&mut fe, 1)?;
-        m.load(programs::BENCH)?;
-        m.poke(DATA_ADDR, mode)?;
-        m.poke(DATA_ADDR + 4, addr as u32)?;
-        m.poke(DATA_ADDR + 8, count)?;
-        let res = m.run(Duration::from_secs(300))?;
+        let g = loader::FlatGuest::new(&mut fe, programs::BENCH, 1, &[])?;
+        let ram = fe.memory().ok_or("no guest RAM")?.memory();
+        for (at, v) in [
+            (DATA_ADDR, mode),
+            (DATA_ADDR + 4, addr as u32),
+            (DATA_ADDR + 8, count),
+        ] {
+            ram.write_obj(v, GuestAddress(at))?;
+        }
+        let res = g.run(Duration::from_secs(300))?;
         if res.exit_code != 0 {
             return Err(format!("bench guest exited with {}", res.exit_code).into());
         }
@@ -556,7 +558,7 @@ fn kvm_figures(
         |d: Duration, empty: Duration| (d.saturating_sub(empty)).as_nanos() as f64 / f64::from(n);
     let empty = run(0, LOCAL, 0)?;
     let local_ns = per(run(0, LOCAL, n)?, empty);
-    let remote_ns = per(run(0, kvm::layout::SCRATCH, n)?, empty);
+    let remote_ns = per(run(0, loader::layout::SCRATCH, n)?, empty);
     r.add(Figure {
         id: "6a",
         name: "KVM guest MMIO read, device in the frontend".into(),
@@ -577,7 +579,7 @@ fn kvm_figures(
         ratio: Some(remote_ns / local_ns.max(1.0)),
         target: None,
     });
-    let bell = run(1, kvm::layout::SCRATCH + scratch::REG_DB0, n * 10)?;
+    let bell = run(1, loader::layout::SCRATCH + scratch::REG_DB0, n * 10)?;
     let rate = f64::from(n * 10) / bell.saturating_sub(empty).as_secs_f64().max(1e-9);
     r.add(Figure {
         id: "6c",

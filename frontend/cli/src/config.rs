@@ -36,8 +36,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::backend::Source;
-use crate::machine::{DeviceSpec, Placement};
+use outboard_frontend::launch::Source;
+use outboard_frontend::{DeviceSpec, Placement};
 
 /// Errors reading a configuration.
 #[derive(Debug, Error)]

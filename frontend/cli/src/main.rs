@@ -7,16 +7,19 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::config::Config;
 use clap::{Parser, Subcommand};
 use outboard_frontend::backend::{Builtin, Launcher, Source};
-use outboard_frontend::config::Config;
+use outboard_frontend::error_chain;
 use outboard_frontend::kvm;
 use outboard_frontend::memory::GuestRam;
-use outboard_frontend::remote::error_chain;
-use outboard_frontend::{script, DeviceSpec, Frontend, Options};
+use outboard_frontend::{DeviceSpec, Frontend, Options};
+use outboard_testkit::loader;
 
 mod bench;
+mod config;
 mod demo;
+mod script;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -236,7 +239,7 @@ fn run(
             Ok(()) => return run_guest(&mut fe, &cfg, guest),
             Err(e) => println!(
                 "run: {}; running the test-guest script instead of {guest}",
-                outboard_frontend::remote::error_chain(&e)
+                error_chain(&e)
             ),
         }
     }
@@ -256,7 +259,7 @@ fn run(
 /// Runs the configured guest program on KVM; the process exits with the
 /// guest's exit code.
 fn run_guest(fe: &mut Frontend, cfg: &Config, guest: &str) -> Result<(), AnyError> {
-    let program: Vec<u8> = match kvm::programs::by_name(guest) {
+    let program: Vec<u8> = match loader::programs::by_name(guest) {
         Some(p) => p.to_vec(),
         None => std::fs::read(guest).map_err(|e| format!("cannot read guest {guest}: {e}"))?,
     };
@@ -271,7 +274,7 @@ fn run_guest(fe: &mut Frontend, cfg: &Config, guest: &str) -> Result<(), AnyErro
         .collect();
     let vcpus = cfg.vcpus.unwrap_or(1).max(1);
     println!("run: /dev/kvm is usable: running {guest} on {vcpus} vCPU(s)");
-    let r = kvm::run_program(fe, &program, vcpus, &irqs, Duration::from_secs(600))?;
+    let r = loader::run_program(fe, &program, vcpus, &irqs, Duration::from_secs(600))?;
     let statuses = fe.shutdown();
     println!(
         "run: guest exited with code {} after {:?}; {} devices shut down",

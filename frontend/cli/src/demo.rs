@@ -3,12 +3,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::script;
 use outboard_backends::scratch::{self, ID};
 use outboard_backends::uart::COM1;
-use outboard_frontend::guest::{blk, rng_read, BlkClient, GuestAllocator, VirtioMmioDriver};
-use outboard_frontend::kvm::{self, layout, programs};
+use outboard_frontend::kvm;
 use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{script, AccessSize, DeviceSpec, Frontend, Options};
+use outboard_frontend::{AccessSize, DeviceSpec, Frontend, Options};
+use outboard_testkit::guest::{blk, rng_read, BlkClient, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::loader::{self, layout, programs};
 
 use crate::AnyError;
 
@@ -109,7 +111,7 @@ fn kvm_demo(
     ];
     for (name, program, vcpus, irqs) in runs {
         fe.reset("scratch")?;
-        let r = kvm::run_program(
+        let r = loader::run_program(
             &mut fe,
             program,
             vcpus,
@@ -120,7 +122,7 @@ fn kvm_demo(
             "demo: kvm: {name} on {vcpus} vCPU(s): exit code {}, {} MMIO exits, {} port exits, {:.1} ms",
             r.exit_code,
             r.stats.mmio_exits(),
-            r.stats.pio.load(std::sync::atomic::Ordering::Relaxed),
+            r.stats.pio_exits(),
             r.elapsed.as_secs_f64() * 1e3
         );
         c.check(&format!("KVM guest {name} exits with 0"), r.exit_code == 0);
@@ -318,7 +320,7 @@ pub fn run(options: Options) -> Result<(), AnyError> {
         }
         Err(e) => println!(
             "demo: {}: the socket test driver above stood in for a guest",
-            outboard_frontend::remote::error_chain(&e)
+            outboard_frontend::error_chain(&e)
         ),
     }
     let clean = statuses.iter().all(|(_, s)| s.is_some_and(|s| s.success()));
