@@ -33,7 +33,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::device::EventOutcome;
-use crate::virtio::{regs::F_VERSION_1, VirtioDevice};
+use crate::virtio::VirtioDevice;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// Errors serving over vhost-user.
 #[derive(Debug, Error)]
@@ -145,7 +146,9 @@ impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D>
     }
 
     fn features(&self) -> u64 {
-        self.device.features() | F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.features()
+            | (1 << VIRTIO_F_VERSION_1)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&mut self, features: u64) {

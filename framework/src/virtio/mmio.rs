@@ -1,0 +1,439 @@
+//! [`VirtioMmio`]: a [`VirtioDevice`] behind the shared virtio-mmio
+//! transport, with virtio-queue queues built at activation.
+
+use std::os::fd::RawFd;
+
+use log::warn;
+use outboard_protocol::control::DeviceKind;
+use outboard_protocol::AccessSize;
+use outboard_virtio_mmio::virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use outboard_virtio_mmio::{MmioTransport, QueueConfig, TransportDevice, MMIO_SIZE};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
+
+use super::{QueueError, VirtioDevice};
+use crate::device::{
+    Device, Doorbell, EventOutcome, GuestMemory, Interrupt, InterruptLine, Region,
+};
+
+/// A [`VirtioDevice`] behind the virtio-mmio transport.
+pub struct VirtioMmio<D: VirtioDevice> {
+    transport: MmioTransport,
+    side: DeviceSide<D>,
+}
+
+/// What the transport drives: the device logic, its queues (built from the
+/// driver's layout at DRIVER_OK), guest memory and the interrupt line.
+struct DeviceSide<D> {
+    device: D,
+    queues: Vec<Queue>,
+    memory: Option<GuestMemory>,
+    irq: Option<InterruptLine>,
+}
+
+impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioMmio")
+            .field("device", &self.side.device.name())
+            .field("status", &self.transport.status())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A virtio-queue queue with the layout the driver programmed, or why not.
+fn build_queue(index: usize, c: &QueueConfig, event_idx: bool) -> Result<Queue, QueueError> {
+    let mut q = Queue::new(c.max_size).map_err(QueueError::Queue)?;
+    q.set_size(c.size);
+    q.set_event_idx(event_idx);
+    q.set_desc_table_address(Some(c.desc as u32), Some((c.desc >> 32) as u32));
+    q.set_avail_ring_address(Some(c.avail as u32), Some((c.avail >> 32) as u32));
+    q.set_used_ring_address(Some(c.used as u32), Some((c.used >> 32) as u32));
+    q.set_ready(c.ready);
+    // virtio-queue ignores a misaligned address; a queue it would not take
+    // as programmed must not run on stale addresses.
+    let as_programmed = q.size() == c.size
+        && q.desc_table() == c.desc
+        && q.avail_ring() == c.avail
+        && q.used_ring() == c.used;
+    if c.ready && !as_programmed {
+        return Err(QueueError::Layout(index));
+    }
+    Ok(q)
+}
+
+impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
+    type Error = QueueError;
+
+    fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.features()
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.device.queue_max_sizes()
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        self.device.read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.device.write_config(offset, data);
+    }
+
+    fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), QueueError> {
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        self.queues = queues
+            .iter()
+            .enumerate()
+            .map(|(i, c)| build_queue(i, c, event_idx))
+            .collect::<Result<_, _>>()?;
+        self.device.activate(features);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.queues.clear();
+        self.device.reset();
+    }
+
+    fn queue_notify(&mut self, index: u16) -> Result<bool, QueueError> {
+        let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
+            return Ok(false);
+        };
+        let Some(queue) = self.queues.get_mut(usize::from(index)) else {
+            return Ok(false);
+        };
+        if !queue.ready() {
+            return Ok(false);
+        }
+        if !queue.is_valid(&*mem) {
+            return Err(QueueError::Chain("queue rings outside guest memory"));
+        }
+        let used = self.device.process_queue(usize::from(index), queue, &mem)?;
+        Ok(used && queue.needs_notification(&*mem).unwrap_or(true))
+    }
+
+    fn interrupt(&mut self, _bits: u32) {
+        if let Some(irq) = &self.irq {
+            if let Err(e) = irq.trigger() {
+                warn!("{}: cannot raise the interrupt: {e}", self.device.name());
+            }
+        }
+    }
+}
+
+impl<D: VirtioDevice> VirtioMmio<D> {
+    /// Wraps `device`. Queue sizes that are zero, above 32768 or not a power
+    /// of two are clamped to a valid size.
+    pub fn new(device: D) -> Self {
+        let side = DeviceSide {
+            device,
+            queues: Vec::new(),
+            memory: None,
+            irq: None,
+        };
+        VirtioMmio {
+            transport: MmioTransport::new(&side),
+            side,
+        }
+    }
+
+    /// The device logic.
+    pub fn inner(&self) -> &D {
+        &self.side.device
+    }
+
+    /// The transport's register state.
+    pub fn transport(&self) -> &MmioTransport {
+        &self.transport
+    }
+
+    /// Serves queue `index` if the driver is ready; notifies on used buffers.
+    fn kick(&mut self, index: usize) {
+        match u16::try_from(index) {
+            Ok(q) => self.transport.notify(&mut self.side, q),
+            Err(_) => warn!("{}: no queue {index}", self.side.device.name()),
+        }
+    }
+}
+
+impl<D: VirtioDevice> Device for VirtioMmio<D> {
+    fn name(&self) -> &str {
+        self.side.device.name()
+    }
+
+    fn kind(&self) -> DeviceKind {
+        DeviceKind(DeviceKind::VIRTIO_BASE + self.side.device.device_type())
+    }
+
+    fn regions(&self) -> Vec<Region> {
+        vec![Region::mmio("virtio-mmio", MMIO_SIZE).posted_writes()]
+    }
+
+    fn read(&mut self, _region: u32, offset: u64, size: AccessSize) -> u64 {
+        self.transport.read(&mut self.side, offset, size.bytes())
+    }
+
+    fn write(&mut self, _region: u32, offset: u64, size: AccessSize, value: u64) {
+        let was_active = self.transport.is_active(&self.side);
+        self.transport
+            .write(&mut self.side, offset, size.bytes(), value);
+        if !was_active && self.transport.is_active(&self.side) {
+            // A notify rides its own eventfd and may have overtaken the
+            // posted DRIVER_OK write; serve whatever is already queued.
+            for q in 0..self.transport.queues().len() {
+                self.kick(q);
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.transport.reset(&mut self.side);
+    }
+
+    fn doorbells(&self) -> Vec<Doorbell> {
+        (0..self.transport.queues().len())
+            .map(|q| Doorbell {
+                region: 0,
+                offset: u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
+                size: Some(AccessSize::B4),
+                datamatch: Some(q as u64),
+            })
+            .collect()
+    }
+
+    fn doorbell(&mut self, index: usize, _count: u64) {
+        // However many notifies were coalesced, one pass drains the queue.
+        self.kick(index);
+    }
+
+    fn interrupts(&self) -> Vec<Interrupt> {
+        vec![Interrupt { level: false }]
+    }
+
+    fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
+        if index == 0 {
+            self.side.irq = Some(line);
+        }
+    }
+
+    fn set_memory(&mut self, mem: GuestMemory) {
+        self.side.memory = Some(mem);
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        self.side.device.event_fds()
+    }
+
+    fn handle_event(&mut self, index: usize) -> EventOutcome {
+        let (outcome, queue) = self.side.device.handle_event(index);
+        if let Some(q) = queue {
+            self.kick(q);
+        }
+        outcome
+    }
+
+    fn fds_changed(&mut self) -> bool {
+        self.side.device.fds_changed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::queue::tests::{desc, memory};
+    use crate::virtio::{drain_queue, Memory};
+    use outboard_virtio_mmio::virtio_bindings::virtio_config::*;
+    use outboard_virtio_mmio::virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// Fills every writable buffer with 0xab.
+    struct Filler;
+
+    impl VirtioDevice for Filler {
+        fn name(&self) -> &str {
+            "filler"
+        }
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x5a);
+        }
+        fn reset(&mut self) {}
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            queue: &mut Queue,
+            mem: &Memory,
+        ) -> Result<bool, QueueError> {
+            drain_queue(queue, mem, |chain| {
+                let mut w = chain.writer(mem).map_err(QueueError::Buffers)?;
+                let n = w.available_bytes();
+                std::io::Write::write_all(&mut w, &vec![0xab; n]).map_err(QueueError::Memory)?;
+                Ok(n as u32)
+            })
+        }
+    }
+
+    struct Rig {
+        dev: VirtioMmio<Filler>,
+        irq: EventFd,
+        mem: GuestMemory,
+    }
+
+    fn rig() -> Rig {
+        let mem = GuestMemoryAtomic::new(memory());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|e| panic!("{e}"));
+        let line = irq.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        let mut dev = VirtioMmio::new(Filler);
+        dev.set_memory(mem.clone());
+        dev.connect_interrupt(0, InterruptLine::new(line));
+        Rig { dev, irq, mem }
+    }
+
+    impl Rig {
+        fn w(&mut self, reg: u32, v: u32) {
+            self.dev
+                .write(0, u64::from(reg), AccessSize::B4, u64::from(v));
+        }
+        fn r(&mut self, reg: u32) -> u32 {
+            self.dev.read(0, u64::from(reg), AccessSize::B4) as u32
+        }
+        /// Negotiates and sets queue 0 up at `base` with `chains` already
+        /// available (a queue beyond guest memory when `base` is outside
+        /// it); DRIVER_OK only if `start`.
+        fn setup(&mut self, base: u64, chains: &[RawDescriptor], start: bool) {
+            let (d, a, u) = if base < 0x10_0000 {
+                let m = self.mem.memory();
+                let mock = MockSplitQueue::create(&*m, GuestAddress(base), 16);
+                mock.add_desc_chains(chains, 0)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                (
+                    mock.desc_table_addr().0,
+                    mock.avail_addr().0,
+                    mock.used_addr().0,
+                )
+            } else {
+                (base, base + 0x100, base + 0x200)
+            };
+            self.w(VIRTIO_MMIO_STATUS, 3);
+            self.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            self.w(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+            self.w(VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
+            self.w(VIRTIO_MMIO_QUEUE_SEL, 0);
+            self.w(VIRTIO_MMIO_QUEUE_NUM, 16);
+            for (reg, addr) in [
+                (VIRTIO_MMIO_QUEUE_DESC_LOW, d),
+                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, a),
+                (VIRTIO_MMIO_QUEUE_USED_LOW, u),
+            ] {
+                self.w(reg, addr as u32);
+                self.w(reg + 4, (addr >> 32) as u32);
+            }
+            self.w(VIRTIO_MMIO_QUEUE_READY, 1);
+            if start {
+                self.start();
+            }
+        }
+        fn start(&mut self) {
+            self.w(VIRTIO_MMIO_STATUS, 0xf);
+        }
+        fn used_idx(&self, used: u64) -> u16 {
+            self.mem
+                .memory()
+                .read_obj(GuestAddress(used + 2))
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+        fn interrupts(&self) -> u64 {
+            self.irq.read().unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn driver_ok_when_buffers_already_queued_then_served_and_interrupt_raised() {
+        let mut r = rig();
+        r.setup(0x1000, &[desc(0x8000, 64, VRING_DESC_F_WRITE, 0)], false);
+        r.dev.doorbell(0, 1);
+        assert_eq!(r.interrupts(), 0, "doorbell before DRIVER_OK is ignored");
+        r.start();
+        assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0xf);
+        let used = r.dev.transport().queues()[0].used;
+        assert_eq!(r.used_idx(used), 1);
+        let mut buf = [0u8; 64];
+        r.mem
+            .memory()
+            .read_slice(&mut buf, GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(buf, [0xab; 64]);
+        assert_eq!(r.interrupts(), 1);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        r.w(VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn doorbell_when_rings_outside_memory_then_needs_reset_and_config_interrupt_once() {
+        let mut r = rig();
+        r.setup(0x20_0000, &[], true);
+        assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0xf | VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 2);
+        r.dev.doorbell(0, 3);
+        assert_eq!(r.interrupts(), 1, "raised once until reset");
+        r.dev.reset();
+        assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0);
+    }
+
+    #[test]
+    fn activation_when_ring_misaligned_then_needs_reset() {
+        let mut r = rig();
+        r.setup(0x1000, &[], false);
+        r.w(VIRTIO_MMIO_QUEUE_USED_LOW, 0x3001);
+        r.start();
+        assert_ne!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn chain_when_buffer_outside_memory_then_needs_reset() {
+        let mut r = rig();
+        r.setup(
+            0x1000,
+            &[desc(0xff000, 0x4000, VRING_DESC_F_WRITE, 0)],
+            true,
+        );
+        assert_ne!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS) & 2, 2);
+    }
+
+    #[test]
+    fn description_when_two_queues_then_region_doorbells_and_edge_line() {
+        let mut r = rig();
+        let regions = r.dev.regions();
+        assert_eq!(regions.len(), 1);
+        assert_eq!(regions[0].size, MMIO_SIZE);
+        assert!(regions[0].posted_writes);
+        let bells = r.dev.doorbells();
+        assert_eq!(bells.len(), 2);
+        assert_eq!(bells[1].offset, 0x50);
+        assert_eq!(bells[1].datamatch, Some(1));
+        assert_eq!(r.dev.interrupts(), vec![Interrupt { level: false }]);
+        assert_eq!(r.dev.kind(), DeviceKind(0x1004));
+        assert_eq!(r.dev.read(0, 0x100, AccessSize::B2), 0x5a5a);
+        assert_eq!(r.r(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+    }
+}
