@@ -232,3 +232,111 @@ fn shutdown_when_guest_exits_then_every_backend_exits_cleanly() {
     }
     let _ = std::fs::remove_file(&log);
 }
+
+/// Drives guests/relocate.S: one round of `writes` doorbell writes at `addr`.
+struct Rounds {
+    ram: std::sync::Arc<outboard_frontend::memory::GuestRam>,
+    round: u32,
+}
+
+impl Rounds {
+    const DATA: u64 = outboard_testkit::loader::DATA_ADDR;
+
+    fn poke(&self, off: u64, v: u32) {
+        use vm_memory::Bytes;
+        self.ram
+            .memory()
+            .write_obj(v, vm_memory::GuestAddress(Self::DATA + off))
+            .unwrap();
+    }
+
+    fn peek(&self, off: u64) -> u32 {
+        use vm_memory::Bytes;
+        self.ram
+            .memory()
+            .read_obj(vm_memory::GuestAddress(Self::DATA + off))
+            .unwrap()
+    }
+
+    fn go(&mut self, addr: u64, writes: u32) {
+        self.round += 1;
+        self.poke(0x14, addr as u32);
+        self.poke(0x18, writes);
+        self.poke(0x10, self.round);
+        let deadline = std::time::Instant::now() + outboard_tests::HANG_GUARD;
+        while self.peek(0x1c) != self.round {
+            assert!(std::time::Instant::now() < deadline, "round {}", self.round);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Scratch's doorbell-0 count once it reaches `want` (doorbells are counted
+/// when the backend drains the eventfd), or whatever it is at the hang guard.
+fn db0_count(fe: &Frontend, base: u64, want: u32) -> u64 {
+    let deadline = std::time::Instant::now() + outboard_tests::HANG_GUARD;
+    loop {
+        let c = fe
+            .mmio()
+            .try_read(base + 0x30, outboard_frontend::AccessSize::B8)
+            .unwrap();
+        if c >= u64::from(want) || std::time::Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn doorbells_when_region_moved_and_removed_while_guest_runs_then_registrations_follow() {
+    if !kvm_or_skip() {
+        return;
+    }
+    const N: u32 = 1000;
+    const MOVED: u64 = 0xd010_0000;
+    const DB0: u64 = 0x28;
+    let mut fe = vm_frontend();
+    scratch(&mut fe);
+    let guest =
+        outboard_testkit::loader::FlatGuest::new(&mut fe, programs::RELOCATE, 1, &[]).unwrap();
+    let stats = guest.machine.stats();
+    let runner = std::thread::spawn(move || guest.run(Duration::from_secs(120)));
+    let mut rounds = Rounds {
+        ram: fe.memory().unwrap().clone(),
+        round: 0,
+    };
+    // Placed at attach: the doorbell is an ioeventfd, no exit.
+    rounds.go(SCRATCH + DB0, N);
+    assert_eq!(stats.mmio_exits_at(SCRATCH + DB0), 0);
+    assert_eq!(db0_count(&fe, SCRATCH, N), u64::from(N));
+    // Moved (remove + place elsewhere): the ioeventfd moves with it.
+    fe.remove_region("scratch", 0, SCRATCH).unwrap();
+    assert_eq!(fe.set_region("scratch", 0, Some(MOVED)).unwrap(), MOVED);
+    rounds.go(MOVED + DB0, N);
+    assert_eq!(
+        stats.mmio_exits_at(MOVED + DB0),
+        0,
+        "no exit at the new address"
+    );
+    assert_eq!(db0_count(&fe, MOVED, 2 * N), u64::from(2 * N));
+    // The old address is unclaimed now: every write exits and goes nowhere.
+    rounds.go(SCRATCH + DB0, N);
+    assert_eq!(stats.mmio_exits_at(SCRATCH + DB0), u64::from(N));
+    assert_eq!(db0_count(&fe, MOVED, 0), u64::from(2 * N), "nothing rang");
+    // Removed altogether: the new address is unclaimed as well.
+    fe.remove_region("scratch", 0, MOVED).unwrap();
+    rounds.go(MOVED + DB0, N);
+    assert_eq!(stats.mmio_exits_at(MOVED + DB0), u64::from(N));
+    // Placed back where it began: exit-free again.
+    fe.set_region("scratch", 0, Some(SCRATCH)).unwrap();
+    rounds.go(SCRATCH + DB0, N);
+    assert_eq!(
+        stats.mmio_exits_at(SCRATCH + DB0),
+        u64::from(N),
+        "no new exits"
+    );
+    assert_eq!(db0_count(&fe, SCRATCH, 3 * N), u64::from(3 * N));
+    rounds.poke(0x10, u32::MAX);
+    let r = runner.join().unwrap().unwrap();
+    assert_eq!(r.exit_code, 0);
+}
