@@ -382,4 +382,29 @@ mod tests {
             Err(AccessError::OutOfRange { .. })
         ));
     }
+
+    struct Probe(AtomicU64);
+    impl BusDevice for Probe {
+        fn read(&self, a: Access) -> Result<u64, AccessError> {
+            Ok(u64::from(a.vcpu.unwrap_or(99)))
+        }
+        fn write(&self, _: Access, _: u64) -> Result<(), AccessError> {
+            Ok(())
+        }
+        fn quiesce(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn quiesce_when_devices_mapped_then_each_quiesced_and_vcpu_passed_through() {
+        let bus = Bus::new(Space::Pio);
+        let p = Arc::new(Probe(AtomicU64::new(0)));
+        assert_eq!(bus.insert(0x10, 4, p.clone()), Ok(()));
+        assert_eq!(bus.insert(0x20, 4, p.clone()), Ok(()));
+        bus.quiesce();
+        assert_eq!(p.0.load(Ordering::SeqCst), 2);
+        assert_eq!(bus.try_read_by(Some(3), 0x10, AccessSize::B1).ok(), Some(3));
+        assert_eq!(bus.try_read(0x20, AccessSize::B1).ok(), Some(99));
+    }
 }

@@ -287,3 +287,147 @@ impl BusDevice for RemoteRegion {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outboard_protocol::ioregionfd::{Op, CMD_SIZE};
+    use outboard_protocol::Resp;
+    use std::io::Write;
+
+    const RW: Permissions = Permissions {
+        read: true,
+        write: true,
+        sizes: 0x0f,
+    };
+
+    fn region(perms: Permissions, timeout_ms: u64) -> (RemoteRegion, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let r = RemoteRegion::new(
+            ours,
+            2,
+            100,
+            perms,
+            Health::new("t"),
+            Duration::from_millis(timeout_ms),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (r, theirs)
+    }
+
+    /// Plays the backend for `n` commands: answers reads with offset + token.
+    fn serve(mut sock: UnixStream, n: usize) -> std::thread::JoinHandle<Vec<Cmd>> {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..n {
+                let mut b = [0u8; CMD_SIZE];
+                if sock.read_exact(&mut b).is_err() {
+                    break;
+                }
+                let cmd = Cmd::decode(&b).unwrap_or_else(|e| panic!("{e}"));
+                if cmd.resp {
+                    let data = if cmd.op == Op::Read {
+                        cmd.offset + cmd.user_data
+                    } else {
+                        0
+                    };
+                    let _ = sock.write_all(&Resp { data }.encode());
+                }
+                seen.push(cmd);
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn read_when_vcpu_has_a_token_then_its_token_else_the_base_one() {
+        let (r, theirs) = region(RW, 5000);
+        let r = r.with_vcpu_tokens(2);
+        let backend = serve(theirs, 3);
+        let a = Access::new(0, 8, AccessSize::B4);
+        assert_eq!(r.read(a).unwrap_or(0), 108);
+        assert_eq!(r.read(a.by(Some(1))).unwrap_or(0), 8 + 102);
+        assert_eq!(r.read(a.by(Some(2))).unwrap_or(0), 108, "beyond the tokens");
+        let seen = backend.join().unwrap_or_default();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(r.region(), 2);
+    }
+
+    #[test]
+    fn write_when_posted_or_doorbell_then_no_wait_and_eventfd_rings() {
+        let (r, theirs) = region(RW, 5000);
+        let bell = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|e| panic!("{e}")));
+        let r = r.with_posted_writes(true).with_doorbells(
+            vec![DoorbellMatch {
+                offset: 0x50,
+                size: Some(AccessSize::B4),
+                datamatch: Some(1),
+                eventfd: Arc::clone(&bell),
+            }],
+            false,
+        );
+        let backend = serve(theirs, 2);
+        let w = Access::new(0, 0x50, AccessSize::B4);
+        r.write(w, 1).unwrap_or_else(|e| panic!("{e}"));
+        r.write(w, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(bell.read().unwrap_or(0), 2, "both rang the eventfd");
+        r.write(w, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            r.read(w).unwrap_or(0),
+            0x50 + 100,
+            "the read follows the posted write"
+        );
+        let seen = backend.join().unwrap_or_default();
+        assert_eq!(
+            seen.len(),
+            2,
+            "only the mismatching write and the read travelled"
+        );
+        assert!(!seen[0].resp, "posted");
+        r.quiesce(); // no control connection: nothing to wait for
+    }
+
+    #[test]
+    fn access_when_denied_then_refused_without_touching_the_socket() {
+        let ro = Permissions {
+            read: true,
+            write: false,
+            sizes: 0x04,
+        };
+        let (r, _theirs) = region(ro, 5000);
+        let a = Access::new(0, 0, AccessSize::B4);
+        assert!(matches!(r.write(a, 1), Err(AccessError::Denied)));
+        assert!(matches!(
+            r.read(Access::new(0, 0, AccessSize::B2)),
+            Err(AccessError::Denied)
+        ));
+        let (fast, _t) = region(RW, 5000);
+        let fast = fast.with_doorbells(Vec::new(), true);
+        assert!(matches!(fast.write(a, 1), Err(AccessError::Denied)));
+    }
+
+    #[test]
+    fn read_when_backend_silent_then_timeout_fails_the_device_and_later_accesses_fail_fast() {
+        let (r, _theirs) = region(RW, 50);
+        let a = Access::new(0, 0, AccessSize::B4);
+        assert!(matches!(r.read(a), Err(AccessError::Timeout)));
+        assert!(r.health().is_failed());
+        assert!(matches!(r.read(a), Err(AccessError::DeviceFailed(_))));
+    }
+
+    #[test]
+    fn read_when_backend_gone_or_short_then_backend_gone_or_short_response() {
+        let (r, theirs) = region(RW, 5000);
+        drop(theirs);
+        let a = Access::new(0, 0, AccessSize::B4);
+        assert!(matches!(r.read(a), Err(AccessError::BackendGone)));
+        let (r, mut theirs) = region(RW, 5000);
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; CMD_SIZE];
+            let _ = theirs.read_exact(&mut b);
+            let _ = theirs.write_all(&[0u8; 5]);
+        });
+        assert!(matches!(r.read(a), Err(AccessError::ShortResponse(5))));
+        let _ = t.join();
+    }
+}

@@ -12,10 +12,9 @@ use std::time::Duration;
 use kvm_bindings::{kvm_mp_state, kvm_segment, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use outboard_frontend::kvm::{self, Machine, RunResult, StopHandle};
-use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{Access, AccessError, Bus, BusDevice, Frontend};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Port a guest writes its exit code to (32 bits).
 pub const EXIT_PORT: u16 = 0x501;
@@ -179,10 +178,9 @@ pub fn setup_vcpu(vcpu: &VcpuFd, index: usize) -> Result<(), Error> {
 
 /// Clears guest RAM (a fresh machine: no state from an earlier guest),
 /// builds the GDT and copies a flat program to [`LOAD_ADDR`].
-pub fn load(ram: &GuestRam, program: &[u8]) -> Result<(), Error> {
-    let mem = ram.memory();
+pub fn load(mem: &GuestMemoryMmap<()>, program: &[u8]) -> Result<(), Error> {
     let zeros = vec![0u8; 1 << 20];
-    for (addr, size) in ram.layout() {
+    for (addr, size) in mem.iter().map(|r| (r.start_addr().0, r.len())) {
         let mut at = 0;
         while at < size {
             let n = (size - at).min(zeros.len() as u64) as usize;
@@ -225,7 +223,7 @@ impl FlatGuest {
         for &(dev, line, gsi) in irqs {
             fe.route_irq(dev, line, gsi)?;
         }
-        load(&ram, program)?;
+        load(ram.memory(), program)?;
         for i in 0..machine.num_vcpus() {
             if let Some(v) = machine.vcpu(i) {
                 setup_vcpu(v, i)?;
