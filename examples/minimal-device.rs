@@ -16,7 +16,7 @@
 
 use std::process::ExitCode;
 
-use outboard::{AccessSize, Device, Region};
+use outboard::{Access, AccessSize, Device, DeviceDescription, Region};
 
 #[derive(Default)]
 struct Mailbox {
@@ -25,24 +25,21 @@ struct Mailbox {
 }
 
 impl Device for Mailbox {
-    fn name(&self) -> &str {
-        "mailbox"
+    fn describe(&self) -> DeviceDescription {
+        DeviceDescription::new("mailbox")
+            .region(Region::mmio("mailbox", 16).access_sizes(&[AccessSize::B4]))
     }
 
-    fn regions(&self) -> Vec<Region> {
-        vec![Region::mmio("mailbox", 16).access_sizes(&[AccessSize::B4])]
-    }
-
-    fn read(&mut self, _region: u32, offset: u64, _size: AccessSize) -> u64 {
-        match offset {
+    fn read(&mut self, access: Access) -> u64 {
+        match access.offset {
             0 => u64::from(self.value),
             4 => u64::from(self.writes),
             _ => 0,
         }
     }
 
-    fn write(&mut self, _region: u32, offset: u64, _size: AccessSize, value: u64) {
-        if offset == 0 {
+    fn write(&mut self, access: Access, value: u64) {
+        if access.offset == 0 {
             self.value = value as u32;
             self.writes += 1;
         }

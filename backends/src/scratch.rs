@@ -38,8 +38,10 @@ use std::ffi::OsString;
 use std::process::ExitCode;
 
 use log::warn;
-use outboard::device::{Doorbell, GuestMemory, Interrupt, InterruptLine};
-use outboard::{AccessSize, Device, DeviceKind, Region};
+use outboard::{
+    Access, AccessSize, Device, DeviceDescription, DeviceKind, Doorbell, GuestMemory, Interrupt,
+    InterruptLine, Region,
+};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 /// Value of the ID register.
@@ -212,44 +214,34 @@ impl Scratch {
 }
 
 impl Device for Scratch {
-    fn name(&self) -> &str {
-        "scratch"
-    }
-
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::SCRATCH
-    }
-
-    fn regions(&self) -> Vec<Region> {
-        vec![
-            Region::mmio("regs", REGS_SIZE).posted_writes(),
-            Region::mmio("aux", AUX_SIZE).posted_writes(),
-            Region::pio("port", PORT_SIZE).posted_writes(),
-            Region::mmio("kick", KICK_SIZE).write_only().fast_mmio(),
-        ]
-    }
-
-    fn doorbells(&self) -> Vec<Doorbell> {
-        vec![
-            Doorbell {
+    fn describe(&self) -> DeviceDescription {
+        DeviceDescription::new("scratch")
+            .kind(DeviceKind::SCRATCH)
+            .region(Region::mmio("regs", REGS_SIZE).posted_writes())
+            .region(Region::mmio("aux", AUX_SIZE).posted_writes())
+            .region(Region::pio("port", PORT_SIZE).posted_writes())
+            .region(Region::mmio("kick", KICK_SIZE).write_only().fast_mmio())
+            .doorbell(Doorbell {
                 region: 0,
                 offset: REG_DB0,
                 size: Some(AccessSize::B4),
                 datamatch: None,
-            },
-            Doorbell {
+            })
+            .doorbell(Doorbell {
                 region: 0,
                 offset: REG_DB1,
                 size: Some(AccessSize::B4),
                 datamatch: Some(DB1_MATCH),
-            },
-            Doorbell {
+            })
+            .doorbell(Doorbell {
                 region: 3,
                 offset: 0,
                 size: None,
                 datamatch: None,
-            },
-        ]
+            })
+            .interrupt(Interrupt { level: false })
+            .interrupt(Interrupt { level: true })
+            .needs_memory()
     }
 
     fn doorbell(&mut self, index: usize, count: u64) {
@@ -262,10 +254,6 @@ impl Device for Scratch {
             1 => s.db1_count += count,
             _ => s.db2_count += count,
         }
-    }
-
-    fn interrupts(&self) -> Vec<Interrupt> {
-        vec![Interrupt { level: false }, Interrupt { level: true }]
     }
 
     fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
@@ -284,7 +272,13 @@ impl Device for Scratch {
         self.memory = Some(mem);
     }
 
-    fn read(&mut self, region: u32, offset: u64, size: AccessSize) -> u64 {
+    fn read(&mut self, access: Access) -> u64 {
+        let Access {
+            region,
+            offset,
+            size,
+            ..
+        } = access;
         match region {
             0 if offset < BANK => load(&self.registers(), offset, size),
             0 => offset
@@ -296,8 +290,15 @@ impl Device for Scratch {
         }
     }
 
-    fn write(&mut self, region: u32, offset: u64, size: AccessSize, value: u64) {
+    fn write(&mut self, access: Access, value: u64) {
+        let Access {
+            region,
+            offset,
+            size,
+            vcpu,
+        } = access;
         let s = &mut self.state;
+        s.last_vcpu = vcpu.map_or(0, |v| u64::from(v) + 1);
         s.write_count += 1;
         s.last = value;
         match (region, offset) {
@@ -333,18 +334,6 @@ impl Device for Scratch {
         }
     }
 
-    fn write_from(
-        &mut self,
-        vcpu: Option<u32>,
-        region: u32,
-        offset: u64,
-        size: AccessSize,
-        value: u64,
-    ) {
-        self.state.last_vcpu = vcpu.map_or(0, |v| u64::from(v) + 1);
-        self.write(region, offset, size, value);
-    }
-
     fn reset(&mut self) {
         self.state = State::default();
     }
@@ -364,14 +353,17 @@ mod tests {
     #[test]
     fn read_id_when_narrow_then_addressed_bytes() {
         let mut s = Scratch::default();
-        assert_eq!(s.read(0, REG_ID, AccessSize::B8), ID);
-        assert_eq!(s.read(0, REG_ID, AccessSize::B1), u64::from(b'O'));
+        assert_eq!(s.read(Access::new(0, REG_ID, AccessSize::B8)), ID);
         assert_eq!(
-            s.read(0, REG_ID + 4, AccessSize::B4),
+            s.read(Access::new(0, REG_ID, AccessSize::B1)),
+            u64::from(b'O')
+        );
+        assert_eq!(
+            s.read(Access::new(0, REG_ID + 4, AccessSize::B4)),
             u64::from(u32::from_le_bytes(*b"RTCH"))
         );
         assert_eq!(
-            s.read(0, REG_MEM_DATA, AccessSize::B8),
+            s.read(Access::new(0, REG_MEM_DATA, AccessSize::B8)),
             u64::MAX,
             "no memory yet"
         );
@@ -380,25 +372,28 @@ mod tests {
     #[test]
     fn write_bank_when_sizes_mixed_then_little_endian() {
         let mut s = Scratch::default();
-        s.write(0, BANK, AccessSize::B8, 0x1122_3344_5566_7788);
-        s.write(0, BANK + 1, AccessSize::B2, 0xaabb);
-        assert_eq!(s.read(0, BANK, AccessSize::B8), 0x1122_3344_55aa_bb88);
-        assert_eq!(s.read(0, REG_WRITE_COUNT, AccessSize::B8), 2);
-        assert_eq!(s.read(0, REG_LAST, AccessSize::B8), 0xaabb);
+        s.write(Access::new(0, BANK, AccessSize::B8), 0x1122_3344_5566_7788);
+        s.write(Access::new(0, BANK + 1, AccessSize::B2), 0xaabb);
+        assert_eq!(
+            s.read(Access::new(0, BANK, AccessSize::B8)),
+            0x1122_3344_55aa_bb88
+        );
+        assert_eq!(s.read(Access::new(0, REG_WRITE_COUNT, AccessSize::B8)), 2);
+        assert_eq!(s.read(Access::new(0, REG_LAST, AccessSize::B8)), 0xaabb);
     }
 
     #[test]
     fn accum_when_written_then_sums_and_reset_clears() {
         let mut s = Scratch::default();
         for v in 1..=10 {
-            s.write(0, REG_ACCUM, AccessSize::B4, v);
+            s.write(Access::new(0, REG_ACCUM, AccessSize::B4), v);
         }
-        assert_eq!(s.read(0, REG_ACCUM, AccessSize::B8), 55);
-        s.write(2, 3, AccessSize::B1, 9);
-        assert_eq!(s.read(2, 3, AccessSize::B1), 9);
+        assert_eq!(s.read(Access::new(0, REG_ACCUM, AccessSize::B8)), 55);
+        s.write(Access::new(2, 3, AccessSize::B1), 9);
+        assert_eq!(s.read(Access::new(2, 3, AccessSize::B1)), 9);
         s.reset();
-        assert_eq!(s.read(0, REG_ACCUM, AccessSize::B8), 0);
-        assert_eq!(s.read(2, 3, AccessSize::B1), 0);
-        assert_eq!(s.read(0, REG_ID, AccessSize::B8), ID);
+        assert_eq!(s.read(Access::new(0, REG_ACCUM, AccessSize::B8)), 0);
+        assert_eq!(s.read(Access::new(2, 3, AccessSize::B1)), 0);
+        assert_eq!(s.read(Access::new(0, REG_ID, AccessSize::B8)), ID);
     }
 }

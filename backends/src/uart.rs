@@ -12,7 +12,7 @@ use std::io;
 use std::process::ExitCode;
 
 use log::error;
-use outboard::{AccessSize, Device, DeviceKind, Region};
+use outboard::{Access, AccessSize, Device, DeviceDescription, DeviceKind, Region};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -67,29 +67,26 @@ impl Uart {
 }
 
 impl Device for Uart {
-    fn name(&self) -> &str {
-        "uart-16550a"
+    fn describe(&self) -> DeviceDescription {
+        DeviceDescription::new("uart-16550a")
+            .kind(DeviceKind::UART)
+            .region(
+                Region::pio("com", 8)
+                    .access_sizes(&[AccessSize::B1])
+                    .posted_writes()
+                    .preferred_addr(COM1),
+            )
     }
 
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::UART
-    }
-
-    fn regions(&self) -> Vec<Region> {
-        vec![Region::pio("com", 8)
-            .access_sizes(&[AccessSize::B1])
-            .posted_writes()
-            .preferred_addr(COM1)]
-    }
-
-    fn read(&mut self, _region: u32, offset: u64, _size: AccessSize) -> u64 {
+    fn read(&mut self, access: Access) -> u64 {
         match self.serial.as_mut() {
-            Some(s) => u64::from(s.read(offset as u8)),
+            Some(s) => u64::from(s.read(access.offset as u8)),
             None => u64::MAX,
         }
     }
 
-    fn write(&mut self, _region: u32, offset: u64, _size: AccessSize, value: u64) {
+    fn write(&mut self, access: Access, value: u64) {
+        let offset = access.offset;
         if let Some(s) = self.serial.as_mut() {
             if let Err(e) = s.write(offset as u8, value as u8) {
                 error!("uart write at offset {offset}: {e}");
@@ -143,13 +140,21 @@ mod tests {
         let out = Shared::default();
         let mut u = Uart::new(Box::new(out.clone())).unwrap_or_else(|e| panic!("{e}"));
         for b in b"hi" {
-            u.write(0, 0, AccessSize::B1, u64::from(*b));
+            u.write(Access::new(0, 0, AccessSize::B1), u64::from(*b));
         }
-        u.write(0, 7, AccessSize::B1, 0x5a);
-        assert_eq!(u.read(0, 7, AccessSize::B1), 0x5a, "scratch register");
+        u.write(Access::new(0, 7, AccessSize::B1), 0x5a);
+        assert_eq!(
+            u.read(Access::new(0, 7, AccessSize::B1)),
+            0x5a,
+            "scratch register"
+        );
         u.reset();
-        assert_eq!(u.read(0, 7, AccessSize::B1), 0, "reset clears scratch");
-        u.write(0, 0, AccessSize::B1, u64::from(b'!'));
+        assert_eq!(
+            u.read(Access::new(0, 7, AccessSize::B1)),
+            0,
+            "reset clears scratch"
+        );
+        u.write(Access::new(0, 0, AccessSize::B1), u64::from(b'!'));
         assert_eq!(&*out.0.lock().unwrap_or_else(|p| p.into_inner()), b"hi!");
     }
 }

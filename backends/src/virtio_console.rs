@@ -10,14 +10,13 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use log::{info, warn};
 use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice};
-use outboard::EventOutcome;
+use outboard::EventOps;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
@@ -26,6 +25,10 @@ pub const RX: usize = 0;
 /// Transmit queue index.
 pub const TX: usize = 1;
 const MAX_PENDING: usize = 1 << 20;
+/// Event id of the listening socket.
+const LISTENER: u32 = 0;
+/// Event id of the connected client.
+const CLIENT: u32 = 1;
 
 /// `outboard-virtio-console`: a single-port virtio console.
 #[derive(Debug, clap::Args)]
@@ -46,7 +49,7 @@ pub struct Console {
     pending: VecDeque<u8>,
     path: Option<PathBuf>,
     paused: bool,
-    rescan: bool,
+    ops: EventOps,
 }
 
 impl std::fmt::Debug for Console {
@@ -78,8 +81,87 @@ impl Console {
             pending: VecDeque::new(),
             path: args.input_socket,
             paused: false,
-            rescan: false,
+            ops: EventOps::detached(),
         })
+    }
+
+    /// Watches the client again after input was paused.
+    fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
+        if let Some(c) = &self.client {
+            if let Err(e) = self.ops.add(c, CLIENT) {
+                warn!("console input: cannot resume reading: {e}");
+            }
+        }
+    }
+
+    /// Accepts a client, replacing the previous one.
+    fn accept(&mut self) {
+        let Some(l) = &self.listener else {
+            return;
+        };
+        match l.accept() {
+            Ok((c, _)) => {
+                info!("console input client connected");
+                if let Err(e) = c.set_nonblocking(true) {
+                    warn!("console input: {e}");
+                    return;
+                }
+                self.drop_client();
+                if !self.paused {
+                    if let Err(e) = self.ops.add(&c, CLIENT) {
+                        warn!("console input: cannot watch the client: {e}");
+                        return;
+                    }
+                }
+                self.client = Some(c);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!("console input: {e}"),
+        }
+    }
+
+    fn drop_client(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !self.paused {
+                // Closing the socket would unregister it too; say so explicitly.
+                let _ = self.ops.remove(&c, CLIENT);
+            }
+        }
+    }
+
+    /// Reads what the client sent; returns whether input is pending.
+    fn read_client(&mut self) -> bool {
+        let Some(client) = self.client.as_mut() else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        match client.read(&mut buf) {
+            Ok(0) => {
+                info!("console input client left");
+                self.drop_client();
+                !self.pending.is_empty()
+            }
+            Ok(n) => {
+                self.pending.extend(&buf[..n]);
+                if self.pending.len() >= MAX_PENDING && !self.paused {
+                    // Stop reading until the guest drains its input.
+                    if let Some(c) = &self.client {
+                        let _ = self.ops.remove(c, CLIENT);
+                    }
+                    self.paused = true;
+                }
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                warn!("console input: {e}");
+                self.drop_client();
+                false
+            }
+        }
     }
 
     fn transmit(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
@@ -122,9 +204,8 @@ impl Console {
             used = true;
         }
         if self.paused && self.pending.len() < MAX_PENDING / 2 {
-            // Room again: have the runtime watch the client once more.
-            self.paused = false;
-            self.rescan = true;
+            // Room again: watch the client once more.
+            self.resume();
         }
         Ok(used)
     }
@@ -153,10 +234,7 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.pending.clear();
-        if self.paused {
-            self.paused = false;
-            self.rescan = true;
-        }
+        self.resume();
     }
 
     fn process_queue(
@@ -172,70 +250,22 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn event_fds(&self) -> Vec<RawFd> {
-        let mut fds = Vec::new();
+    fn init(&mut self, ops: &EventOps) -> io::Result<()> {
+        self.ops = ops.clone();
         if let Some(l) = &self.listener {
-            fds.push(l.as_raw_fd());
+            ops.add(l, LISTENER)?;
         }
-        if let Some(c) = &self.client {
-            if !self.paused {
-                fds.push(c.as_raw_fd());
-            }
-        }
-        fds
+        Ok(())
     }
 
-    fn fds_changed(&mut self) -> bool {
-        std::mem::take(&mut self.rescan)
-    }
-
-    fn handle_event(&mut self, index: usize) -> (EventOutcome, Option<usize>) {
-        let listener_slot = usize::from(self.listener.is_none());
-        if index == 0 && listener_slot == 0 {
-            if let Some(l) = &self.listener {
-                match l.accept() {
-                    Ok((c, _)) => {
-                        info!("console input client connected");
-                        self.client = Some(c);
-                        return (EventOutcome::Rescan, None);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return (EventOutcome::Keep, None)
-                    }
-                    Err(e) => {
-                        warn!("console input: {e}");
-                        return (EventOutcome::Keep, None);
-                    }
-                }
+    fn handle_event(&mut self, id: u32, _ops: &EventOps) -> Option<usize> {
+        match id {
+            LISTENER => {
+                self.accept();
+                None
             }
-        }
-        let Some(client) = self.client.as_mut() else {
-            return (EventOutcome::Remove, None);
-        };
-        let mut buf = [0u8; 4096];
-        match client.read(&mut buf) {
-            Ok(0) => {
-                info!("console input client left");
-                self.client = None;
-                (EventOutcome::Rescan, Some(RX))
-            }
-            Ok(n) => {
-                self.pending.extend(&buf[..n]);
-                let outcome = if self.pending.len() >= MAX_PENDING {
-                    // Stop reading until the guest drains its input.
-                    self.paused = true;
-                    EventOutcome::Rescan
-                } else {
-                    EventOutcome::Keep
-                };
-                (outcome, Some(RX))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (EventOutcome::Keep, None),
-            Err(e) => {
-                warn!("console input: {e}");
-                self.client = None;
-                (EventOutcome::Rescan, None)
-            }
+            _ if self.paused => None,
+            _ => self.read_client().then_some(RX),
         }
     }
 }

@@ -11,7 +11,6 @@
 //! listen); 2 on a protocol violation. The reason is printed on stderr.
 
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
@@ -21,6 +20,7 @@ use std::process::ExitCode;
 
 use clap::{Args, FromArgMatches, Parser};
 use log::info;
+use outboard_protocol::error_chain;
 use thiserror::Error;
 
 use crate::device::Device;
@@ -89,17 +89,6 @@ pub enum Error {
     /// this device has no vhost-user transport
     #[error("this device has no vhost-user transport")]
     NoVhostUser,
-}
-
-/// Formats an error with its chain of causes: `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let _ = write!(s, ": {c}");
-        cur = c.source();
-    }
-    s
 }
 
 /// Obtains the control socket the options name: the inherited fd, or the

@@ -1,26 +1,21 @@
-//! What a device model implements: the [`Device`] trait and [`Region`] descriptions.
+//! What a device model implements: the [`Device`] trait, its
+//! [`DeviceDescription`] and the [`Region`]s, [`Doorbell`]s and
+//! [`Interrupt`]s it declares.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use thiserror::Error;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use outboard_protocol::control::{
-    DeviceKind, RegionInfo, REGION_FAST_MMIO, REGION_PIO, REGION_POSTED_WRITES,
+    self, DeviceKind, RegionInfo, REGION_FAST_MMIO, REGION_PIO, REGION_POSTED_WRITES,
     REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE,
 };
-use outboard_protocol::AccessSize;
+use outboard_protocol::{Access, AccessSize, Space};
 
-/// Which guest address space a region lives in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Space {
-    /// Memory-mapped I/O.
-    Mmio,
-    /// x86 port I/O.
-    Pio,
-}
+use crate::events::EventOps;
 
 /// One region a device offers: a window of guest address space whose
 /// accesses arrive at [`Device::read`] and [`Device::write`] with an offset
@@ -190,16 +185,128 @@ impl InterruptLine {
     }
 }
 
-/// What the runtime does with a device fd after [`Device::handle_event`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventOutcome {
-    /// Keep watching the fd.
-    Keep,
-    /// Stop watching the fd (it reached end of file, say).
-    Remove,
-    /// The device's set of fds changed (a connection was accepted or
-    /// closed): ask [`Device::event_fds`] again and watch exactly those.
-    Rescan,
+/// Why a [`DeviceDescription`] cannot be served.
+#[derive(Debug, Error)]
+pub enum DescriptionError {
+    /// device declares {0} regions, more than the protocol can index
+    #[error("device declares {0} regions, more than the protocol can index")]
+    TooManyRegions(usize),
+    /// device name is invalid
+    #[error("device name is invalid")]
+    BadName(#[source] control::Error),
+    /// device region {index} is invalid
+    #[error("device region {index} is invalid")]
+    BadRegion {
+        /// Index of the offending region.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: control::Error,
+    },
+    /// device doorbell {0} does not fit its region
+    #[error("device doorbell {0} does not fit its region")]
+    BadDoorbell(usize),
+}
+
+/// Everything the frontend learns about a device, described once by
+/// [`Device::describe`]. Indices of regions, doorbells and interrupt lines
+/// are their positions in these lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceDescription {
+    /// Human-readable device name (at most 64 bytes).
+    pub name: String,
+    /// What kind of device this is.
+    pub kind: DeviceKind,
+    /// The regions the device offers.
+    pub regions: Vec<Region>,
+    /// Doorbells the device declares.
+    pub doorbells: Vec<Doorbell>,
+    /// Interrupt lines the device declares.
+    pub interrupts: Vec<Interrupt>,
+    /// The device reaches guest memory (virtio queues, DMA). Only then does
+    /// the runtime offer `F_MEM_TABLE` and call [`Device::set_memory`]: a
+    /// device that does not need guest RAM never gets it.
+    pub needs_memory: bool,
+}
+
+impl DeviceDescription {
+    /// A device called `name` of kind [`DeviceKind::OTHER`] with nothing
+    /// declared yet.
+    pub fn new(name: impl Into<String>) -> Self {
+        DeviceDescription {
+            name: name.into(),
+            kind: DeviceKind::OTHER,
+            regions: Vec::new(),
+            doorbells: Vec::new(),
+            interrupts: Vec::new(),
+            needs_memory: false,
+        }
+    }
+
+    /// Sets the kind.
+    pub fn kind(mut self, kind: DeviceKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Adds a region (its index is the number of regions before it).
+    pub fn region(mut self, region: Region) -> Self {
+        self.regions.push(region);
+        self
+    }
+
+    /// Adds a doorbell.
+    pub fn doorbell(mut self, doorbell: Doorbell) -> Self {
+        self.doorbells.push(doorbell);
+        self
+    }
+
+    /// Adds an interrupt line.
+    pub fn interrupt(mut self, interrupt: Interrupt) -> Self {
+        self.interrupts.push(interrupt);
+        self
+    }
+
+    /// Declares that the device needs guest memory.
+    pub fn needs_memory(mut self) -> Self {
+        self.needs_memory = true;
+        self
+    }
+
+    /// Checks what the protocol requires of a description: valid names,
+    /// regions with a size and known access sizes, and doorbells whose
+    /// access their region allows (a sizeless one: an offset inside its
+    /// region and no datamatch).
+    pub fn validate(&self) -> Result<(), DescriptionError> {
+        if u32::try_from(self.regions.len()).is_err() {
+            return Err(DescriptionError::TooManyRegions(self.regions.len()));
+        }
+        control::check_name(&self.name, control::DEVICE_NAME_LEN)
+            .map_err(DescriptionError::BadName)?;
+        for (index, r) in self.regions.iter().enumerate() {
+            control::check_name(&r.name, control::REGION_NAME_LEN)
+                .map_err(|source| DescriptionError::BadRegion { index, source })?;
+            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 {
+                return Err(DescriptionError::BadRegion {
+                    index,
+                    source: control::Error::AccessSizes(r.access_sizes),
+                });
+            }
+        }
+        for (i, d) in self.doorbells.iter().enumerate() {
+            let fits = self
+                .regions
+                .get(d.region as usize)
+                .is_some_and(|r| match d.size {
+                    Some(size) => r.allows(d.offset, size),
+                    None => d.offset < r.size,
+                });
+            if !fits || (d.size.is_none() && d.datamatch.is_some()) {
+                return Err(DescriptionError::BadDoorbell(i));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A device model served by the Outboard runtime.
@@ -210,83 +317,36 @@ pub enum EventOutcome {
 /// allow, or a direction it does not permit) are filtered out before they
 /// reach the device: reads of them return all-ones and writes are dropped.
 pub trait Device {
-    /// Human-readable device name (at most 64 bytes).
-    fn name(&self) -> &str;
+    /// The device's name, kind, regions, doorbells, interrupt lines and
+    /// whether it needs guest memory. Called once, at start-up.
+    fn describe(&self) -> DeviceDescription;
 
-    /// What kind of device this is.
-    fn kind(&self) -> DeviceKind {
-        DeviceKind::OTHER
-    }
+    /// A guest read: `access` names the region, the offset in it, the width
+    /// and the vCPU when the frontend said. Returns the value read.
+    fn read(&mut self, access: Access) -> u64;
 
-    /// The regions the device offers; their indices are positions in this list.
-    /// Called once, at start-up.
-    fn regions(&self) -> Vec<Region>;
-
-    /// A guest read of `size` bytes at `offset` into region `region`.
-    fn read(&mut self, region: u32, offset: u64, size: AccessSize) -> u64;
-
-    /// A guest write of `value` (already truncated to `size`) at `offset` into region `region`.
-    fn write(&mut self, region: u32, offset: u64, size: AccessSize, value: u64);
-
-    /// A read by vCPU `vcpu` (`None`: no particular vCPU, or the frontend
-    /// did not say). Devices that care which vCPU accesses them (an
-    /// interrupt controller's per-CPU banks) override this; the default
-    /// forwards to [`Device::read`].
-    fn read_from(&mut self, vcpu: Option<u32>, region: u32, offset: u64, size: AccessSize) -> u64 {
-        let _ = vcpu;
-        self.read(region, offset, size)
-    }
-
-    /// A write by vCPU `vcpu`; the default forwards to [`Device::write`].
-    fn write_from(
-        &mut self,
-        vcpu: Option<u32>,
-        region: u32,
-        offset: u64,
-        size: AccessSize,
-        value: u64,
-    ) {
-        let _ = vcpu;
-        self.write(region, offset, size, value)
-    }
+    /// A guest write of `value`, already truncated to `access.size`.
+    fn write(&mut self, access: Access, value: u64);
 
     /// Return to the power-on state.
     fn reset(&mut self);
 
-    /// The device's own fds (input sources, timers) the event loop should
-    /// watch for readability. Called at start-up and after
-    /// [`EventOutcome::Rescan`].
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
+    /// Called once before serving: register the device's own fds (input
+    /// sources, timers) with `ops`, and keep a clone of it to change them
+    /// later. An error stops the backend from starting.
+    fn init(&mut self, ops: &EventOps) -> io::Result<()> {
+        let _ = ops;
+        Ok(())
     }
 
-    /// The fd at `index` of [`Device::event_fds`] is readable (or hung up).
-    fn handle_event(&mut self, index: usize) -> EventOutcome {
-        let _ = index;
-        EventOutcome::Remove
-    }
-
-    /// True (once) when [`Device::event_fds`] would now return a different
-    /// set because of something other than an event on one of them (the
-    /// guest drained input the device had stopped reading, say). The runtime
-    /// asks after every doorbell and re-watches the new set.
-    fn fds_changed(&mut self) -> bool {
-        false
-    }
-
-    /// Doorbells the device declares, indexed by position. Called once, at start-up.
-    fn doorbells(&self) -> Vec<Doorbell> {
-        Vec::new()
+    /// The fd registered as `id` is readable (or hung up).
+    fn handle_event(&mut self, id: u32, ops: &EventOps) {
+        let _ = (id, ops);
     }
 
     /// Doorbell `index` rang `count` times since the last call (coalesced).
     fn doorbell(&mut self, index: usize, count: u64) {
         let _ = (index, count);
-    }
-
-    /// Interrupt lines the device declares, indexed by position. Called once, at start-up.
-    fn interrupts(&self) -> Vec<Interrupt> {
-        Vec::new()
     }
 
     /// The frontend connected interrupt line `index`; it may do so again
@@ -301,8 +361,9 @@ pub trait Device {
         let _ = index;
     }
 
-    /// The guest memory handle, given once at start-up (empty until the
-    /// frontend sends a memory table; later tables replace its contents).
+    /// The guest memory handle, given once at start-up to a device whose
+    /// description says it needs memory (empty until the frontend sends a
+    /// memory table; later tables replace its contents).
     fn set_memory(&mut self, mem: GuestMemory) {
         let _ = mem;
     }
@@ -334,5 +395,69 @@ mod tests {
         );
         assert_eq!(i.access_sizes, 1);
         assert_eq!(i.preferred_addr, 0x3f8);
+    }
+
+    fn described() -> DeviceDescription {
+        DeviceDescription::new("dev")
+            .region(Region::mmio("regs", 16))
+            .doorbell(Doorbell {
+                region: 0,
+                offset: 8,
+                size: Some(AccessSize::B4),
+                datamatch: Some(1),
+            })
+    }
+
+    #[test]
+    fn validate_when_well_formed_then_ok() {
+        let d = described()
+            .interrupt(Interrupt { level: true })
+            .needs_memory();
+        assert!(d.validate().is_ok());
+        assert!(d.needs_memory);
+        assert_eq!(d.kind, DeviceKind::OTHER);
+    }
+
+    #[test]
+    fn validate_when_doorbell_outside_region_or_sizeless_with_datamatch_then_refused() {
+        let mut d = described();
+        d.doorbells[0].offset = 14;
+        assert!(matches!(
+            d.validate(),
+            Err(DescriptionError::BadDoorbell(0))
+        ));
+        d.doorbells[0] = Doorbell {
+            region: 0,
+            offset: 0,
+            size: None,
+            datamatch: Some(3),
+        };
+        assert!(matches!(
+            d.validate(),
+            Err(DescriptionError::BadDoorbell(0))
+        ));
+        d.doorbells[0].region = 1;
+        assert!(matches!(
+            d.validate(),
+            Err(DescriptionError::BadDoorbell(0))
+        ));
+    }
+
+    #[test]
+    fn validate_when_names_or_regions_bad_then_refused() {
+        let long = "x".repeat(65);
+        assert!(matches!(
+            DeviceDescription::new(long).validate(),
+            Err(DescriptionError::BadName(_))
+        ));
+        let mut d = described();
+        d.regions[0].size = 0;
+        assert!(matches!(
+            d.validate(),
+            Err(DescriptionError::BadRegion { index: 0, .. })
+        ));
+        let mut d = described();
+        d.regions[0].access_sizes = 0x10;
+        assert!(d.validate().is_err());
     }
 }

@@ -6,21 +6,22 @@
 //! reads the device's [`Region`]s, places them in guest address space and
 //! hands over one ioregionfd data socket per region. From then on every guest
 //! access arrives as a 32-byte command (see [`outboard_protocol::ioregionfd`])
-//! and the runtime calls [`Device::read`] or [`Device::write`] with the
-//! region index and the offset inside the region.
+//! and the runtime calls [`Device::read`] or [`Device::write`] with an
+//! [`Access`]: the region index, the offset inside it, the width and the vCPU.
 //!
 //! A complete backend:
 //!
 //! ```no_run
-//! use outboard::{AccessSize, Device, Region};
+//! use outboard::{Access, Device, DeviceDescription, Region};
 //!
 //! struct Latch(u64);
 //!
 //! impl Device for Latch {
-//!     fn name(&self) -> &str { "latch" }
-//!     fn regions(&self) -> Vec<Region> { vec![Region::mmio("latch", 8)] }
-//!     fn read(&mut self, _: u32, _: u64, _: AccessSize) -> u64 { self.0 }
-//!     fn write(&mut self, _: u32, _: u64, _: AccessSize, v: u64) { self.0 = v }
+//!     fn describe(&self) -> DeviceDescription {
+//!         DeviceDescription::new("latch").region(Region::mmio("latch", 8))
+//!     }
+//!     fn read(&mut self, _: Access) -> u64 { self.0 }
+//!     fn write(&mut self, _: Access, v: u64) { self.0 = v }
 //!     fn reset(&mut self) { self.0 = 0 }
 //! }
 //!
@@ -35,20 +36,26 @@
 //! ```
 //!
 //! The runtime ([`runtime::Backend`]) is one epoll loop over the control
-//! socket, every data socket and the device's own fds ([`Device::event_fds`]).
-//! It drains each readable data socket in batches, serves commands in order,
-//! and answers only commands with the resp bit, so posted writes cost the
-//! guest no round trip.
+//! socket, every data socket, doorbell and resample eventfds and the
+//! device's own fds (registered through [`EventOps`]). It drains each
+//! readable data socket in batches, serves commands in order, and answers
+//! only commands with the resp bit, so posted writes cost the guest no
+//! round trip. Guest memory reaches only devices that declare
+//! [`DeviceDescription::needs_memory`].
 
 #![deny(missing_docs)]
 
 pub mod cli;
 pub mod device;
+pub mod events;
 pub mod runtime;
 pub mod vhost_user;
 pub mod virtio;
 
 pub use cli::{run, run_virtio, BackendArgs};
-pub use device::{Device, EventOutcome, Region, Space};
+pub use device::{
+    Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
+};
+pub use events::EventOps;
 pub use outboard_protocol::control::DeviceKind;
-pub use outboard_protocol::AccessSize;
+pub use outboard_protocol::{Access, AccessSize, Space};

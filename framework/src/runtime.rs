@@ -30,20 +30,23 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{
-    Device, Doorbell, EventOutcome, GuestMemory, Interrupt, InterruptLine, Region,
+    DescriptionError, Device, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
+use crate::events::{token, Epoll, EventOps};
+use outboard_protocol::control::{DeviceKind, F_MEM_TABLE};
+use outboard_protocol::Access;
 
 /// Bytes read from a data socket per `recv`: 512 commands.
 pub const BATCH_BYTES: usize = 512 * CMD_SIZE;
 /// `recv` calls on one data socket per wake-up before other fds get a turn.
 const MAX_READS_PER_WAKE: usize = 16;
 
-const TOKEN_CONTROL: u64 = 0;
-const TOKEN_DATA: u64 = 1 << 32;
-const TOKEN_DEVICE: u64 = 2 << 32;
-const TOKEN_DOORBELL: u64 = 3 << 32;
-const TOKEN_RESAMPLE: u64 = 4 << 32;
-const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
+const TOKEN_CONTROL: u64 = token::CONTROL;
+const TOKEN_DATA: u64 = token::DATA;
+const TOKEN_DEVICE: u64 = token::DEVICE;
+const TOKEN_DOORBELL: u64 = token::DOORBELL;
+const TOKEN_RESAMPLE: u64 = token::RESAMPLE;
+const TOKEN_KIND_MASK: u64 = token::KIND_MASK;
 
 /// Errors that end the backend's event loop.
 #[derive(Debug, Error)]
@@ -83,24 +86,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// device declares {0} regions, more than the protocol can index
-    #[error("device declares {0} regions, more than the protocol can index")]
-    TooManyRegions(usize),
-    /// device name is invalid
-    #[error("device name is invalid")]
-    BadDeviceName(#[source] control::Error),
-    /// device doorbell {0} does not fit its region
-    #[error("device doorbell {0} does not fit its region")]
-    BadDoorbell(usize),
-    /// device region {index} is invalid
-    #[error("device region {index} is invalid")]
-    BadRegion {
-        /// Index of the offending region.
-        index: usize,
-        /// What is wrong with it.
-        #[source]
-        source: control::Error,
-    },
+    /// the device description is invalid
+    #[error("the device description is invalid")]
+    Description(#[source] DescriptionError),
+    /// the device cannot start
+    #[error("the device cannot start")]
+    DeviceInit(#[source] io::Error),
 }
 
 /// A placed region: where the frontend put it and which socket carries it.
@@ -130,15 +121,18 @@ enum Flow {
 pub struct Backend<D: Device> {
     device: D,
     regions: Vec<Region>,
+    name: String,
+    kind: DeviceKind,
+    features: u64,
     control: Channel,
-    epoll: OwnedFd,
+    epoll: Epoll,
+    ops: EventOps,
     negotiated: Option<Negotiated>,
     placements: Vec<Option<Placement>>,
     sockets: Vec<Option<DataSocket>>,
     /// Token -> (region, vCPU): each placed region's base token and its
     /// per-vCPU tokens.
     by_user_data: HashMap<u64, (u32, Option<u32>)>,
-    device_fds: Vec<RawFd>,
     doorbells: Vec<Doorbell>,
     doorbell_fds: Vec<Option<EventFd>>,
     interrupts: Vec<Interrupt>,
@@ -151,65 +145,44 @@ pub struct Backend<D: Device> {
 impl<D: Device> Backend<D> {
     /// Prepares to serve `device` on a connected control socket.
     pub fn new(device: D, control: UnixStream) -> Result<Self, Error> {
-        let regions = device.regions();
-        if regions.len() > u32::MAX as usize {
-            return Err(Error::TooManyRegions(regions.len()));
-        }
-        control::check_name(device.name(), control::DEVICE_NAME_LEN)
-            .map_err(Error::BadDeviceName)?;
-        for (index, r) in regions.iter().enumerate() {
-            control::check_name(&r.name, control::REGION_NAME_LEN)
-                .map_err(|source| Error::BadRegion { index, source })?;
-            if r.size == 0 || r.access_sizes == 0 || r.access_sizes & !0x0f != 0 {
-                return Err(Error::BadRegion {
-                    index,
-                    source: control::Error::AccessSizes(r.access_sizes),
-                });
-            }
-        }
-        let doorbells = device.doorbells();
-        for (i, d) in doorbells.iter().enumerate() {
-            let fits = regions
-                .get(d.region as usize)
-                .is_some_and(|r| match d.size {
-                    Some(size) => r.allows(d.offset, size),
-                    // A sizeless doorbell matches any width: it only needs its offset inside.
-                    None => d.offset < r.size,
-                });
-            if !fits || (d.size.is_none() && d.datamatch.is_some()) {
-                return Err(Error::BadDoorbell(i));
-            }
-        }
-        let interrupts = device.interrupts();
+        let desc = device.describe();
+        desc.validate().map_err(Error::Description)?;
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let epfd = epoll::create(true).map_err(Error::Epoll)?;
-        // SAFETY: epoll_create1 just returned this fd; nothing else owns it.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epfd) };
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let ops = epoll.ops();
         let mut device = device;
-        device.set_memory(memory.clone());
-        let device_fds = device.event_fds();
+        let mut features = FEATURES_SUPPORTED;
+        if desc.needs_memory {
+            device.set_memory(memory.clone());
+        } else {
+            // Least privilege: a device that does not need guest RAM never gets it.
+            features &= !F_MEM_TABLE;
+        }
         let backend = Backend {
-            placements: regions.iter().map(|_| None).collect(),
+            placements: desc.regions.iter().map(|_| None).collect(),
             device,
-            regions,
+            name: desc.name,
+            kind: desc.kind,
+            features,
+            regions: desc.regions,
             control: Channel::new(control),
             epoll,
+            ops,
             negotiated: None,
             sockets: Vec::new(),
             by_user_data: HashMap::new(),
-            device_fds,
-            doorbell_fds: doorbells.iter().map(|_| None).collect(),
-            doorbells,
-            resample_fds: interrupts.iter().map(|_| None).collect(),
-            interrupts,
+            doorbell_fds: desc.doorbells.iter().map(|_| None).collect(),
+            doorbells: desc.doorbells,
+            resample_fds: desc.interrupts.iter().map(|_| None).collect(),
+            interrupts: desc.interrupts,
             memory,
             responses: Vec::with_capacity(BATCH_BYTES),
             rejected_accesses: 0,
         };
         backend.watch(backend.control.as_raw_fd(), TOKEN_CONTROL)?;
-        for i in 0..backend.device_fds.len() {
-            backend.watch(backend.device_fds[i], TOKEN_DEVICE | i as u64)?;
-        }
+        let mut backend = backend;
+        let ops = backend.ops.clone();
+        backend.device.init(&ops).map_err(Error::DeviceInit)?;
         Ok(backend)
     }
 
@@ -219,22 +192,11 @@ impl<D: Device> Backend<D> {
     }
 
     fn watch(&self, fd: RawFd, token: u64) -> Result<(), Error> {
-        epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, token),
-        )
-        .map_err(Error::Epoll)
+        self.epoll.add(fd, token).map_err(Error::Epoll)
     }
 
     fn unwatch(&self, fd: RawFd) {
-        if let Err(e) = epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_DEL,
-            fd,
-            epoll::Event::new(epoll::Events::empty(), 0),
-        ) {
+        if let Err(e) = self.epoll.remove(fd) {
             warn!("cannot stop watching fd {fd}: {e}");
         }
     }
@@ -243,24 +205,18 @@ impl<D: Device> Backend<D> {
     pub fn run(&mut self) -> Result<(), Error> {
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 32];
         loop {
-            let n = match epoll::wait(self.epoll.as_raw_fd(), -1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::Epoll(e)),
-            };
+            let n = self.epoll.wait(-1, &mut events).map_err(Error::Epoll)?;
             for ev in &events[..n] {
                 let token = ev.data;
                 match token & TOKEN_KIND_MASK {
                     TOKEN_DATA => {
                         self.serve_data((token & 0xffff_ffff) as usize)?;
                     }
-                    TOKEN_DEVICE => self.serve_device_fd((token & 0xffff_ffff) as usize)?,
-                    TOKEN_DOORBELL => {
-                        self.serve_doorbell((token & 0xffff_ffff) as usize);
-                        if self.device.fds_changed() {
-                            self.rescan_device_fds()?;
-                        }
+                    TOKEN_DEVICE => {
+                        let ops = self.ops.clone();
+                        self.device.handle_event((token & 0xffff_ffff) as u32, &ops);
                     }
+                    TOKEN_DOORBELL => self.serve_doorbell((token & 0xffff_ffff) as usize),
                     TOKEN_RESAMPLE => self.serve_resample((token & 0xffff_ffff) as usize),
                     _ => {
                         if let Flow::Exit = self.serve_control()? {
@@ -295,36 +251,6 @@ impl<D: Device> Backend<D> {
                 Err(e) => warn!("resample of interrupt {index}: {e}"),
             }
         }
-    }
-
-    fn serve_device_fd(&mut self, index: usize) -> Result<(), Error> {
-        match self.device.handle_event(index) {
-            EventOutcome::Keep => {}
-            EventOutcome::Remove => {
-                if let Some(&fd) = self.device_fds.get(index) {
-                    self.unwatch(fd);
-                }
-            }
-            EventOutcome::Rescan => self.rescan_device_fds()?,
-        }
-        Ok(())
-    }
-
-    fn rescan_device_fds(&mut self) -> Result<(), Error> {
-        for &fd in &self.device_fds {
-            // A closed fd has already left the epoll set; that is fine.
-            let _ = epoll::ctl(
-                self.epoll.as_raw_fd(),
-                epoll::ControlOptions::EPOLL_CTL_DEL,
-                fd,
-                epoll::Event::new(epoll::Events::empty(), 0),
-            );
-        }
-        self.device_fds = self.device.event_fds();
-        for i in 0..self.device_fds.len() {
-            self.watch(self.device_fds[i], TOKEN_DEVICE | i as u64)?;
-        }
-        Ok(())
     }
 
     /// Serves every command already queued on every data socket. Called before
@@ -434,7 +360,7 @@ impl<D: Device> Backend<D> {
                     return Err((Status::Unsupported, None));
                 }
                 let peer = Hello::decode(&payload).map_err(bad)?;
-                let ours = Hello::ours(FEATURES_SUPPORTED);
+                let ours = Hello::ours(self.features);
                 match ours.negotiate(&peer) {
                     Ok(n) => {
                         info!(
@@ -450,7 +376,7 @@ impl<D: Device> Backend<D> {
             Request::GetDeviceInfo => Ok((
                 Some(
                     DeviceInfo {
-                        kind: self.device.kind(),
+                        kind: self.kind,
                         num_regions: self.regions.len() as u32,
                         num_doorbells: if negotiated & F_DOORBELL != 0 {
                             self.doorbells.len() as u32
@@ -462,7 +388,7 @@ impl<D: Device> Backend<D> {
                         } else {
                             0
                         },
-                        name: self.device.name().to_owned(),
+                        name: self.name.clone(),
                     }
                     .encode(),
                 ),
@@ -823,17 +749,15 @@ impl<D: Device> Backend<D> {
                 }
             }
             let data = match cmd.op {
-                Op::Read if valid => cmd
-                    .size
-                    .truncate(self.device.read_from(vcpu, index, cmd.offset, cmd.size)),
+                Op::Read if valid => cmd.size.truncate(
+                    self.device
+                        .read(Access::new(index, cmd.offset, cmd.size).by(vcpu)),
+                ),
                 Op::Read => cmd.size.all_ones(),
                 Op::Write => {
                     if valid {
-                        self.device.write_from(
-                            vcpu,
-                            index,
-                            cmd.offset,
-                            cmd.size,
+                        self.device.write(
+                            Access::new(index, cmd.offset, cmd.size).by(vcpu),
                             cmd.size.truncate(cmd.data),
                         );
                     }

@@ -8,8 +8,8 @@
 //! kick calls [`VirtioDevice::process_queue`]) and call eventfds (signalled
 //! when buffers were used).
 //!
-//! The device's own fds ([`VirtioDevice::event_fds`], the console's input
-//! socket) are registered in the daemon's epoll loop as extra listeners.
+//! The device's own fds (the console's input socket), registered through
+//! its [`EventOps`], become extra listeners in the daemon's epoll loop.
 //!
 //! vhost-user has no DEVICE_NEEDS_RESET without the STATUS protocol
 //! feature, so a queue the device cannot process is logged and left alone
@@ -32,7 +32,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::device::EventOutcome;
+use crate::events::{EventOps, Watch};
 use crate::virtio::VirtioDevice;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
@@ -45,9 +45,9 @@ pub enum Error {
     /// vhost-user daemon failed: {0}
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
-    /// cannot watch the device's fds
-    #[error("cannot watch the device's fds")]
-    Listener(#[source] io::Error),
+    /// the device cannot start
+    #[error("the device cannot start")]
+    DeviceInit(#[source] io::Error),
 }
 
 type Shared<D> = Arc<Mutex<Adapter<D>>>;
@@ -57,8 +57,7 @@ pub struct Adapter<D: VirtioDevice + Send + Sync + 'static> {
     device: D,
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
     exit: (EventConsumer, EventNotifier),
-    epoll: Option<Weak<VringEpollHandler<Shared<D>>>>,
-    watched: Vec<RawFd>,
+    ops: EventOps,
     num_queues: usize,
     max_queue_size: usize,
 }
@@ -85,30 +84,8 @@ impl<D: VirtioDevice + Send + Sync + 'static> Adapter<D> {
             device,
             memory: None,
             exit,
-            epoll: None,
-            watched: Vec::new(),
+            ops: EventOps::detached(),
         })
-    }
-
-    /// Extra-listener id of device fd `index` (ids up to `num_queues` are the daemon's).
-    fn listener_id(&self, index: usize) -> u64 {
-        (self.num_queues + 1 + index) as u64
-    }
-
-    /// Watches exactly the device's current fds.
-    fn rewatch(&mut self) -> io::Result<()> {
-        let Some(epoll) = self.epoll.as_ref().and_then(Weak::upgrade) else {
-            return Ok(());
-        };
-        for (i, fd) in std::mem::take(&mut self.watched).into_iter().enumerate() {
-            // A closed fd has already left the epoll set.
-            let _ = epoll.unregister_listener(fd, EventSet::IN, self.listener_id(i));
-        }
-        self.watched = self.device.event_fds();
-        for (i, &fd) in self.watched.iter().enumerate() {
-            epoll.register_listener(fd, EventSet::IN, self.listener_id(i))?;
-        }
-        Ok(())
     }
 
     fn process(&mut self, queue: usize, vrings: &[VringRwLock]) -> io::Result<()> {
@@ -198,15 +175,17 @@ impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D>
         if event < self.num_queues {
             return self.process(event, vrings);
         }
-        let index = event - self.num_queues - 1;
-        let (outcome, queue) = self.device.handle_event(index);
-        if let Some(q) = queue {
-            self.process(q, vrings)?;
+        let Some(id) = event
+            .checked_sub(self.num_queues + 1)
+            .and_then(|id| u32::try_from(id).ok())
+        else {
+            return Ok(());
+        };
+        let ops = self.ops.clone();
+        match self.device.handle_event(id, &ops) {
+            Some(q) => self.process(q, vrings),
+            None => Ok(()),
         }
-        if outcome != EventOutcome::Keep || self.device.fds_changed() {
-            self.rewatch()?;
-        }
-        Ok(())
     }
 }
 
@@ -220,11 +199,50 @@ pub fn serve<D: VirtioDevice + Send + Sync + 'static>(device: D, path: &Path) ->
         .map_err(|e| Error::Daemon(e.to_string()))?;
     if let Some(handler) = daemon.get_epoll_handlers().first() {
         let mut adapter = backend.lock().unwrap_or_else(PoisonError::into_inner);
-        adapter.epoll = Some(Arc::downgrade(handler));
-        adapter.rewatch().map_err(Error::Listener)?;
+        let ops = EventOps::new(Arc::new(Listeners {
+            handler: Arc::downgrade(handler),
+            first: adapter.num_queues as u64 + 1,
+        }));
+        adapter.ops = ops.clone();
+        adapter.device.init(&ops).map_err(Error::DeviceInit)?;
     }
     info!("{name}: serving vhost-user on {}", path.display());
     let result = daemon.serve(path).map_err(|e| Error::Daemon(e.to_string()));
     info!("{name}: vhost-user frontend disconnected");
     result
+}
+
+/// A device's [`EventOps`] over the daemon's epoll handler: device id `n`
+/// is listener `first + n` (the ids up to the number of queues are the
+/// daemon's own).
+struct Listeners<D: VirtioDevice + Send + Sync + 'static> {
+    handler: Weak<VringEpollHandler<Shared<D>>>,
+    first: u64,
+}
+
+impl<D: VirtioDevice + Send + Sync + 'static> Listeners<D> {
+    fn listener(&self, id: u32) -> io::Result<(Arc<VringEpollHandler<Shared<D>>>, u64)> {
+        let handler = self
+            .handler
+            .upgrade()
+            .ok_or_else(|| io::Error::other("the vhost-user daemon has stopped"))?;
+        // vhost-user-backend reports listeners as 16-bit device events.
+        let data = self.first + u64::from(id);
+        if data > u64::from(u16::MAX) {
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        }
+        Ok((handler, data))
+    }
+}
+
+impl<D: VirtioDevice + Send + Sync + 'static> Watch for Listeners<D> {
+    fn add(&self, fd: RawFd, id: u32) -> io::Result<()> {
+        let (handler, data) = self.listener(id)?;
+        handler.register_listener(fd, EventSet::IN, data)
+    }
+
+    fn remove(&self, fd: RawFd, id: u32) -> io::Result<()> {
+        let (handler, data) = self.listener(id)?;
+        handler.unregister_listener(fd, EventSet::IN, data)
+    }
 }

@@ -1,7 +1,7 @@
 //! [`VirtioMmio`]: a [`VirtioDevice`] behind the shared virtio-mmio
 //! transport, with virtio-queue queues built at activation.
 
-use std::os::fd::RawFd;
+use std::io;
 
 use log::warn;
 use outboard_protocol::control::DeviceKind;
@@ -14,8 +14,10 @@ use vm_memory::GuestAddressSpace;
 
 use super::{QueueError, VirtioDevice};
 use crate::device::{
-    Device, Doorbell, EventOutcome, GuestMemory, Interrupt, InterruptLine, Region,
+    Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
+use crate::events::EventOps;
+use outboard_protocol::Access;
 
 /// A [`VirtioDevice`] behind the virtio-mmio transport.
 pub struct VirtioMmio<D: VirtioDevice> {
@@ -163,26 +165,33 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 }
 
 impl<D: VirtioDevice> Device for VirtioMmio<D> {
-    fn name(&self) -> &str {
-        self.side.device.name()
+    fn describe(&self) -> DeviceDescription {
+        let device = &self.side.device;
+        let mut desc = DeviceDescription::new(device.name())
+            .kind(DeviceKind(DeviceKind::VIRTIO_BASE + device.device_type()))
+            .region(Region::mmio("virtio-mmio", MMIO_SIZE).posted_writes())
+            .interrupt(Interrupt { level: false })
+            .needs_memory();
+        for q in 0..self.transport.queues().len() {
+            desc = desc.doorbell(Doorbell {
+                region: 0,
+                offset: u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
+                size: Some(AccessSize::B4),
+                datamatch: Some(q as u64),
+            });
+        }
+        desc
     }
 
-    fn kind(&self) -> DeviceKind {
-        DeviceKind(DeviceKind::VIRTIO_BASE + self.side.device.device_type())
+    fn read(&mut self, access: Access) -> u64 {
+        self.transport
+            .read(&mut self.side, access.offset, access.size.bytes())
     }
 
-    fn regions(&self) -> Vec<Region> {
-        vec![Region::mmio("virtio-mmio", MMIO_SIZE).posted_writes()]
-    }
-
-    fn read(&mut self, _region: u32, offset: u64, size: AccessSize) -> u64 {
-        self.transport.read(&mut self.side, offset, size.bytes())
-    }
-
-    fn write(&mut self, _region: u32, offset: u64, size: AccessSize, value: u64) {
+    fn write(&mut self, access: Access, value: u64) {
         let was_active = self.transport.is_active(&self.side);
         self.transport
-            .write(&mut self.side, offset, size.bytes(), value);
+            .write(&mut self.side, access.offset, access.size.bytes(), value);
         if !was_active && self.transport.is_active(&self.side) {
             // A notify rides its own eventfd and may have overtaken the
             // posted DRIVER_OK write; serve whatever is already queued.
@@ -196,24 +205,19 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
         self.transport.reset(&mut self.side);
     }
 
-    fn doorbells(&self) -> Vec<Doorbell> {
-        (0..self.transport.queues().len())
-            .map(|q| Doorbell {
-                region: 0,
-                offset: u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
-                size: Some(AccessSize::B4),
-                datamatch: Some(q as u64),
-            })
-            .collect()
+    fn init(&mut self, ops: &EventOps) -> io::Result<()> {
+        self.side.device.init(ops)
+    }
+
+    fn handle_event(&mut self, id: u32, ops: &EventOps) {
+        if let Some(q) = self.side.device.handle_event(id, ops) {
+            self.kick(q);
+        }
     }
 
     fn doorbell(&mut self, index: usize, _count: u64) {
         // However many notifies were coalesced, one pass drains the queue.
         self.kick(index);
-    }
-
-    fn interrupts(&self) -> Vec<Interrupt> {
-        vec![Interrupt { level: false }]
     }
 
     fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
@@ -224,22 +228,6 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
 
     fn set_memory(&mut self, mem: GuestMemory) {
         self.side.memory = Some(mem);
-    }
-
-    fn event_fds(&self) -> Vec<RawFd> {
-        self.side.device.event_fds()
-    }
-
-    fn handle_event(&mut self, index: usize) -> EventOutcome {
-        let (outcome, queue) = self.side.device.handle_event(index);
-        if let Some(q) = queue {
-            self.kick(q);
-        }
-        outcome
-    }
-
-    fn fds_changed(&mut self) -> bool {
-        self.side.device.fds_changed()
     }
 }
 
@@ -310,10 +298,11 @@ mod tests {
     impl Rig {
         fn w(&mut self, reg: u32, v: u32) {
             self.dev
-                .write(0, u64::from(reg), AccessSize::B4, u64::from(v));
+                .write(Access::new(0, u64::from(reg), AccessSize::B4), u64::from(v));
         }
         fn r(&mut self, reg: u32) -> u32 {
-            self.dev.read(0, u64::from(reg), AccessSize::B4) as u32
+            self.dev
+                .read(Access::new(0, u64::from(reg), AccessSize::B4)) as u32
         }
         /// Negotiates and sets queue 0 up at `base` with `chains` already
         /// available (a queue beyond guest memory when `base` is outside
@@ -421,19 +410,23 @@ mod tests {
     }
 
     #[test]
-    fn description_when_two_queues_then_region_doorbells_and_edge_line() {
+    fn description_when_two_queues_then_region_doorbells_edge_line_and_memory() {
         let mut r = rig();
-        let regions = r.dev.regions();
+        let desc = r.dev.describe();
+        assert!(desc.validate().is_ok());
+        assert!(desc.needs_memory);
+        assert_eq!(desc.name, "filler");
+        let regions = desc.regions;
         assert_eq!(regions.len(), 1);
         assert_eq!(regions[0].size, MMIO_SIZE);
         assert!(regions[0].posted_writes);
-        let bells = r.dev.doorbells();
+        let bells = desc.doorbells;
         assert_eq!(bells.len(), 2);
         assert_eq!(bells[1].offset, 0x50);
         assert_eq!(bells[1].datamatch, Some(1));
-        assert_eq!(r.dev.interrupts(), vec![Interrupt { level: false }]);
-        assert_eq!(r.dev.kind(), DeviceKind(0x1004));
-        assert_eq!(r.dev.read(0, 0x100, AccessSize::B2), 0x5a5a);
+        assert_eq!(desc.interrupts, vec![Interrupt { level: false }]);
+        assert_eq!(desc.kind, DeviceKind(0x1004));
+        assert_eq!(r.dev.read(Access::new(0, 0x100, AccessSize::B2)), 0x5a5a);
         assert_eq!(r.r(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
     }
 }

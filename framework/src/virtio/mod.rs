@@ -19,11 +19,11 @@
 //! make the backend touch memory outside the memory table: every guest
 //! access goes through vm-memory's checked accessors.
 
-use std::os::fd::RawFd;
+use std::io;
 
 use virtio_queue::Queue;
 
-use crate::device::EventOutcome;
+use crate::events::EventOps;
 
 mod mmio;
 mod queue;
@@ -72,21 +72,19 @@ pub trait VirtioDevice {
         mem: &Memory,
     ) -> Result<bool, QueueError>;
 
-    /// The device's own fds (console input, say), watched by the runtime.
-    fn event_fds(&self) -> Vec<RawFd> {
-        Vec::new()
+    /// Called once before serving, over ioregionfd or vhost-user alike:
+    /// register the device's own fds (the console's input socket) with
+    /// `ops`, and keep a clone of it to change them later. An error stops
+    /// the backend from starting.
+    fn init(&mut self, ops: &EventOps) -> io::Result<()> {
+        let _ = ops;
+        Ok(())
     }
 
-    /// True (once) when [`VirtioDevice::event_fds`] would now return a
-    /// different set; see [`crate::Device::fds_changed`].
-    fn fds_changed(&mut self) -> bool {
-        false
-    }
-
-    /// The fd at `index` of [`VirtioDevice::event_fds`] is readable. Returns
-    /// whether to keep watching it and which queue, if any, now has work.
-    fn handle_event(&mut self, index: usize) -> (EventOutcome, Option<usize>) {
-        let _ = index;
-        (EventOutcome::Remove, None)
+    /// The fd registered as `id` is readable. Returns the queue that now
+    /// has work, if any; the transport then serves it as if notified.
+    fn handle_event(&mut self, id: u32, ops: &EventOps) -> Option<usize> {
+        let _ = (id, ops);
+        None
     }
 }
