@@ -39,10 +39,21 @@ fn guest_memory() -> Result<GuestMemoryMmap<()>, Box<dyn Error>> {
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(RAM)?;
     // SAFETY: F_ADD_SEALS only changes the seals of the memfd we own.
-    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW) } < 0 {
+    if unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    } < 0
+    {
         return Err(std::io::Error::last_os_error().into());
     }
-    let range = (GuestAddress(0), RAM as usize, Some(FileOffset::new(file, 0)));
+    let range = (
+        GuestAddress(0),
+        RAM as usize,
+        Some(FileOffset::new(file, 0)),
+    );
     Ok(GuestMemoryMmap::from_ranges_with_files([range])?)
 }
 
@@ -60,7 +71,9 @@ fn attach(
     for c in dev.constraints().into_iter().filter(|c| c.index == 0) {
         let base = match c.preferred {
             Some(addr) => addr, // the UART's COM1: the VMM accepts it as is
-            None => mmio.allocate(c.size, c.align, AllocPolicy::FirstMatch)?.start(),
+            None => mmio
+                .allocate(c.size, c.align, AllocPolicy::FirstMatch)?
+                .start(),
         };
         let region = dev.place(c.index, base, None)?;
         match c.space {
@@ -70,7 +83,10 @@ fn attach(
             )?,
             outboard_frontend::Space::Pio => io.register_pio_resources(
                 region,
-                &[Resource::PioAddressRange { base: base as u16, size: c.size as u16 }],
+                &[Resource::PioAddressRange {
+                    base: base as u16,
+                    size: c.size as u16,
+                }],
             )?,
         }
         println!("vmm: {program} region {} at {} {base:#x}", c.index, c.space);
@@ -93,13 +109,18 @@ fn main() -> Result<(), Box<dyn Error>> {
             println!("vmm: /dev/kvm unusable ({e}); playing the guest over the bus");
             let (mut raised, mut taken) = (0, 0);
             while raised < 1000 {
-                io.mmio_write(MmioAddress(0xd000_0000 + SCRATCH_IRQ_RAISE), &1u32.to_le_bytes())?;
+                io.mmio_write(
+                    MmioAddress(0xd000_0000 + SCRATCH_IRQ_RAISE),
+                    &1u32.to_le_bytes(),
+                )?;
                 raised += 1;
                 while taken < raised {
                     taken += wait(&irq)?;
                 }
             }
-            for b in format!("socket guest: {raised} raised by the backend, {taken} taken\n").bytes() {
+            for b in
+                format!("socket guest: {raised} raised by the backend, {taken} taken\n").bytes()
+            {
                 io.pio_write(PioAddress(0x3f8), &[b])?;
             }
         }
@@ -117,7 +138,11 @@ fn wait(irq: &EventFd) -> std::io::Result<u64> {
     loop {
         match irq.read() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd { fd: irq.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let mut p = libc::pollfd {
+                    fd: irq.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: `p` is a live pollfd for an fd `irq` keeps open.
                 unsafe { libc::poll(&mut p, 1, 1000) };
             }
@@ -157,7 +182,11 @@ fn run_kvm(
         match vcpu.run()? {
             VcpuExit::IoOut(0x501, data) => {
                 println!("vmm: guest exited with code {}", data[0]);
-                return if data[0] == 0 { Ok(()) } else { Err("guest failed".into()) };
+                return if data[0] == 0 {
+                    Ok(())
+                } else {
+                    Err("guest failed".into())
+                };
             }
             VcpuExit::IoOut(port, data) => io.pio_write(PioAddress(port), data)?,
             VcpuExit::IoIn(port, data) => io.pio_read(PioAddress(port), data)?,

@@ -10,7 +10,11 @@ fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().unwrap().parent().unwrap();
     let p = profile.join("examples").join(name);
-    assert!(p.exists(), "{} missing: run `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -31,8 +35,14 @@ fn minimal_vmm_when_run_then_devices_on_its_own_bus_serve_the_guest() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("outboard-uart region 0 at pio 0x3f8"), "{stdout}");
-    assert!(stdout.contains("outboard-scratch region 0 at mmio 0xd0000000"), "{stdout}");
+    assert!(
+        stdout.contains("outboard-uart region 0 at pio 0x3f8"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("outboard-scratch region 0 at mmio 0xd0000000"),
+        "{stdout}"
+    );
     if kvm_usable() {
         assert!(
             stdout.contains("interrupts: 10000 raised by the backend, 10000 taken"),
@@ -45,5 +55,11 @@ fn minimal_vmm_when_run_then_devices_on_its_own_bus_serve_the_guest() {
             "{stdout}"
         );
     }
-    assert_eq!(stdout.matches("exited: Some(ExitStatus(unix_wait_status(0)))").count(), 2, "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("exited: Some(ExitStatus(unix_wait_status(0)))")
+            .count(),
+        2,
+        "{stdout}"
+    );
 }

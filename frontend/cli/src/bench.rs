@@ -201,14 +201,14 @@ impl BusDevice for InProcess {
             .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .read(0, a.offset, a.size))
+            .read(a))
     }
 
     fn write(&self, a: Access, value: u64) -> Result<(), AccessError> {
         self.0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .write(0, a.offset, a.size, value);
+            .write(a, value);
         Ok(())
     }
 }

@@ -276,4 +276,33 @@ mod tests {
             "{err:?}"
         );
     }
+
+    /// docs/devices.md documents the script language; every command it
+    /// lists must be one the runner knows.
+    #[test]
+    fn docs_when_listing_commands_then_every_one_is_known() {
+        let doc = include_str!("../../../docs/devices.md");
+        let block = doc
+            .split("## The test-guest script language")
+            .nth(1)
+            .and_then(|s| s.split("```text").nth(1))
+            .and_then(|s| s.split("```").next())
+            .unwrap_or_else(|| panic!("script block missing from docs/devices.md"));
+        let words: Vec<&str> = block
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            words,
+            ["read", "write", "expect", "puts", "repeat", "reset", "place", "remove", "devices"]
+        );
+        let mut fe = Frontend::new(crate::Options::default());
+        for w in words {
+            let mut out = Vec::new();
+            let r = run(&mut fe, &mut format!("{w}\n").as_bytes(), &mut out);
+            if let Err(Error::Syntax { msg, .. }) = &r {
+                assert!(!msg.contains("unknown command"), "{w}: {msg}");
+            }
+        }
+    }
 }
