@@ -23,7 +23,6 @@ pub mod access;
 pub mod channel;
 pub mod control;
 pub mod ioregionfd;
-pub mod virtio_mmio;
 
 pub use access::{Access, Space};
 pub use ioregionfd::{AccessSize, Cmd, Op, Resp};

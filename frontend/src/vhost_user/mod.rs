@@ -1,0 +1,273 @@
+//! Attaching standard vhost-user backends beside Outboard ones.
+//!
+//! A vhost-user backend (QEMU's `qemu-storage-daemon`, rust-vmm's
+//! `vhost-device-*`, Outboard's own backends with `--vhost-user`) implements
+//! only the virtio device; the transport is the VMM's job. So for such a
+//! device the frontend itself serves the virtio-mmio registers
+//! ([`VhostUserDevice`] is a [`BusDevice`]) with the shared
+//! [`outboard_virtio_mmio::MmioTransport`], whose
+//! [`outboard_virtio_mmio::TransportDevice`] hooks turn the driver's actions
+//! into vhost-user messages with the vhost crate's frontend API:
+//!
+//! * at attach: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (REPLY_ACK, CONFIG,
+//!   MQ, RESET_DEVICE where offered), SET_OWNER, SET_MEM_TABLE with the same
+//!   memfds every Outboard backend gets;
+//! * configuration-space reads: GET_CONFIG (zeros without the CONFIG
+//!   protocol feature);
+//! * DRIVER_OK: SET_FEATURES, then per ready queue SET_VRING_NUM, _BASE,
+//!   _ADDR (guest-physical addresses: the memory table maps them 1:1),
+//!   _CALL (the device's interrupt eventfd), _KICK (the queue's doorbell
+//!   eventfd, which QueueNotify signals) and SET_VRING_ENABLE;
+//! * Status = 0: GET_VRING_BASE per started queue (stops it) and RESET_DEVICE.
+//!
+//! The backend signals the interrupt line itself: InterruptStatus shows the
+//! used-buffer bit while the line's count exceeds its count at the driver's
+//! last acknowledgement.
+//!
+//! A watchdog thread bounds every vhost-user call with the frontend's
+//! timeout (the vhost crate itself would wait forever) and notices a backend
+//! that hangs up. Either marks the device failed: the driver then reads
+//! DEVICE_NEEDS_RESET in Status, gets a configuration-change interrupt so it
+//! stops waiting, and nothing in the frontend hangs.
+
+mod backend;
+mod watchdog;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use outboard_protocol::{Access, AccessSize, Space};
+use outboard_virtio_mmio::virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
+use outboard_virtio_mmio::MmioTransport;
+use thiserror::Error;
+use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::Frontend;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::backend::Backend;
+use self::watchdog::{Channel, Watchdog};
+use crate::bus::{AccessError, BusDevice};
+use crate::health::Health;
+use crate::irq::IrqLine;
+use crate::memory::GuestRam;
+use crate::registrar::{IoEvent, Registrar};
+
+/// Size of the virtio-mmio region the frontend implements for a vhost-user device.
+pub const MMIO_SIZE: u64 = outboard_virtio_mmio::MMIO_SIZE;
+
+/// Errors attaching or driving a vhost-user backend.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot connect to {0}
+    #[error("cannot connect to {0}")]
+    Connect(PathBuf, #[source] io::Error),
+    /// vhost-user {op} failed
+    #[error("vhost-user {op} failed")]
+    Vhost {
+        /// The request that failed.
+        op: &'static str,
+        /// The vhost crate's error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// unknown virtio device type {0:?} (use blk, rng, console or a number)
+    #[error("unknown virtio device type {0:?} (use blk, rng, console or a number)")]
+    UnknownType(String),
+    /// the backend offers no queues
+    #[error("the backend offers no queues")]
+    NoQueues,
+    /// cannot create an eventfd or the watchdog
+    #[error("cannot create an eventfd or the watchdog")]
+    Setup(#[source] io::Error),
+    /// no reply within the timeout
+    #[error("no reply within the timeout")]
+    Timeout,
+    /// the backend hung up
+    #[error("the backend hung up")]
+    HungUp,
+}
+
+/// What a vhost-user backend implements, which vhost-user does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioType {
+    /// Virtio device ID.
+    pub id: u32,
+    /// Queues to use when the backend does not report a number (no MQ).
+    pub default_queues: usize,
+}
+
+impl VirtioType {
+    /// Parses `blk`, `rng`, `console` or a numeric virtio device ID.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        let (id, default_queues) = match s {
+            "blk" | "block" => (2, 1),
+            "console" => (3, 2),
+            "rng" | "entropy" => (4, 1),
+            other => match other.parse::<u32>() {
+                Ok(id) => (id, 1),
+                Err(_) => return Err(Error::UnknownType(other.to_owned())),
+            },
+        };
+        Ok(VirtioType { id, default_queues })
+    }
+}
+
+/// Largest queue the frontend sets up for a vhost-user backend.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// The transport's registers and the vhost-user side its hooks drive.
+struct Inner {
+    transport: MmioTransport,
+    backend: Backend,
+}
+
+/// A vhost-user backend behind a frontend-implemented virtio-mmio transport.
+pub struct VhostUserDevice {
+    name: String,
+    ty: VirtioType,
+    inner: Mutex<Inner>,
+    kicks: Arc<[EventFd]>,
+    health: Arc<Health>,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("name", &self.name)
+            .field("type", &self.ty)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserDevice {
+    /// Connects to the backend at `socket` (retrying while it starts, within
+    /// `timeout`), negotiates, and sends the memory table. `irq` is the line
+    /// the backend's call eventfds signal.
+    pub fn connect(
+        name: &str,
+        socket: &Path,
+        ty: VirtioType,
+        ram: Option<&GuestRam>,
+        irq: IrqLine,
+        health: Arc<Health>,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let sock = crate::backend::connect_retrying(socket, timeout)
+            .map_err(|e| Error::Connect(socket.to_path_buf(), e))?;
+        let killer = sock.try_clone().map_err(Error::Setup)?;
+        let watchdog =
+            Watchdog::start(killer, Arc::clone(&health), irq.clone()).map_err(Error::Setup)?;
+        let fe = Frontend::from_stream(sock, 64);
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        let chan = Channel::new(fe, Arc::clone(&health), timeout, watchdog);
+        let mut backend = Backend::new(name, ty, chan, irq);
+        let queues = backend.negotiate(ram)?;
+        let kicks: Arc<[EventFd]> = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(Error::Setup)?
+            .into();
+        backend.set_kicks(Arc::clone(&kicks));
+        let transport = MmioTransport::new(&backend);
+        Ok(VhostUserDevice {
+            name: name.to_owned(),
+            ty,
+            inner: Mutex::new(Inner { transport, backend }),
+            kicks,
+            health,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The virtio device type.
+    pub fn virtio_type(&self) -> VirtioType {
+        self.ty
+    }
+
+    /// The device's shared health.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Registers (`on`) or unregisters every queue's kick eventfd as the
+    /// doorbell QueueNotify == queue index of the region at `base`.
+    pub fn register_kicks(&self, registrar: &dyn Registrar, base: u64, on: bool) -> io::Result<()> {
+        for (q, kick) in self.kicks.iter().enumerate() {
+            let ev = IoEvent {
+                space: Space::Mmio,
+                addr: base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY),
+                size: Some(AccessSize::B4),
+                datamatch: Some(q as u64),
+            };
+            if on {
+                registrar.register_ioevent(&ev, kick)?;
+            } else {
+                registrar.unregister_ioevent(&ev, kick)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue `q`'s kick eventfd (QueueNotify signals it; a KVM frontend would
+    /// register it as an ioeventfd).
+    pub fn kick_eventfd(&self, q: usize) -> Option<&EventFd> {
+        self.kicks.get(q)
+    }
+
+    /// Sends a new memory table (after the frontend swapped guest RAM).
+    pub fn set_memory(&self, ram: &GuestRam) -> Result<(), Error> {
+        self.lock().backend.set_memory(ram)
+    }
+
+    /// Resets the device as a Status write of 0 would.
+    pub fn reset(&self) -> Result<(), Error> {
+        let mut inner = self.lock();
+        let Inner { transport, backend } = &mut *inner;
+        let _ = backend.take_reset_error();
+        transport.reset(backend);
+        backend.take_reset_error().map_or(Ok(()), Err)
+    }
+
+    /// The failure to report for a configuration access of a failed device.
+    fn failed(&self) -> AccessError {
+        AccessError::DeviceFailed(self.name.clone())
+    }
+}
+
+impl BusDevice for VhostUserDevice {
+    fn read(&self, access: Access) -> Result<u64, AccessError> {
+        let Access { offset, size, .. } = access;
+        let config = offset >= u64::from(VIRTIO_MMIO_CONFIG);
+        if config && self.health.is_failed() {
+            return Err(self.failed());
+        }
+        let mut inner = self.lock();
+        let Inner { transport, backend } = &mut *inner;
+        let value = transport.read(backend, offset, size.bytes());
+        if config && self.health.is_failed() {
+            // GET_CONFIG failed: the value is not the device's.
+            return Err(self.failed());
+        }
+        Ok(value)
+    }
+
+    fn write(&self, access: Access, value: u64) -> Result<(), AccessError> {
+        let Access { offset, size, .. } = access;
+        let mut inner = self.lock();
+        let Inner { transport, backend } = &mut *inner;
+        transport.write(backend, offset, size.bytes(), value);
+        Ok(())
+    }
+}
