@@ -47,6 +47,8 @@
 
 pub mod cli;
 pub mod device;
+#[cfg(feature = "in-process")]
+pub mod inprocess;
 pub mod events;
 pub mod runtime;
 pub mod vhost_user;

@@ -7,24 +7,25 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use outboard::Device;
+use outboard::inprocess::InProcess;
 use outboard_backends::scratch::{self, Scratch};
-use outboard_frontend::bus::{AccessError, BusDevice};
 use outboard_frontend::kvm;
-use outboard_frontend::launch::Source;
-use outboard_frontend::memory::GuestRam;
-use outboard_frontend::{Access, AccessSize, DeviceSpec, Frontend, Options};
-use outboard_testkit::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
-use outboard_testkit::loader::{self, programs, DATA_ADDR};
-use vm_memory::{Bytes, GuestAddress};
+use outboard_frontend::{AccessSize, DeviceSpec, Frontend, Options};
 
 use crate::AnyError;
 
+mod fig_blk;
+mod fig_kvm;
+mod fig_scale;
+
+use fig_blk::blk_figures;
+use fig_kvm::kvm_figures;
+use fig_scale::scale_figures;
+
 /// Sizes of one run.
-struct Plan {
+pub(super) struct Plan {
     latency_iters: usize,
     posted_writes: u64,
     storm: u64,
@@ -58,7 +59,7 @@ impl Plan {
 }
 
 /// One line of the table.
-struct Figure {
+pub(super) struct Figure {
     id: &'static str,
     name: String,
     /// Median (latency, ns) or rate (per second).
@@ -71,7 +72,7 @@ struct Figure {
     target: Option<(String, bool)>,
 }
 
-struct Report {
+pub(super) struct Report {
     figures: Vec<Figure>,
 }
 
@@ -124,7 +125,7 @@ impl Report {
     }
 }
 
-fn fmt_num(v: f64) -> String {
+pub(super) fn fmt_num(v: f64) -> String {
     if v >= 100.0 {
         format!("{v:.0}")
     } else {
@@ -133,7 +134,7 @@ fn fmt_num(v: f64) -> String {
 }
 
 /// Median and 99th percentile of nanosecond samples.
-fn stats(mut ns: Vec<u64>) -> (f64, f64) {
+pub(super) fn stats(mut ns: Vec<u64>) -> (f64, f64) {
     if ns.is_empty() {
         return (0.0, 0.0);
     }
@@ -142,7 +143,10 @@ fn stats(mut ns: Vec<u64>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
-fn time_each(n: usize, mut f: impl FnMut() -> Result<(), AnyError>) -> Result<Vec<u64>, AnyError> {
+pub(super) fn time_each(
+    n: usize,
+    mut f: impl FnMut() -> Result<(), AnyError>,
+) -> Result<Vec<u64>, AnyError> {
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
@@ -191,30 +195,8 @@ pub fn echo(path: &Path, use_epoll: bool) -> Result<(), AnyError> {
     }
 }
 
-/// A scratch device called directly in this process: what an in-process
-/// VMM device costs.
-struct InProcess(Mutex<Scratch>);
-
-impl BusDevice for InProcess {
-    fn read(&self, a: Access) -> Result<u64, AccessError> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .read(a))
-    }
-
-    fn write(&self, a: Access, value: u64) -> Result<(), AccessError> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(a, value);
-        Ok(())
-    }
-}
-
 /// A child process killed when dropped.
-struct Reaped(Child);
+pub(super) struct Reaped(Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -224,7 +206,7 @@ impl Drop for Reaped {
 }
 
 /// Pins every thread of process `pid` to `cpu`.
-fn pin_process(pid: u32, cpu: usize) {
+pub(super) fn pin_process(pid: u32, cpu: usize) {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return;
     };
@@ -236,7 +218,7 @@ fn pin_process(pid: u32, cpu: usize) {
 }
 
 /// Pins thread `tid` (0: the calling thread) to `cpu`.
-fn pin_thread(tid: i32, cpu: usize) {
+pub(super) fn pin_thread(tid: i32, cpu: usize) {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it and
     // sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of it.
     unsafe {
@@ -250,13 +232,13 @@ fn pin_thread(tid: i32, cpu: usize) {
 /// The CPUs the run is spread over: this process on the first, every peer
 /// and backend on the second (when there is one), so every figure pays the
 /// same cross-CPU wake-up its baseline pays.
-fn cpus() -> (usize, usize) {
+pub(super) fn cpus() -> (usize, usize) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     (0, if n > 1 { 1 } else { 0 })
 }
 
 /// Pins every backend process of `fe` to the peers' CPU.
-fn pin_backends(fe: &Frontend) {
+pub(super) fn pin_backends(fe: &Frontend) {
     for d in fe.devices() {
         if let Some(pid) = d.pid() {
             pin_process(pid, cpus().1);
@@ -264,7 +246,7 @@ fn pin_backends(fe: &Frontend) {
     }
 }
 
-fn temp_path(tag: &str) -> PathBuf {
+pub(super) fn temp_path(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("outboard-bench-{}-{tag}", std::process::id()))
 }
 
@@ -473,7 +455,9 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     });
 
     // (5) The same device logic in process vs out of process.
-    let local = Arc::new(InProcess(Mutex::new(Scratch::default())));
+    // The same device model in this process, through the framework's adapter.
+    let inproc = InProcess::new(Scratch::default())?;
+    let local = inproc.region(0).ok_or("scratch has no region 0")?;
     let local_bus = outboard_frontend::Bus::new(outboard_frontend::Space::Mmio);
     local_bus.insert(0x1000, scratch::REGS_SIZE, local.clone())?;
     // Interleaved with Outboard reads, so both see the same machine state.
@@ -520,393 +504,5 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         std::fs::write(&p, r.json(&date, quick))?;
         println!("bench: wrote {}", p.display());
     }
-    Ok(())
-}
-
-fn kvm_figures(
-    r: &mut Report,
-    plan: &Plan,
-    options: Options,
-    local: Arc<InProcess>,
-) -> Result<(), AnyError> {
-    const LOCAL: u64 = 0xd010_0000;
-    let mut fe = Frontend::new(options);
-    fe.set_memory(GuestRam::new(&[(0, 16 << 20)])?)?;
-    fe.attach(
-        &DeviceSpec::spawn("scratch", "outboard-scratch", &[]).place(0, loader::layout::SCRATCH),
-    )?;
-    pin_backends(&fe);
-    fe.mmio().insert(LOCAL, scratch::REGS_SIZE, local)?;
-    let mut run = |mode: u32, addr: u64, count: u32| -> Result<Duration, AnyError> {
-        let g = loader::FlatGuest::new(&mut fe, programs::BENCH, 1, &[])?;
-        let ram = fe.memory().ok_or("no guest RAM")?.memory();
-        for (at, v) in [
-            (DATA_ADDR, mode),
-            (DATA_ADDR + 4, addr as u32),
-            (DATA_ADDR + 8, count),
-        ] {
-            ram.write_obj(v, GuestAddress(at))?;
-        }
-        let res = g.run(Duration::from_secs(300))?;
-        if res.exit_code != 0 {
-            return Err(format!("bench guest exited with {}", res.exit_code).into());
-        }
-        Ok(res.elapsed)
-    };
-    let n = plan.kvm_accesses;
-    let per =
-        |d: Duration, empty: Duration| (d.saturating_sub(empty)).as_nanos() as f64 / f64::from(n);
-    let empty = run(0, LOCAL, 0)?;
-    let local_ns = per(run(0, LOCAL, n)?, empty);
-    let remote_ns = per(run(0, loader::layout::SCRATCH, n)?, empty);
-    r.add(Figure {
-        id: "6a",
-        name: "KVM guest MMIO read, device in the frontend".into(),
-        value: local_ns,
-        unit: "ns",
-        p99: None,
-        baseline: None,
-        ratio: None,
-        target: None,
-    });
-    r.add(Figure {
-        id: "6b",
-        name: "KVM guest MMIO read, Outboard backend".into(),
-        value: remote_ns,
-        unit: "ns",
-        p99: None,
-        baseline: Some(("in-frontend device (6a)".into(), local_ns)),
-        ratio: Some(remote_ns / local_ns.max(1.0)),
-        target: None,
-    });
-    let bell = run(1, loader::layout::SCRATCH + scratch::REG_DB0, n * 10)?;
-    let rate = f64::from(n * 10) / bell.saturating_sub(empty).as_secs_f64().max(1e-9);
-    r.add(Figure {
-        id: "6c",
-        name: "KVM guest doorbell writes (KVM_IOEVENTFD, no exit)".into(),
-        value: rate,
-        unit: "/s",
-        p99: None,
-        baseline: Some((
-            "guest MMIO reads to the backend (6b)".into(),
-            1e9 / remote_ns.max(1.0),
-        )),
-        ratio: Some(rate * remote_ns / 1e9),
-        target: None,
-    });
-    fe.shutdown();
-    Ok(())
-}
-
-/// One block-device setup under test.
-struct BlkSetup {
-    label: &'static str,
-    fe: Frontend,
-    alloc: GuestAllocator,
-    driver: VirtioMmioDriver,
-    _proc: Option<Reaped>,
-}
-
-const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
-
-fn blk_setup(label: &'static str, options: Options, image: &Path) -> Result<BlkSetup, AnyError> {
-    // A vhost-user backend is started by hand, found as the frontend finds backends.
-    let launcher = options.launcher.clone();
-    let mut fe = Frontend::new(options);
-    fe.set_memory(GuestRam::new(&[(0, 64 << 20)])?)?;
-    let path = image.to_str().ok_or("image path is not UTF-8")?.to_owned();
-    let mut proc = None;
-    match label {
-        "outboard-virtio-blk (ioregionfd)" => {
-            fe.attach(&DeviceSpec::spawn(
-                "blk",
-                "outboard-virtio-blk",
-                &["--path", &path],
-            ))?;
-        }
-        "outboard-virtio-blk --vhost-user" | "qemu-storage-daemon" => {
-            let sock = temp_path(if label.starts_with("qemu") {
-                "qsd.sock"
-            } else {
-                "ob.sock"
-            });
-            let child = if label.starts_with("qemu") {
-                Command::new("qemu-storage-daemon")
-                    .arg("--blockdev")
-                    .arg(format!("driver=file,node-name=d0,filename={path},cache.direct=off,aio=threads"))
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-                        sock.display()
-                    ))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .spawn()?
-            } else {
-                let args = [
-                    "--path".to_owned(),
-                    path.clone(),
-                    "--vhost-user".to_owned(),
-                    sock.display().to_string(),
-                ];
-                launcher
-                    .command("outboard-virtio-blk", &args)?
-                    .stdin(Stdio::null())
-                    .spawn()?
-            };
-            proc = Some(Reaped(child));
-            fe.attach(&DeviceSpec {
-                source: Source::VhostUser {
-                    socket: sock.clone(),
-                    device: "blk".into(),
-                },
-                ..DeviceSpec::connect("blk", &sock)
-            })?;
-        }
-        other => return Err(format!("unknown setup {other}").into()),
-    }
-    pin_backends(&fe);
-    if let Some(p) = &proc {
-        pin_process(p.0.id(), cpus().1);
-    }
-    let mut alloc = GuestAllocator::new(0x1000, (64 << 20) - 0x1000);
-    let d = fe.device("blk")?;
-    let driver = VirtioMmioDriver::init(
-        fe.mmio().clone(),
-        d.placed(0).ok_or("blk not placed")?.addr,
-        fe.memory().ok_or("no RAM")?.clone(),
-        d.irq(0).ok_or("no irq")?.clone(),
-        &mut alloc,
-        0,
-        256,
-    )?;
-    Ok(BlkSetup {
-        label,
-        fe,
-        alloc,
-        driver,
-        _proc: proc,
-    })
-}
-
-/// Random 4 KiB I/O at queue depth `qd`; returns IOPS.
-fn blk_iops(
-    s: &mut BlkSetup,
-    ops: usize,
-    qd: usize,
-    write: bool,
-    seed: u64,
-) -> Result<f64, AnyError> {
-    struct Slot {
-        header: u64,
-        data: u64,
-        status: u64,
-    }
-    let slots: Vec<Slot> = (0..qd)
-        .map(|_| {
-            Ok(Slot {
-                header: s.alloc.alloc(16, 16)?,
-                data: s.alloc.alloc(4096, 4096)?,
-                status: s.alloc.alloc(1, 1)?,
-            })
-        })
-        .collect::<Result<_, AnyError>>()?;
-    let mem = s.fe.memory().ok_or("no RAM")?.clone();
-    let mut rng = seed | 1;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % (IMAGE_SECTORS / 8)) * 8
-    };
-    let kind = if write { blk::T_OUT } else { blk::T_IN };
-    let issue =
-        |driver: &mut VirtioMmioDriver, slot: &Slot, sector: u64| -> Result<u16, AnyError> {
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            mem.memory().write_slice(&h, GuestAddress(slot.header))?;
-            Ok(driver.submit(
-                0,
-                &[
-                    Buffer::readable(slot.header, 16),
-                    Buffer {
-                        addr: slot.data,
-                        len: 4096,
-                        device_writes: !write,
-                    },
-                    Buffer::writable(slot.status, 1),
-                ],
-            )?)
-        };
-    let mut inflight = std::collections::VecDeque::new();
-    let t = Instant::now();
-    let mut issued = 0;
-    for (i, slot) in slots.iter().enumerate().take(qd.min(ops)) {
-        let sector = next();
-        inflight.push_back((issue(&mut s.driver, slot, sector)?, i));
-        issued += 1;
-    }
-    s.driver.notify(0)?;
-    let mut done = 0;
-    while done < ops {
-        let (head, i) = inflight.pop_front().ok_or("queue drained early")?;
-        s.driver.wait(0, head)?;
-        let status: u8 = mem.memory().read_obj(GuestAddress(slots[i].status))?;
-        if status != blk::S_OK {
-            return Err(format!("{}: request failed with status {status}", s.label).into());
-        }
-        done += 1;
-        if issued < ops {
-            let sector = next();
-            inflight.push_back((issue(&mut s.driver, &slots[i], sector)?, i));
-            issued += 1;
-            s.driver.notify(0)?;
-        }
-    }
-    Ok(ops as f64 / t.elapsed().as_secs_f64())
-}
-
-fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
-    let image = temp_path("blk.img");
-    std::fs::File::create(&image)?.set_len(IMAGE_SECTORS * 512)?;
-    let labels = [
-        "qemu-storage-daemon",
-        "outboard-virtio-blk (ioregionfd)",
-        "outboard-virtio-blk --vhost-user",
-    ];
-    let mut results: Vec<(&str, [f64; 4])> = Vec::new();
-    for label in labels {
-        let mut s = match blk_setup(label, options.clone(), &image) {
-            Ok(s) => s,
-            Err(e) => {
-                println!("  (7)  {label}: skipped: {e}");
-                continue;
-            }
-        };
-        let mut v = [0f64; 4];
-        for (k, (qd, write)) in [(1, false), (1, true), (16, false), (16, true)]
-            .into_iter()
-            .enumerate()
-        {
-            v[k] = blk_iops(&mut s, plan.blk_ops, qd, write, 0x9e37_79b9 + k as u64)?;
-        }
-        s.fe.shutdown();
-        results.push((label, v));
-    }
-    let _ = std::fs::remove_file(&image);
-    let qsd = results
-        .iter()
-        .find(|(l, _)| l.starts_with("qemu"))
-        .map(|(_, v)| *v);
-    let names = [
-        "randread QD1",
-        "randwrite QD1",
-        "randread QD16",
-        "randwrite QD16",
-    ];
-    for (label, v) in &results {
-        for k in 0..4 {
-            let ratio = qsd.map(|q| v[k] / q[k]);
-            let is_target = label.contains("ioregionfd");
-            r.add(Figure {
-                id: "7",
-                name: format!("virtio-blk 4K {} {}", names[k], label),
-                value: v[k],
-                unit: "IOPS",
-                p99: None,
-                baseline: qsd.map(|q| ("qemu-storage-daemon".to_owned(), q[k])),
-                ratio,
-                target: if is_target {
-                    ratio.map(|x| (">= 1.0x qsd".to_owned(), x >= 1.0))
-                } else {
-                    None
-                },
-            });
-        }
-    }
-    Ok(())
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn scale_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
-    let mut fe = Frontend::new(options);
-    fe.set_memory(GuestRam::new(&[(0, 16 << 20)])?)?;
-    let mut spawn_ns = Vec::new();
-    for i in 0..plan.backends {
-        let t = Instant::now();
-        fe.attach(&DeviceSpec::spawn(
-            &format!("s{i}"),
-            "outboard-scratch",
-            &[],
-        ))?;
-        spawn_ns.push(t.elapsed().as_nanos() as u64);
-    }
-    let mut answering = 0;
-    for i in 0..plan.backends {
-        let d = fe.device(&format!("s{i}"))?;
-        let addr = d.placed(0).ok_or("not placed")?.addr;
-        if fe.mmio().try_read(addr, AccessSize::B8)? == scratch::ID {
-            answering += 1;
-        }
-    }
-    let rss: Vec<u64> = fe
-        .devices()
-        .iter()
-        .filter_map(|d| d.pid().and_then(rss_kib))
-        .collect();
-    let (rss_med, rss_max) = {
-        let mut v = rss.clone();
-        v.sort_unstable();
-        (
-            v.get(v.len() / 2).copied().unwrap_or(0),
-            v.last().copied().unwrap_or(0),
-        )
-    };
-    let (spawn_med, spawn_p99) = stats(spawn_ns);
-    r.add(Figure {
-        id: "8s",
-        name: "spawn + negotiate + place, per scratch backend".into(),
-        value: spawn_med,
-        unit: "ns",
-        p99: Some(spawn_p99),
-        baseline: None,
-        ratio: None,
-        target: Some(("<= 10 ms".into(), spawn_med <= 10e6)),
-    });
-    r.add(Figure {
-        id: "8m",
-        name: "RSS per scratch backend after setup (median; max in p99 column)".into(),
-        value: rss_med as f64,
-        unit: "KiB",
-        p99: Some(rss_max as f64),
-        baseline: None,
-        ratio: None,
-        target: Some(("<= 4 MiB".into(), rss_max <= 4096)),
-    });
-    r.add(Figure {
-        id: "8n",
-        name: format!(
-            "{} scratch backends attached at once, answering",
-            plan.backends
-        ),
-        value: f64::from(answering),
-        unit: "",
-        p99: None,
-        baseline: None,
-        ratio: None,
-        target: Some(("all answer".into(), answering as usize == plan.backends)),
-    });
-    fe.shutdown();
     Ok(())
 }
