@@ -17,6 +17,7 @@ use std::sync::Arc;
 use kvm_ioctls::{Kvm, VcpuExit};
 use outboard_frontend::device::{DeviceOptions, RemoteDevice};
 use outboard_frontend::launch::Launcher;
+use outboard_frontend::Space;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};

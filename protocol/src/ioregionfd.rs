@@ -21,7 +21,7 @@
 //!
 //! Decoding is strict: an unknown command, a size exponent above 3, a read
 //! without the resp bit, or a nonzero reserved bit or padding byte is a typed
-//! [`Error`], so a backend never guesses what a malformed command meant.
+//! [`Error`](enum@Error), so a backend never guesses what a malformed command meant.
 
 use thiserror::Error;
 
