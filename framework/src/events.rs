@@ -128,6 +128,11 @@ impl Epoll {
         }
     }
 
+    /// The epoll fd itself.
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
     /// The device's view of this set: its fds under [`token::DEVICE`].
     pub(crate) fn ops(&self) -> EventOps {
         EventOps::new(Arc::new(self.clone()))

@@ -166,7 +166,11 @@ mod tests {
         r0.write(a, 40).unwrap_or_else(|e| panic!("{e}"));
         r0.write(Access::new(0, 8, AccessSize::B4), 9)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(r0.read(a).ok(), Some(41), "the doorbell rang, the value stayed");
+        assert_eq!(
+            r0.read(a).ok(),
+            Some(41),
+            "the doorbell rang, the value stayed"
+        );
         assert!(matches!(
             r0.read(Access::new(0, 0, AccessSize::B2)),
             Err(AccessError::Denied)

@@ -47,9 +47,9 @@
 
 pub mod cli;
 pub mod device;
+pub mod events;
 #[cfg(feature = "in-process")]
 pub mod inprocess;
-pub mod events;
 pub mod runtime;
 pub mod vhost_user;
 pub mod virtio;

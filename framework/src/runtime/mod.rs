@@ -1,0 +1,152 @@
+//! The backend runtime: one epoll set over the control socket, every
+//! region's data socket, doorbell and resample eventfds and the device's own
+//! fds, serving one [`Device`] to one frontend.
+//!
+//! * `control.rs`: the request state machine.
+//! * `data.rs`: data sockets, command batching, decoding and dispatch;
+//!   `placement.rs`: placing and removing regions, `user_data` tokens.
+//! * `resources.rs`: the memory table, doorbell and interrupt fds.
+//! * `event_loop.rs`: [`Backend::run`] and [`Backend::process_ready`].
+//!
+//! The loop ends with `Ok` when the frontend closes the control socket or
+//! sends SHUTDOWN, and with an [`Error`] on a protocol violation: a header
+//! that loses framing, a malformed data command, or a command whose
+//! `user_data` names no region of its socket.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use log::warn;
+use outboard_protocol::channel::Channel;
+use outboard_protocol::control::{DeviceKind, Negotiated, FEATURES_SUPPORTED, F_MEM_TABLE};
+use thiserror::Error;
+
+use crate::device::{DescriptionError, Device};
+use crate::events::{token, Epoll, EventOps};
+
+mod control;
+mod data;
+mod event_loop;
+mod placement;
+mod resources;
+
+#[cfg(test)]
+mod testutil;
+
+pub use control::Error as ControlError;
+pub use data::{Error as DataError, BATCH_BYTES};
+pub(crate) use resources::is_stream_socket;
+
+/// Errors that stop the backend from starting or end its event loop.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot create the event loop
+    #[error("cannot create the event loop")]
+    Epoll(#[source] io::Error),
+    /// the control channel failed or was violated
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// a data socket failed or was violated
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// the device description is invalid
+    #[error("the device description is invalid")]
+    Description(#[source] DescriptionError),
+    /// the device cannot start
+    #[error("the device cannot start")]
+    DeviceInit(#[source] io::Error),
+}
+
+/// Whether the backend goes on serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Flow {
+    /// Keep serving.
+    Continue,
+    /// The frontend sent SHUTDOWN or closed the control socket: done.
+    Exit,
+}
+
+/// The runtime serving one [`Device`] to one frontend.
+#[derive(Debug)]
+pub struct Backend<D: Device> {
+    device: D,
+    name: String,
+    kind: DeviceKind,
+    /// Features offered in HELLO.
+    features: u64,
+    control: Channel,
+    epoll: Epoll,
+    ops: EventOps,
+    negotiated: Option<Negotiated>,
+    data: data::DataPlane,
+    resources: resources::Resources,
+}
+
+impl<D: Device> Backend<D> {
+    /// Prepares to serve `device` on a connected control socket: checks its
+    /// description, gives it guest memory if it needs it, and lets it
+    /// register its own fds ([`Device::init`]).
+    pub fn new(mut device: D, control: UnixStream) -> Result<Self, Error> {
+        let desc = device.describe();
+        desc.validate().map_err(Error::Description)?;
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let resources = resources::Resources::new(desc.doorbells, desc.interrupts);
+        let mut features = FEATURES_SUPPORTED;
+        if desc.needs_memory {
+            device.set_memory(resources.memory().clone());
+        } else {
+            // Least privilege: a device that does not need guest RAM never gets it.
+            features &= !F_MEM_TABLE;
+        }
+        epoll
+            .add(control.as_raw_fd(), token::CONTROL)
+            .map_err(Error::Epoll)?;
+        let ops = epoll.ops();
+        device.init(&ops).map_err(Error::DeviceInit)?;
+        Ok(Backend {
+            device,
+            name: desc.name,
+            kind: desc.kind,
+            features,
+            control: Channel::new(control),
+            epoll,
+            ops,
+            negotiated: None,
+            data: data::DataPlane::new(desc.regions),
+            resources,
+        })
+    }
+
+    /// The device being served.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device being served, mutably (between iterations of the loop).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// The features this backend offers in HELLO.
+    pub fn offered_features(&self) -> u64 {
+        self.features
+    }
+
+    /// The negotiated protocol version and features, once HELLO succeeded.
+    pub fn negotiated(&self) -> Option<Negotiated> {
+        self.negotiated
+    }
+}
+
+impl<D: Device> Drop for Backend<D> {
+    fn drop(&mut self) {
+        let rejected = self.data.rejected();
+        if rejected > 0 {
+            warn!(
+                "{rejected} guest accesses were rejected (outside a region, wrong size or direction)"
+            );
+        }
+    }
+}
