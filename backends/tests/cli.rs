@@ -30,6 +30,33 @@ fn help_when_asked_then_shared_and_device_options_listed() {
 }
 
 #[test]
+fn help_when_plain_device_then_no_vhost_user_but_virtio_devices_offer_it() {
+    for bin in [
+        env!("CARGO_BIN_EXE_outboard-uart"),
+        env!("CARGO_BIN_EXE_outboard-scratch"),
+    ] {
+        let (code, out, _) = run(bin, &["--help"]);
+        assert_eq!(code, 0);
+        assert!(!out.contains("--vhost-user"), "{bin}:\n{out}");
+    }
+    for bin in [
+        env!("CARGO_BIN_EXE_outboard-virtio-blk"),
+        env!("CARGO_BIN_EXE_outboard-virtio-rng"),
+        env!("CARGO_BIN_EXE_outboard-virtio-console"),
+    ] {
+        let (code, out, _) = run(bin, &["--help"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("--vhost-user"), "{bin}:\n{out}");
+    }
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_outboard-uart"),
+        &["--vhost-user", "/tmp/unused-outboard-vu.sock"],
+    );
+    assert_eq!(code, 1, "an unknown option is a usage error");
+    assert!(err.contains("--vhost-user"), "{err}");
+}
+
+#[test]
 fn control_fd_when_not_a_socket_then_exit_1_with_reason() {
     let (code, _, err) = run(
         env!("CARGO_BIN_EXE_outboard-scratch"),

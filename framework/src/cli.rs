@@ -4,7 +4,13 @@
 //! outboard-foo --control-fd N      # spawned by a frontend, control socket inherited
 //! outboard-foo --socket PATH       # listen at PATH, serve the first frontend that connects
 //!              [--log-level LEVEL] [device options...]
+//! outboard-virtio-foo --vhost-user PATH   # virtio devices (run_virtio) only, with the
+//!                                         # vhost-user feature: serve over vhost-user
 //! ```
+//!
+//! Exactly one of the transport options must be given. This module needs
+//! the `cli` feature (on by default); a program with its own command line
+//! builds a [`Backend`] from any connected control socket instead.
 //!
 //! Exit status: 0 after SHUTDOWN or when the frontend closes the control
 //! socket; 1 when the backend cannot start (bad options, bad fd, cannot
@@ -18,7 +24,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, FromArgMatches, Parser};
+use clap::{ArgGroup, Args, Parser};
 use log::info;
 use outboard_protocol::error_chain;
 use thiserror::Error;
@@ -35,32 +41,52 @@ pub const EXIT_SETUP: u8 = 1;
 pub const EXIT_PROTOCOL: u8 = 2;
 
 /// Options shared by every backend.
+// Exactly one transport option is required: a group the parser adds, so
+// that `run_virtio` can add `--vhost-user` to it.
 #[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
     /// Serve the control socket inherited as this fd (set by a spawning frontend).
-    #[arg(
-        long,
-        value_name = "N",
-        conflicts_with_all = ["socket", "vhost_user"],
-        required_unless_present_any = ["socket", "vhost_user"]
-    )]
+    #[arg(long, value_name = "N")]
     pub control_fd: Option<RawFd>,
     /// Listen on this Unix socket path and serve the first frontend that connects.
-    #[arg(long, value_name = "PATH", conflicts_with = "vhost_user")]
-    pub socket: Option<PathBuf>,
-    /// Virtio devices only: serve the device over vhost-user on this socket
-    /// path (to the first frontend that connects) instead of ioregionfd.
     #[arg(long, value_name = "PATH")]
-    pub vhost_user: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
 }
 
+/// The option [`run_virtio`] adds (with the `vhost-user` feature).
+#[cfg(feature = "vhost-user")]
+#[derive(Debug, Clone, Args)]
+pub struct VhostUserArgs {
+    /// Serve the device over vhost-user on this socket path (to the first
+    /// frontend that connects) instead of ioregionfd.
+    #[arg(long, value_name = "PATH")]
+    pub vhost_user: Option<PathBuf>,
+}
+
+/// The transport options of a plain device.
+const PLAIN_TRANSPORTS: &[&str] = &["control_fd", "socket"];
+/// The transport options of a virtio device.
+#[cfg(feature = "vhost-user")]
+const VIRTIO_TRANSPORTS: &[&str] = &["control_fd", "socket", "vhost_user"];
+
 #[derive(Debug, Parser)]
 struct Cli<A: Args> {
     #[command(flatten)]
     backend: BackendArgs,
+    #[command(flatten)]
+    device: A,
+}
+
+#[cfg(feature = "vhost-user")]
+#[derive(Debug, Parser)]
+struct VirtioCli<A: Args> {
+    #[command(flatten)]
+    backend: BackendArgs,
+    #[command(flatten)]
+    vhost: VhostUserArgs,
     #[command(flatten)]
     device: A,
 }
@@ -86,9 +112,6 @@ pub enum Error {
     /// cannot start the event loop
     #[error("cannot start the event loop")]
     Runtime(#[source] runtime::Error),
-    /// this device has no vhost-user transport
-    #[error("this device has no vhost-user transport")]
-    NoVhostUser,
 }
 
 /// Obtains the control socket the options name: the inherited fd, or the
@@ -160,21 +183,20 @@ where
     F: FnOnce(A) -> Result<D, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let cli = match parse::<A>(program, args) {
+    let cli = match parse_or_exit::<Cli<A>>(program, args, PLAIN_TRANSPORTS) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if cli.backend.vhost_user.is_some() {
-        eprintln!("{program}: error: {}", Error::NoVhostUser);
-        return ExitCode::from(EXIT_SETUP);
-    }
+    init_logging(program, cli.backend.log_level);
     let device = make(cli.device).map_err(|e| Error::Device(e.into()));
     finish(program, &cli.backend, device)
 }
 
 /// Like [`run`] for a virtio device: served through the virtio-mmio
-/// transport over ioregionfd, or over vhost-user with `--vhost-user PATH`.
-/// The device logic is the same either way.
+/// transport over ioregionfd, or (with the `vhost-user` feature) over
+/// vhost-user with `--vhost-user PATH`. The device logic is the same
+/// either way.
+#[cfg(feature = "vhost-user")]
 pub fn run_virtio<A, V, F, E>(
     program: &str,
     args: impl IntoIterator<Item = OsString>,
@@ -186,12 +208,13 @@ where
     F: FnOnce(A) -> Result<V, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let cli = match parse::<A>(program, args) {
+    let cli = match parse_or_exit::<VirtioCli<A>>(program, args, VIRTIO_TRANSPORTS) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    init_logging(program, cli.backend.log_level);
     let device = make(cli.device).map_err(|e| Error::Device(e.into()));
-    match (&cli.backend.vhost_user, device) {
+    match (&cli.vhost.vhost_user, device) {
         (Some(path), Ok(device)) => match crate::vhost_user::serve(device, path) {
             Ok(()) => ExitCode::from(EXIT_OK),
             Err(e) => {
@@ -203,29 +226,54 @@ where
     }
 }
 
-fn parse<A: Args>(
+/// Like [`run`] for a virtio device, served through the virtio-mmio
+/// transport over ioregionfd (this build has no vhost-user feature).
+#[cfg(not(feature = "vhost-user"))]
+pub fn run_virtio<A, V, F, E>(
     program: &str,
     args: impl IntoIterator<Item = OsString>,
-) -> Result<Cli<A>, ExitCode> {
-    let parsed = Cli::<A>::command_for(program)
+    make: F,
+) -> ExitCode
+where
+    A: Args,
+    V: VirtioDevice,
+    F: FnOnce(A) -> Result<V, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    run(program, args, |a| make(a).map(VirtioMmio::new))
+}
+
+/// The command line of `program`: `P`'s options with exactly one of
+/// `transports` required.
+fn command<P: Parser>(program: &str, transports: &[&'static str]) -> clap::Command {
+    P::command().name(program.to_owned()).group(
+        ArgGroup::new("transport")
+            .args(transports.iter().copied())
+            .required(true),
+    )
+}
+
+fn parse<P: Parser>(
+    program: &str,
+    args: impl IntoIterator<Item = OsString>,
+    transports: &[&'static str],
+) -> Result<P, clap::Error> {
+    command::<P>(program, transports)
         .try_get_matches_from(args)
-        .and_then(|m| Cli::<A>::from_arg_matches(&m));
-    match parsed {
-        Ok(c) => {
-            init_logging(program, c.backend.log_level);
-            Ok(c)
-        }
-        Err(e) => {
-            // --help and --version print to stdout and succeed; usage errors
-            // are start-up failures (status 1), never mistaken for protocol ones.
-            let _ = e.print();
-            Err(ExitCode::from(if e.use_stderr() {
-                EXIT_SETUP
-            } else {
-                EXIT_OK
-            }))
-        }
-    }
+        .and_then(|m| P::from_arg_matches(&m))
+}
+
+fn parse_or_exit<P: Parser>(
+    program: &str,
+    args: impl IntoIterator<Item = OsString>,
+    transports: &[&'static str],
+) -> Result<P, ExitCode> {
+    parse(program, args, transports).map_err(|e| {
+        // --help and --version print to stdout and succeed; usage errors
+        // are start-up failures (status 1), never mistaken for protocol ones.
+        let _ = e.print();
+        ExitCode::from(if e.use_stderr() { EXIT_SETUP } else { EXIT_OK })
+    })
 }
 
 fn finish<D: Device>(program: &str, args: &BackendArgs, device: Result<D, Error>) -> ExitCode {
@@ -262,9 +310,73 @@ fn serve<D: Device>(
     result
 }
 
-impl<A: Args> Cli<A> {
-    fn command_for(program: &str) -> clap::Command {
-        use clap::CommandFactory;
-        Self::command().name(program.to_owned())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    #[derive(Debug, Args)]
+    struct Opts {
+        /// A device option.
+        #[arg(long)]
+        output: Option<String>,
+    }
+
+    fn plain(args: &[&str]) -> Result<Cli<Opts>, ErrorKind> {
+        let args = std::iter::once("dev")
+            .chain(args.iter().copied())
+            .map(OsString::from);
+        parse::<Cli<Opts>>("dev", args, PLAIN_TRANSPORTS).map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn parse_when_one_transport_then_options_taken() {
+        let c = plain(&["--control-fd", "3", "--output", "x", "--log-level", "info"])
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.backend.control_fd, Some(3));
+        assert_eq!(c.backend.log_level, log::LevelFilter::Info);
+        assert_eq!(c.device.output.as_deref(), Some("x"));
+        let c = plain(&["--socket", "/tmp/s"]).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.backend.socket, Some(PathBuf::from("/tmp/s")));
+    }
+
+    #[test]
+    fn parse_when_no_or_two_transports_then_usage_error() {
+        assert_eq!(plain(&[]).err(), Some(ErrorKind::MissingRequiredArgument));
+        assert_eq!(
+            plain(&["--control-fd", "3", "--socket", "/tmp/s"]).err(),
+            Some(ErrorKind::ArgumentConflict)
+        );
+    }
+
+    #[test]
+    fn parse_when_plain_device_given_vhost_user_then_unknown_and_not_in_help() {
+        assert_eq!(
+            plain(&["--vhost-user", "/tmp/v"]).err(),
+            Some(ErrorKind::UnknownArgument)
+        );
+        let help = command::<Cli<Opts>>("dev", PLAIN_TRANSPORTS)
+            .render_long_help()
+            .to_string();
+        assert!(!help.contains("--vhost-user"), "{help}");
+        assert!(help.contains("--control-fd") && help.contains("--output"));
+    }
+
+    #[cfg(feature = "vhost-user")]
+    #[test]
+    fn parse_when_virtio_device_then_vhost_user_is_a_third_transport() {
+        let virtio = |args: &[&str]| {
+            let args = std::iter::once("dev")
+                .chain(args.iter().copied())
+                .map(OsString::from);
+            parse::<VirtioCli<Opts>>("dev", args, VIRTIO_TRANSPORTS).map_err(|e| e.kind())
+        };
+        let c = virtio(&["--vhost-user", "/tmp/v"]).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(c.vhost.vhost_user, Some(PathBuf::from("/tmp/v")));
+        assert_eq!(
+            virtio(&["--vhost-user", "/tmp/v", "--socket", "/tmp/s"]).err(),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(virtio(&[]).err(), Some(ErrorKind::MissingRequiredArgument));
     }
 }

@@ -43,17 +43,25 @@
 //! round trip. Guest memory reaches only devices that declare
 //! [`DeviceDescription::needs_memory`].
 
+//! Cargo features: `cli` (default) provides [`run`] and [`run_virtio`] with
+//! the shared command line (clap, env_logger); `vhost-user` lets
+//! [`run_virtio`] serve over vhost-user as well (`vhost_user` module);
+//! `in-process` provides the in-process adapter.
+
 #![deny(missing_docs)]
 
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod device;
 pub mod events;
 #[cfg(feature = "in-process")]
 pub mod inprocess;
 pub mod runtime;
+#[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod virtio;
 
+#[cfg(feature = "cli")]
 pub use cli::{run, run_virtio, BackendArgs};
 pub use device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,

@@ -36,6 +36,7 @@ mod testutil;
 
 pub use control::Error as ControlError;
 pub use data::{Error as DataError, BATCH_BYTES};
+#[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;
 
 /// Errors that stop the backend from starting or end its event loop.
