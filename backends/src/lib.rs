@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+pub mod input;
 pub mod scratch;
 pub mod uart;
 pub mod virtio_blk;

@@ -3,21 +3,46 @@
 //! The region is 8 ports wide, accepts 1-byte accesses only, prefers PIO
 //! 0x3f8 (COM1) and accepts posted writes: the guest's transmit writes never
 //! wait for the backend. Guest output goes to this process's stdout or to a
-//! file (`--output PATH`). The interrupt line is an eventfd the device raises
-//! on the UART's interrupt conditions; routing it to the guest is the
-//! interrupt protocol feature's job.
+//! file (`--output PATH`). Guest input comes from a Unix socket
+//! (`--input-socket PATH`, one client at a time) or from standard input
+//! (`--input stdin`); bytes enter the receive FIFO only while it has room,
+//! and reading resumes when the guest drains it. The UART raises its one
+//! edge-triggered interrupt line (index 0) on the 16550's interrupt
+//! conditions; until the frontend connects the line, raises are dropped.
+//! The UART never needs guest memory, so it never gets any.
 
 use std::ffi::OsString;
 use std::io;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use log::error;
-use outboard::{Access, AccessSize, Device, DeviceDescription, DeviceKind, Region};
+use log::{error, warn};
+use outboard::{
+    Access, AccessSize, Device, DeviceDescription, DeviceKind, EventOps, Interrupt, InterruptLine,
+    Region,
+};
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::input::{self, Input};
+use crate::Output;
 
 /// The conventional COM1 base port.
 pub const COM1: u64 = 0x3f8;
+/// Offset of the receive buffer / transmit holding register.
+const RBR: u8 = 0;
+/// Bytes taken from the input per event (the 16550's FIFO size).
+const CHUNK: usize = 64;
+
+/// Where guest input comes from, besides `--input-socket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputKind {
+    /// No input.
+    None,
+    /// This process's standard input.
+    Stdin,
+}
 
 /// `outboard-uart`: a 16550A UART on one PIO region.
 #[derive(Debug, clap::Args)]
@@ -25,44 +50,77 @@ pub struct UartArgs {
     /// Where the guest's output goes: "stdout" or a file path (appended to).
     #[arg(long, value_name = "stdout|PATH", default_value = "stdout")]
     pub output: String,
+    /// Read guest input from standard input ("stdin") or not at all ("none").
+    #[arg(long, value_enum, default_value = "none")]
+    pub input: InputKind,
+    /// Listen on this Unix socket; bytes a client sends become guest input.
+    #[arg(long, value_name = "PATH", conflicts_with = "input")]
+    pub input_socket: Option<PathBuf>,
 }
 
-/// The interrupt line: an eventfd signalled on every UART interrupt condition.
-#[derive(Debug)]
-pub struct IrqLine(EventFd);
+/// The UART's interrupt line as vm-superio's trigger: whatever line the
+/// frontend connected, or nothing yet.
+#[derive(Debug, Clone, Default)]
+pub struct IrqLine(Arc<Mutex<Option<InterruptLine>>>);
+
+impl IrqLine {
+    fn connect(&self, line: InterruptLine) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(line);
+    }
+}
 
 impl Trigger for IrqLine {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some(line) => line.trigger(),
+            None => Ok(()),
+        }
     }
 }
 
-use crate::Output;
+type Uart16550 = Serial<IrqLine, NoEvents, Output>;
 
 /// The UART device model.
 pub struct Uart {
-    serial: Option<Serial<IrqLine, vm_superio::serial::NoEvents, Output>>,
+    serial: Option<Uart16550>,
+    irq: IrqLine,
+    input: Input,
 }
 
 impl std::fmt::Debug for Uart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uart").finish_non_exhaustive()
+        f.debug_struct("Uart")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
     }
 }
 
 impl Uart {
-    /// A UART writing the guest's output to `out`.
-    pub fn new(out: Output) -> io::Result<Self> {
-        let irq = IrqLine(EventFd::new(libc::EFD_NONBLOCK)?);
-        Ok(Uart {
-            serial: Some(Serial::new(irq, out)),
-        })
+    /// A UART writing the guest's output to `out`, with guest input from `input`.
+    pub fn new(out: Output, input: Input) -> Self {
+        let irq = IrqLine::default();
+        Uart {
+            serial: Some(Serial::new(irq.clone(), out)),
+            irq,
+            input,
+        }
     }
 
     /// A UART configured from the command line.
-    pub fn from_args(args: UartArgs) -> io::Result<Self> {
-        Uart::new(crate::open_output(&args.output)?)
+    pub fn from_args(args: UartArgs) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let out = crate::open_output(&args.output)?;
+        let input = match (&args.input_socket, args.input) {
+            (Some(path), _) => Input::socket(path)?,
+            (None, InputKind::Stdin) => Input::stdin()?,
+            (None, InputKind::None) => Input::none(),
+        };
+        Ok(Uart::new(out, input))
+    }
+
+    /// Room left in the receive FIFO.
+    fn room(&self) -> usize {
+        self.serial.as_ref().map_or(0, Serial::fifo_capacity)
     }
 }
 
@@ -76,13 +134,20 @@ impl Device for Uart {
                     .posted_writes()
                     .preferred_addr(COM1),
             )
+            .interrupt(Interrupt { level: false })
     }
 
     fn read(&mut self, access: Access) -> u64 {
-        match self.serial.as_mut() {
-            Some(s) => u64::from(s.read(access.offset as u8)),
-            None => u64::MAX,
+        let Some(s) = self.serial.as_mut() else {
+            return u64::MAX;
+        };
+        let offset = access.offset as u8;
+        let value = s.read(offset);
+        if offset == RBR && self.input.is_paused() && self.room() > 0 {
+            // The guest made room in the FIFO: take input again.
+            self.input.resume();
         }
+        u64::from(value)
     }
 
     fn write(&mut self, access: Access, value: u64) {
@@ -96,15 +161,35 @@ impl Device for Uart {
 
     fn reset(&mut self) {
         if let Some(old) = self.serial.take() {
-            let irq = match old.interrupt_evt().0.try_clone() {
-                Ok(fd) => IrqLine(fd),
-                Err(e) => {
-                    error!("uart reset: cannot keep the interrupt line: {e}");
-                    self.serial = Some(old);
-                    return;
+            self.serial = Some(Serial::new(self.irq.clone(), old.into_writer()));
+        }
+        // The FIFO is empty again.
+        self.input.resume();
+    }
+
+    fn init(&mut self, ops: &EventOps) -> io::Result<()> {
+        self.input.init(ops)
+    }
+
+    fn handle_event(&mut self, id: u32, _ops: &EventOps) {
+        let mut buf = [0u8; CHUNK];
+        let room = self.room().min(CHUNK);
+        let n = self.input.on_event(id, &mut buf[..room]);
+        if n > 0 {
+            if let Some(s) = self.serial.as_mut() {
+                if let Err(e) = s.enqueue_raw_bytes(&buf[..n]) {
+                    warn!("uart input: {e}");
                 }
-            };
-            self.serial = Some(Serial::new(irq, old.into_writer()));
+            }
+        }
+        if id != input::LISTENER && self.room() == 0 {
+            self.input.pause();
+        }
+    }
+
+    fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
+        if index == 0 {
+            self.irq.connect(line);
         }
     }
 }
@@ -117,8 +202,13 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::{CLIENT, LISTENER};
     use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use std::os::unix::net::UnixStream;
+    use vmm_sys_util::eventfd::EventFd;
+
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -135,26 +225,86 @@ mod tests {
         }
     }
 
+    fn at(offset: u64) -> Access {
+        Access::new(0, offset, AccessSize::B1)
+    }
+
+    /// A UART with socket input, a connected client and an interrupt line.
+    fn with_client(name: &str) -> (Uart, UnixStream, EventFd) {
+        let path = crate::input::tests::temp_socket(name);
+        let input = Input::socket(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut u = Uart::new(Box::new(Shared::default()), input);
+        u.init(&EventOps::detached())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let client = UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        u.handle_event(LISTENER, &EventOps::detached());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|e| panic!("{e}"));
+        let line = irq.try_clone().unwrap_or_else(|e| panic!("{e}"));
+        u.connect_interrupt(0, InterruptLine::new(line));
+        (u, client, irq)
+    }
+
     #[test]
     fn write_thr_when_bytes_then_output_and_reset_keeps_writer() {
         let out = Shared::default();
-        let mut u = Uart::new(Box::new(out.clone())).unwrap_or_else(|e| panic!("{e}"));
+        let mut u = Uart::new(Box::new(out.clone()), Input::none());
         for b in b"hi" {
-            u.write(Access::new(0, 0, AccessSize::B1), u64::from(*b));
+            u.write(at(0), u64::from(*b));
         }
-        u.write(Access::new(0, 7, AccessSize::B1), 0x5a);
-        assert_eq!(
-            u.read(Access::new(0, 7, AccessSize::B1)),
-            0x5a,
-            "scratch register"
-        );
+        u.write(at(7), 0x5a);
+        assert_eq!(u.read(at(7)), 0x5a, "scratch register");
         u.reset();
-        assert_eq!(
-            u.read(Access::new(0, 7, AccessSize::B1)),
-            0,
-            "reset clears scratch"
-        );
-        u.write(Access::new(0, 0, AccessSize::B1), u64::from(b'!'));
+        assert_eq!(u.read(at(7)), 0, "reset clears scratch");
+        u.write(at(0), u64::from(b'!'));
         assert_eq!(&*out.0.lock().unwrap_or_else(|p| p.into_inner()), b"hi!");
+    }
+
+    #[test]
+    fn describe_when_asked_then_one_edge_line_and_no_memory() {
+        let u = Uart::new(Box::new(Shared::default()), Input::none());
+        let d = u.describe();
+        assert_eq!(d.interrupts, vec![Interrupt { level: false }]);
+        assert!(!d.needs_memory);
+        assert!(d.validate().is_ok());
+    }
+
+    #[test]
+    fn input_when_client_sends_then_guest_reads_it_and_interrupt_raised() {
+        let (mut u, mut client, irq) = with_client("uart-rx");
+        u.write(at(IER), 1);
+        client.write_all(b"ok").unwrap_or_else(|e| panic!("{e}"));
+        u.handle_event(CLIENT, &EventOps::detached());
+        assert!(irq.read().unwrap_or(0) >= 1, "received-data interrupt");
+        assert_eq!(u.read(at(LSR)) & 1, 1, "data ready");
+        assert_eq!(u.read(at(0)), u64::from(b'o'));
+        assert_eq!(u.read(at(0)), u64::from(b'k'));
+        assert_eq!(u.read(at(LSR)) & 1, 0);
+    }
+
+    #[test]
+    fn input_when_fifo_full_then_paused_until_guest_drains_it() {
+        let (mut u, mut client, _irq) = with_client("uart-full");
+        let sent: Vec<u8> = (0..100u8).collect();
+        client.write_all(&sent).unwrap_or_else(|e| panic!("{e}"));
+        u.handle_event(CLIENT, &EventOps::detached());
+        assert_eq!(u.room(), 0);
+        assert!(u.input.is_paused(), "no room: stop reading");
+        u.handle_event(CLIENT, &EventOps::detached());
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            assert_eq!(u.read(at(LSR)) & 1, 1, "after {} bytes", got.len());
+            got.push(u.read(at(0)) as u8);
+            assert!(!u.input.is_paused(), "a drained byte resumes reading");
+            u.handle_event(CLIENT, &EventOps::detached());
+        }
+        assert_eq!(got, sent, "nothing lost, nothing reordered");
+    }
+
+    #[test]
+    fn interrupt_when_no_line_connected_then_dropped_silently() {
+        let mut u = Uart::new(Box::new(Shared::default()), Input::none());
+        u.write(at(IER), 2);
+        u.write(at(0), u64::from(b'x'));
+        assert_eq!(u.read(at(7)), 0, "still serving");
     }
 }

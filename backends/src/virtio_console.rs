@@ -10,25 +10,24 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use log::{info, warn};
+use log::warn;
 use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice};
 use outboard::EventOps;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use crate::input::Input;
 
 /// Receive queue index.
 pub const RX: usize = 0;
 /// Transmit queue index.
 pub const TX: usize = 1;
 const MAX_PENDING: usize = 1 << 20;
-/// Event id of the listening socket.
-const LISTENER: u32 = 0;
-/// Event id of the connected client.
-const CLIENT: u32 = 1;
+/// Bytes read from the input per event.
+const CHUNK: usize = 4096;
 
 /// `outboard-virtio-console`: a single-port virtio console.
 #[derive(Debug, clap::Args)]
@@ -44,12 +43,8 @@ pub struct ConsoleArgs {
 /// The console device logic.
 pub struct Console {
     out: Box<dyn Write + Send + Sync>,
-    listener: Option<UnixListener>,
-    client: Option<UnixStream>,
+    input: Input,
     pending: VecDeque<u8>,
-    path: Option<PathBuf>,
-    paused: bool,
-    ops: EventOps,
 }
 
 impl std::fmt::Debug for Console {
@@ -62,105 +57,21 @@ impl std::fmt::Debug for Console {
 
 impl Console {
     /// A console configured from the command line.
-    pub fn from_args(args: ConsoleArgs) -> io::Result<Self> {
+    pub fn from_args(args: ConsoleArgs) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let out = crate::open_output(&args.output)?;
-        let listener = match &args.input_socket {
-            Some(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p)?;
-                l.set_nonblocking(true)?;
-                info!("console input on {}", p.display());
-                Some(l)
-            }
-            None => None,
+        let input = match &args.input_socket {
+            Some(p) => Input::socket(p)?,
+            None => Input::none(),
         };
-        Ok(Console {
+        Ok(Console::new(out, input))
+    }
+
+    /// A console writing guest output to `out`, with guest input from `input`.
+    pub fn new(out: Box<dyn Write + Send + Sync>, input: Input) -> Self {
+        Console {
             out,
-            listener,
-            client: None,
+            input,
             pending: VecDeque::new(),
-            path: args.input_socket,
-            paused: false,
-            ops: EventOps::detached(),
-        })
-    }
-
-    /// Watches the client again after input was paused.
-    fn resume(&mut self) {
-        if !std::mem::take(&mut self.paused) {
-            return;
-        }
-        if let Some(c) = &self.client {
-            if let Err(e) = self.ops.add(c, CLIENT) {
-                warn!("console input: cannot resume reading: {e}");
-            }
-        }
-    }
-
-    /// Accepts a client, replacing the previous one.
-    fn accept(&mut self) {
-        let Some(l) = &self.listener else {
-            return;
-        };
-        match l.accept() {
-            Ok((c, _)) => {
-                info!("console input client connected");
-                if let Err(e) = c.set_nonblocking(true) {
-                    warn!("console input: {e}");
-                    return;
-                }
-                self.drop_client();
-                if !self.paused {
-                    if let Err(e) = self.ops.add(&c, CLIENT) {
-                        warn!("console input: cannot watch the client: {e}");
-                        return;
-                    }
-                }
-                self.client = Some(c);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => warn!("console input: {e}"),
-        }
-    }
-
-    fn drop_client(&mut self) {
-        if let Some(c) = self.client.take() {
-            if !self.paused {
-                // Closing the socket would unregister it too; say so explicitly.
-                let _ = self.ops.remove(&c, CLIENT);
-            }
-        }
-    }
-
-    /// Reads what the client sent; returns whether input is pending.
-    fn read_client(&mut self) -> bool {
-        let Some(client) = self.client.as_mut() else {
-            return false;
-        };
-        let mut buf = [0u8; 4096];
-        match client.read(&mut buf) {
-            Ok(0) => {
-                info!("console input client left");
-                self.drop_client();
-                !self.pending.is_empty()
-            }
-            Ok(n) => {
-                self.pending.extend(&buf[..n]);
-                if self.pending.len() >= MAX_PENDING && !self.paused {
-                    // Stop reading until the guest drains its input.
-                    if let Some(c) = &self.client {
-                        let _ = self.ops.remove(c, CLIENT);
-                    }
-                    self.paused = true;
-                }
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                warn!("console input: {e}");
-                self.drop_client();
-                false
-            }
         }
     }
 
@@ -203,9 +114,9 @@ impl Console {
                 .map_err(QueueError::Queue)?;
             used = true;
         }
-        if self.paused && self.pending.len() < MAX_PENDING / 2 {
-            // Room again: watch the client once more.
-            self.resume();
+        if self.input.is_paused() && self.pending.len() < MAX_PENDING / 2 {
+            // Room again: read the input once more.
+            self.input.resume();
         }
         Ok(used)
     }
@@ -234,7 +145,7 @@ impl VirtioDevice for Console {
 
     fn reset(&mut self) {
         self.pending.clear();
-        self.resume();
+        self.input.resume();
     }
 
     fn process_queue(
@@ -251,34 +162,105 @@ impl VirtioDevice for Console {
     }
 
     fn init(&mut self, ops: &EventOps) -> io::Result<()> {
-        self.ops = ops.clone();
-        if let Some(l) = &self.listener {
-            ops.add(l, LISTENER)?;
-        }
-        Ok(())
+        self.input.init(ops)
     }
 
     fn handle_event(&mut self, id: u32, _ops: &EventOps) -> Option<usize> {
-        match id {
-            LISTENER => {
-                self.accept();
-                None
-            }
-            _ if self.paused => None,
-            _ => self.read_client().then_some(RX),
+        let mut buf = [0u8; CHUNK];
+        let room = MAX_PENDING.saturating_sub(self.pending.len()).min(CHUNK);
+        let n = self.input.on_event(id, &mut buf[..room]);
+        self.pending.extend(&buf[..n]);
+        if self.pending.len() >= MAX_PENDING {
+            // Stop reading until the guest drains its input.
+            self.input.pause();
         }
-    }
-}
-
-impl Drop for Console {
-    fn drop(&mut self) {
-        if let Some(p) = &self.path {
-            let _ = std::fs::remove_file(p);
-        }
+        (n > 0).then_some(RX)
     }
 }
 
 /// `main` of `outboard-virtio-console`.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     outboard::run_virtio("outboard-virtio-console", args, Console::from_args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::{CLIENT, LISTENER};
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn memory() -> Memory {
+        Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A queue at 0x1000 with one buffer of `len` bytes at 0x8000.
+    fn queue(mem: &Memory, flags: u32, len: u32) -> Queue {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        let d = RawDescriptor::from(Descriptor::new(0x8000, len, flags as u16, 0));
+        mock.add_desc_chains(&[d], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        mock.create_queue().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn input_when_client_sends_then_delivered_into_receive_buffers() {
+        let path = crate::input::tests::temp_socket("console-rx");
+        let input = Input::socket(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = Console::new(Box::new(Shared::default()), input);
+        c.init(&EventOps::detached())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut client = UnixStream::connect(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handle_event(LISTENER, &EventOps::detached()), None);
+        client.write_all(b"hello").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.handle_event(CLIENT, &EventOps::detached()), Some(RX));
+        let mem = memory();
+        let mut q = queue(&mem, VRING_DESC_F_WRITE, 3);
+        assert!(c
+            .process_queue(RX, &mut q, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let mut got = [0u8; 3];
+        mem.read_slice(&mut got, GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, b"hel");
+        assert_eq!(c.pending.len(), 2, "the rest waits for the next buffer");
+        c.reset();
+        assert!(c.pending.is_empty());
+    }
+
+    #[test]
+    fn transmit_when_guest_sends_then_output_written() {
+        let out = Shared::default();
+        let mut c = Console::new(Box::new(out.clone()), Input::none());
+        let mem = memory();
+        mem.write_slice(b"to the host", GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q = queue(&mem, 0, 11);
+        assert!(c
+            .process_queue(TX, &mut q, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(
+            &*out.0.lock().unwrap_or_else(|p| p.into_inner()),
+            b"to the host"
+        );
+    }
 }

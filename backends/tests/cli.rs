@@ -93,3 +93,33 @@ fn uart_when_output_unwritable_then_exit_1_with_reason() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot set up the device"), "{err}");
 }
+
+#[test]
+fn uart_when_input_stdin_is_dev_null_then_serves_and_exits_cleanly() {
+    let path = std::env::temp_dir().join(format!("outboard-uart-null-{}.sock", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_outboard-uart"))
+        .args(["--input", "stdin", "--output", "/dev/null", "--socket"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn uart");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let sock = loop {
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    drop(sock);
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
