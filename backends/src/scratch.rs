@@ -396,4 +396,24 @@ mod tests {
         assert_eq!(s.read(Access::new(2, 3, AccessSize::B1)), 0);
         assert_eq!(s.read(Access::new(0, REG_ID, AccessSize::B8)), ID);
     }
+
+    #[test]
+    fn write_when_vcpu_known_then_last_vcpu_reports_it() {
+        let mut s = Scratch::default();
+        s.write(Access::new(1, 0, AccessSize::B1).by(Some(3)), 1);
+        assert_eq!(s.read(Access::new(0, REG_LAST_VCPU, AccessSize::B8)), 4);
+        s.write(Access::new(1, 0, AccessSize::B1), 1);
+        assert_eq!(s.read(Access::new(0, REG_LAST_VCPU, AccessSize::B8)), 0);
+    }
+
+    #[test]
+    fn describe_when_asked_then_four_regions_three_doorbells_and_memory() {
+        let d = Scratch::default().describe();
+        assert!(d.validate().is_ok());
+        assert_eq!(
+            (d.regions.len(), d.doorbells.len(), d.interrupts.len()),
+            (4, 3, 2)
+        );
+        assert!(d.needs_memory, "MEM_DATA reaches guest memory");
+    }
 }

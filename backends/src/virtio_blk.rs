@@ -303,3 +303,173 @@ impl VirtioDevice for Blk {
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     outboard::run_virtio("outboard-virtio-blk", args, |a: BlkArgs| Blk::open(&a))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const HDR: u64 = 0x8000;
+    const DATA: u64 = 0x9000;
+    const STATUS: u64 = 0xa000;
+
+    /// A backing file of 4 sectors, byte `i` holding `i / 512` (the sector number).
+    struct Image(PathBuf);
+
+    impl Image {
+        fn new(name: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("outboard-blk-{name}-{}", std::process::id()));
+            let bytes: Vec<u8> = (0..4 * SECTOR).map(|i| (i / SECTOR) as u8).collect();
+            std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{e}"));
+            Image(p)
+        }
+        fn open(&self, read_only: bool) -> Blk {
+            Blk::open(&BlkArgs {
+                path: self.0.clone(),
+                read_only,
+                serial: "disk-7".into(),
+                no_discard: false,
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn memory() -> Memory {
+        Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// Serves one request of `kind` at `sector` with `len` data bytes
+    /// (`data_flags`: 0 for a buffer the device reads, WRITE for one it
+    /// fills); returns the status byte and the used length.
+    fn request(
+        blk: &mut Blk,
+        mem: &Memory,
+        kind: u32,
+        sector: u64,
+        len: u32,
+        data_flags: u32,
+    ) -> (u8, u32) {
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mock = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        let chain = [
+            desc(HDR, 16, VRING_DESC_F_NEXT, 1),
+            desc(DATA, len, data_flags | VRING_DESC_F_NEXT, 2),
+            desc(STATUS, 1, VRING_DESC_F_WRITE, 0),
+        ];
+        mock.add_desc_chains(&chain, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q: Queue = mock.create_queue().unwrap_or_else(|e| panic!("{e}"));
+        assert!(blk
+            .process_queue(0, &mut q, mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let status: u8 = mem
+            .read_obj(GuestAddress(STATUS))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let used_len: u32 = mem
+            .read_obj(GuestAddress(mock.used_addr().0 + 8))
+            .unwrap_or_else(|e| panic!("{e}"));
+        (status, used_len)
+    }
+
+    #[test]
+    fn read_when_inside_capacity_then_sector_data_and_ok() {
+        let img = Image::new("read");
+        let mut blk = img.open(false);
+        let mem = memory();
+        let (status, used) = request(&mut blk, &mem, VIRTIO_BLK_T_IN, 2, 512, VRING_DESC_F_WRITE);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_OK);
+        assert_eq!(used, 513, "data and status");
+        let mut got = [0u8; 512];
+        mem.read_slice(&mut got, GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got, [2u8; 512]);
+    }
+
+    #[test]
+    fn write_when_read_only_or_past_capacity_then_ioerr_and_file_untouched() {
+        let img = Image::new("write");
+        let mem = memory();
+        mem.write_slice(&[0xee; 512], GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut ro = img.open(true);
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let (status, _) = request(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, 512, 0);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_IOERR);
+        let mut rw = img.open(false);
+        let (status, _) = request(&mut rw, &mem, VIRTIO_BLK_T_OUT, 4, 512, 0);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_IOERR, "past the end");
+        let (status, _) = request(&mut rw, &mem, VIRTIO_BLK_T_OUT, 1, 512, 0);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_OK);
+        let file = std::fs::read(&img.0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&file[512..1024], &[0xee; 512][..]);
+        assert_eq!(file[0], 0);
+    }
+
+    #[test]
+    fn get_id_and_unknown_type_when_requested_then_serial_and_unsupp() {
+        let img = Image::new("id");
+        let mut blk = img.open(false);
+        let mem = memory();
+        let (status, used) = request(
+            &mut blk,
+            &mem,
+            VIRTIO_BLK_T_GET_ID,
+            0,
+            20,
+            VRING_DESC_F_WRITE,
+        );
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_OK);
+        assert_eq!(used, 21);
+        let mut id = [0u8; 6];
+        mem.read_slice(&mut id, GuestAddress(DATA))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&id, b"disk-7");
+        let (status, _) = request(&mut blk, &mem, 99, 0, 8, VRING_DESC_F_WRITE);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn config_when_read_then_capacity_in_sectors() {
+        let img = Image::new("config");
+        let blk = img.open(false);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 4);
+        let mut past = [0xffu8; 4];
+        blk.read_config(200, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+
+    #[test]
+    fn chain_when_no_writable_status_then_queue_error() {
+        let img = Image::new("nostatus");
+        let mut blk = img.open(false);
+        let mem = memory();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        mock.add_desc_chains(&[desc(HDR, 16, 0, 0)], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q: Queue = mock.create_queue().unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            blk.process_queue(0, &mut q, &mem),
+            Err(QueueError::Chain("no writable status byte"))
+        ));
+    }
+}

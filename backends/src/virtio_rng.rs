@@ -87,3 +87,39 @@ impl VirtioDevice for Rng {
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     outboard::run_virtio("outboard-virtio-rng", args, |_: RngArgs| Rng::new())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn process_queue_when_buffer_available_then_filled_with_random_bytes() {
+        let mem =
+            Memory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap_or_else(|e| panic!("{e}"));
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let d = RawDescriptor::from(Descriptor::new(0x8000, 64, VRING_DESC_F_WRITE as u16, 0));
+        mock.add_desc_chains(&[d], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q: Queue = mock.create_queue().unwrap_or_else(|e| panic!("{e}"));
+        let mut rng = Rng::new().unwrap_or_else(|e| panic!("{e}"));
+        assert!(rng
+            .process_queue(0, &mut q, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let used_len: u32 = mem
+            .read_obj(GuestAddress(mock.used_addr().0 + 8))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(used_len, 64);
+        let mut got = [0u8; 64];
+        mem.read_slice(&mut got, GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(got, [0u8; 64], "64 random bytes are not all zero");
+        assert!(
+            !rng.process_queue(0, &mut q, &mem).unwrap_or(true),
+            "nothing left"
+        );
+    }
+}

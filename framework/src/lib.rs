@@ -43,10 +43,10 @@
 //! round trip. Guest memory reaches only devices that declare
 //! [`DeviceDescription::needs_memory`].
 
-//! Cargo features: `cli` (default) provides [`run`] and [`run_virtio`] with
-//! the shared command line (clap, env_logger); `vhost-user` lets
-//! [`run_virtio`] serve over vhost-user as well (`vhost_user` module);
-//! `in-process` provides the in-process adapter.
+//! Cargo features: `cli` (default) provides `outboard::run` and
+//! `outboard::run_virtio` with the shared command line (clap, env_logger);
+//! `vhost-user` lets `run_virtio` serve over vhost-user as well (the
+//! `vhost_user` module); `in-process` provides the in-process adapter.
 
 #![deny(missing_docs)]
 

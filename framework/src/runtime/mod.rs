@@ -9,7 +9,7 @@
 //! * `event_loop.rs`: [`Backend::run`] and [`Backend::process_ready`].
 //!
 //! The loop ends with `Ok` when the frontend closes the control socket or
-//! sends SHUTDOWN, and with an [`Error`] on a protocol violation: a header
+//! sends SHUTDOWN, and with an [`Error`](enum@Error) on a protocol violation: a header
 //! that loses framing, a malformed data command, or a command whose
 //! `user_data` names no region of its socket.
 
