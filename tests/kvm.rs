@@ -340,3 +340,56 @@ fn doorbells_when_region_moved_and_removed_while_guest_runs_then_registrations_f
     let r = runner.join().unwrap().unwrap();
     assert_eq!(r.exit_code, 0);
 }
+
+#[test]
+fn uart_when_a_kvm_guest_waits_for_input_then_the_typed_line_arrives_by_interrupt() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut fe = vm_frontend();
+    let log = std::env::temp_dir().join(format!("outboard-kvm-echo-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let input = outboard_tests::socket_path("echo-input");
+    fe.attach(&DeviceSpec::spawn(
+        "com1",
+        "outboard-uart",
+        &[
+            "--output",
+            log.to_str().unwrap(),
+            "--input-socket",
+            input.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let guest = outboard_testkit::loader::FlatGuest::new(
+        &mut fe,
+        programs::ECHO,
+        1,
+        &[("com1", 0, outboard_testkit::loader::layout::GSI_UART)],
+    )
+    .unwrap();
+    let rounds = Rounds {
+        ram: fe.memory().unwrap().clone(),
+        round: 0,
+    };
+    let runner = std::thread::spawn(move || guest.run(Duration::from_secs(120)));
+    // The guest says when it waits in hlt with the interrupt enabled.
+    let deadline = std::time::Instant::now() + outboard_tests::HANG_GUARD;
+    while rounds.peek(0x20) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    use std::io::Write;
+    let mut typist = outboard_tests::connect_stream(&input);
+    typist.write_all(b"typed on the host\n").unwrap();
+    let r = runner.join().unwrap().unwrap();
+    assert_eq!(r.exit_code, 0, "1: no interrupt taken (see guests/echo.S)");
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "echo: typed on the host\n"
+    );
+    let _ = std::fs::remove_file(&log);
+}

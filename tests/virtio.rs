@@ -291,7 +291,9 @@ fn interrupts_when_10000_requests_then_every_completion_signalled() {
     }
     // The driver may reap the last completion from the used ring before the
     // sink has counted its interrupt: wait for the count, then check it exactly.
-    let counted = irq.wait_beyond(before + 9_999, HANG_GUARD).unwrap_or(irq.count());
+    let counted = irq
+        .wait_beyond(before + 9_999, HANG_GUARD)
+        .unwrap_or(irq.count());
     assert_eq!(counted - before, 10_000, "one interrupt per completion");
 }
 
