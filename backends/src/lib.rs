@@ -48,3 +48,22 @@ pub const BUILTIN: &[(&str, BackendMain)] = &[
 pub fn builtin(name: &str) -> Option<BackendMain> {
     BUILTIN.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
 }
+
+/// A writer that keeps what it is given, for the devices' unit tests.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct SharedOutput(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl std::io::Write for SharedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

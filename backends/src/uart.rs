@@ -210,20 +210,7 @@ mod tests {
     const IER: u64 = 1;
     const LSR: u64 = 5;
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::SharedOutput as Shared;
 
     fn at(offset: u64) -> Access {
         Access::new(0, offset, AccessSize::B1)

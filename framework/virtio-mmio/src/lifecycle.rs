@@ -20,18 +20,6 @@ const DRIVER_BITS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_FEATURES_OK
     | VIRTIO_CONFIG_S_FAILED;
 
-/// `e` and its causes, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 impl MmioTransport {
     /// The features offered to the driver: the device's and `VIRTIO_F_VERSION_1`.
     pub(crate) fn offered<D: TransportDevice + ?Sized>(dev: &D) -> u64 {
@@ -83,7 +71,7 @@ impl MmioTransport {
                 warn!(
                     "virtio device {}: activation failed: {}",
                     dev.device_type(),
-                    chain(&e)
+                    outboard_protocol::error_chain(&e)
                 );
                 self.set_needs_reset(dev);
             }
@@ -140,7 +128,7 @@ impl MmioTransport {
                 warn!(
                     "virtio device {}: queue {index} failed: {}",
                     dev.device_type(),
-                    chain(&e)
+                    outboard_protocol::error_chain(&e)
                 );
                 self.set_needs_reset(dev);
             }
