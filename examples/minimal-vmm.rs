@@ -86,8 +86,9 @@ fn main() -> Result<()> {
     scratch.set_memory(&mem)?; // sent only to a backend that asked for guest memory
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
     scratch.connect_irq(0, &irq, None)?; // the VMM's own irqfd
+    let mut code = 0;
     match Kvm::new() {
-        Ok(kvm) => run_kvm(&kvm, &mem, &io, &irq)?,
+        Ok(kvm) => code = run_kvm(&kvm, &mem, &io, &irq)?,
         Err(e) => {
             println!("vmm: /dev/kvm unusable ({e}); playing the guest over the bus");
             let (mut raised, mut taken) = (0, 0);
@@ -105,6 +106,9 @@ fn main() -> Result<()> {
         }
     }
     uart.barrier()?; // every posted write the guest made has reached the UART
+    if code != 0 {
+        return Err(format!("guest exited with code {code}").into());
+    }
     for dev in [uart, scratch] {
         let status = dev.shutdown(std::time::Duration::from_secs(1));
         println!("vmm: {} exited: {status:?}", dev.name());
@@ -130,9 +134,9 @@ fn wait(irq: &EventFd) -> std::io::Result<u64> {
     }
 }
 
-/// The guest on KVM: exits go to the VMM's IoManager; the VMM's eventfd is
-/// the scratch device's irqfd on GSI 3.
-fn run_kvm(kvm: &Kvm, mem: &GuestMemoryMmap<()>, io: &IoManager, irq: &EventFd) -> Result<()> {
+/// The guest on KVM until it writes its exit code to port 0x501: exits go to
+/// the VMM's IoManager; the VMM's eventfd is the scratch device's irqfd on GSI 3.
+fn run_kvm(kvm: &Kvm, mem: &GuestMemoryMmap<()>, io: &IoManager, irq: &EventFd) -> Result<u8> {
     let vm = kvm.create_vm()?;
     vm.set_tss_address(0xfffb_d000)?;
     let host = mem.get_host_address(GuestAddress(0))? as u64;
@@ -151,14 +155,7 @@ fn run_kvm(kvm: &Kvm, mem: &GuestMemoryMmap<()>, io: &IoManager, irq: &EventFd) 
     println!("vmm: running the interrupts guest on KVM");
     loop {
         match vcpu.run()? {
-            VcpuExit::IoOut(0x501, data) => {
-                println!("vmm: guest exited with code {}", data[0]);
-                return if data[0] == 0 {
-                    Ok(())
-                } else {
-                    Err("guest failed".into())
-                };
-            }
+            VcpuExit::IoOut(0x501, data) => return Ok(data[0]),
             VcpuExit::IoOut(port, data) => io.pio_write(PioAddress(port), data)?,
             VcpuExit::IoIn(port, data) => io.pio_read(PioAddress(port), data)?,
             VcpuExit::MmioWrite(addr, data) => io.mmio_write(MmioAddress(addr), data)?,

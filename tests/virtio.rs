@@ -274,7 +274,12 @@ fn notifies_when_rung_while_backend_stopped_then_coalesced_and_every_request_com
     for h in heads {
         assert_eq!(d.wait(0, h).unwrap(), 16);
     }
-    assert!(irq.count() >= 1);
+    // The driver may reap completions from the used ring before the sink
+    // has counted the interrupt that announced them.
+    assert!(
+        irq.wait_beyond(0, HANG_GUARD).is_some(),
+        "no interrupt at all"
+    );
 }
 
 #[test]

@@ -48,7 +48,6 @@ fn minimal_vmm_when_run_then_devices_on_its_own_bus_serve_the_guest() {
             stdout.contains("interrupts: 10000 raised by the backend, 10000 taken"),
             "{stdout}"
         );
-        assert!(stdout.contains("guest exited with code 0"), "{stdout}");
     } else {
         assert!(
             stdout.contains("socket guest: 1000 raised by the backend, 1000 taken"),

@@ -2,7 +2,7 @@
  * (received-data-available, KVM_IRQFD on GSI 4 = PIC IRQ 4), and prints it
  * back as "echo: LINE". It writes 1 to DATA+0x20 once it waits for input,
  * so the host knows when to type.
- * Exit codes: 0 ok; 1 the line arrived without any interrupt; 2 too long. */
+ * Exit codes: 0 ok; 1 no interrupt counted; 2 too long. */
         .include "common.S"
         .globl _start
         .equ    GSI_UART, 4
@@ -25,22 +25,28 @@ _start:
         movl    $1, ready
         mov     $line, %edi
         xor     %ecx, %ecx              /* bytes so far */
+        xor     %ebx, %ebx              /* interrupts seen so far */
+        /* Wait for the UART's interrupt, then drain the FIFO; wait again
+         * when it runs dry. Bytes are read only after an interrupt. */
 1:      cli
-        mov     $UART_LSR, %dx
-        in      %dx, %al
-        test    $1, %al                 /* data ready */
-        jnz     2f
+        cmp     count, %ebx
+        jne     2f
         sti                             /* sti; hlt: no wake-up is lost */
         hlt
         jmp     1b
-2:      mov     $UART, %dx
+2:      mov     count, %ebx
+4:      mov     $UART_LSR, %dx
+        in      %dx, %al
+        test    $1, %al                 /* data ready */
+        jz      1b
+        mov     $UART, %dx
         in      %dx, %al
         cmp     $10, %al
         je      3f
         mov     %al, (%edi,%ecx)
         inc     %ecx
         cmp     $LINE_MAX, %ecx
-        jb      1b
+        jb      4b
         EXIT    2
 3:      movb    $10, (%edi,%ecx)
         movb    $0, 1(%edi,%ecx)
