@@ -9,7 +9,10 @@
  *   - MMIO is only ever loaded into or stored from registers (mov, and
  *     cmpxchg8b for 8 bytes), never compared in memory: some nested
  *     hypervisors' instruction emulation gets the flags of `cmp mem` wrong
- *     under load, and plain loads keep the guest portable.
+ *     under load, and plain loads keep the guest portable. Guest RAM that a
+ *     device writes (rings, buffers) is loaded into a register before it is
+ *     compared too: one run in 40 of the release suite failed a `cmpl` on a
+ *     buffer the device had just written.
  *   - Devices sit at the addresses below (the tests and the demo place them
  *     there) and interrupt lines use the GSIs below (8259 PIC, master).
  */

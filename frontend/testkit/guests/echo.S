@@ -29,7 +29,8 @@ _start:
         /* Wait for the UART's interrupt, then drain the FIFO; wait again
          * when it runs dry. Bytes are read only after an interrupt. */
 1:      cli
-        cmp     count, %ebx
+        mov     count, %edx
+        cmp     %edx, %ebx
         jne     2f
         sti                             /* sti; hlt: no wake-up is lost */
         hlt

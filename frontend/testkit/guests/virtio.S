@@ -38,15 +38,19 @@ _start:
         jmp     fail
 1:      xor     %ebp, %ebp              /* sector 0 */
         call    blk_read
-        cmpl    $0x4254554f, BLK_DATA   /* "OUTB" */
+        mov     BLK_DATA, %edx
+        cmp     $0x4254554f, %edx       /* "OUTB" */
         jne     e31
-        cmpl    $0x4452414f, BLK_DATA + 4 /* "OARD" */
+        mov     BLK_DATA + 4, %edx
+        cmp     $0x4452414f, %edx       /* "OARD" */
         jne     e31
         mov     $1, %ebp
         call    blk_read
-        cmpl    $0x54434553, BLK_DATA   /* "SECT" */
+        mov     BLK_DATA, %edx
+        cmp     $0x54434553, %edx       /* "SECT" */
         jne     e32
-        cmpl    $0x312d524f, BLK_DATA + 4 /* "OR-1" */
+        mov     BLK_DATA + 4, %edx
+        cmp     $0x312d524f, %edx       /* "OR-1" */
         jne     e32
 
         /* virtio-rng */
@@ -65,7 +69,8 @@ _start:
         movw    $2, 12(%edi)
         movw    $0, 14(%edi)
         call    submit_and_wait
-        cmpl    $64, 0x108(%edi)        /* used.ring[0].len */
+        mov     0x108(%edi), %edx       /* used.ring[0].len */
+        cmp     $64, %edx
         jne     e40
         mov     $RNG_DATA, %ebx
         xor     %eax, %eax
@@ -154,7 +159,8 @@ blk_read:
         movw    $2, 44(%edi)                    /* WRITE */
         movw    $0, 46(%edi)
         call    submit_and_wait
-        cmpb    $0, BLK_STAT
+        movzbl  BLK_STAT, %edx
+        test    %edx, %edx
         jne     e30
         ret
 
@@ -169,7 +175,8 @@ submit_and_wait:
         movw    %ax, 0x82(%edi)                 /* publish */
         cli
         movl    $0, 0x050(%esi)                 /* QueueNotify: an ioeventfd */
-1:      cmpw    %ax, 0x102(%edi)                /* used.idx */
+1:      movzwl  0x102(%edi), %edx               /* used.idx */
+        cmp     %ax, %dx
         je      2f
         sti                                     /* sti; hlt: no wake-up is lost */
         hlt
