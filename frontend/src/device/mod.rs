@@ -31,12 +31,10 @@ use std::time::Duration;
 
 use log::info;
 use outboard_protocol::control::{
-    DeviceInfo, DoorbellInfo, IrqInfo, MemTable, RegionInfo, SetRegion, DOORBELL_DATAMATCH,
-    F_DOORBELL, F_FAST_MMIO, F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, F_VCPU_TOKENS, REGION_FAST_MMIO,
-    REGION_POSTED_WRITES, REGION_PREFERRED_ADDR, REGION_READ, REGION_WRITE, SET_REGION_POSTED,
-    SET_REGION_VCPUS_SHIFT,
+    DeviceInfo, IrqInfo, MemTable, RegionInfo, F_DOORBELL, F_FAST_MMIO, F_IRQ, F_MEM_TABLE,
+    F_POSTED_WRITES, F_VCPU_TOKENS, REGION_FAST_MMIO, REGION_POSTED_WRITES, REGION_PREFERRED_ADDR,
+    REGION_READ, REGION_WRITE,
 };
-use outboard_protocol::{AccessSize, Space};
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -45,8 +43,13 @@ use crate::allocator::RegionConstraint;
 use crate::backend::{self, Connection};
 use crate::health::Health;
 use crate::memory;
-use crate::registrar::{IoEvent, Registrar};
+use crate::registrar::Registrar;
 use crate::remote::{DoorbellMatch, Permissions, RemoteRegion};
+
+mod types;
+
+use types::space_of;
+pub use types::{AttachedDoorbell, DeviceOptions, PlacedRegion};
 
 /// Most regions, doorbells or interrupt lines accepted from one backend.
 pub const MAX_OBJECTS: u32 = 256;
@@ -105,96 +108,6 @@ pub enum Error {
     /// guest memory cannot be shared
     #[error("guest memory cannot be shared")]
     Memory(#[source] memory::Error),
-}
-
-/// Per-device settings.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceOptions {
-    /// Longest wait for a reply (control or data).
-    pub timeout: Duration,
-    /// Post writes where the region and the backend allow it.
-    pub posted_writes: bool,
-    /// vCPUs whose accesses carry their own token ([`F_VCPU_TOKENS`]).
-    pub vcpu_tokens: u32,
-}
-
-impl Default for DeviceOptions {
-    fn default() -> Self {
-        DeviceOptions {
-            timeout: Duration::from_secs(1),
-            posted_writes: true,
-            vcpu_tokens: 8,
-        }
-    }
-}
-
-/// Where a region is placed.
-#[derive(Debug, Clone)]
-pub struct PlacedRegion {
-    /// The backend's description.
-    pub info: RegionInfo,
-    /// Guest address.
-    pub addr: u64,
-    /// Token carried by every command for this region.
-    pub user_data: u64,
-    /// Writes are posted.
-    pub posted: bool,
-    /// Per-vCPU tokens after `user_data` (0: none).
-    pub vcpu_tokens: u32,
-}
-
-impl PlacedRegion {
-    /// The region's address space.
-    pub fn space(&self) -> Space {
-        space_of(&self.info)
-    }
-
-    fn set_region(&self) -> SetRegion {
-        SetRegion {
-            index: self.info.index,
-            flags: (if self.posted { SET_REGION_POSTED } else { 0 })
-                | (self.vcpu_tokens << SET_REGION_VCPUS_SHIFT),
-            guest_addr: self.addr,
-            user_data: self.user_data,
-        }
-    }
-}
-
-fn space_of(info: &RegionInfo) -> Space {
-    if info.is_pio() {
-        Space::Pio
-    } else {
-        Space::Mmio
-    }
-}
-
-/// A doorbell the backend declared and the eventfd connected to it.
-#[derive(Debug, Clone)]
-pub struct AttachedDoorbell {
-    /// The backend's description.
-    pub info: DoorbellInfo,
-    /// The eventfd handed to the backend, once connected.
-    pub eventfd: Option<Arc<EventFd>>,
-}
-
-impl AttachedDoorbell {
-    fn size(&self) -> Option<AccessSize> {
-        AccessSize::from_bytes(u64::from(self.info.size)).ok()
-    }
-
-    fn datamatch(&self) -> Option<u64> {
-        (self.info.flags & DOORBELL_DATAMATCH != 0).then_some(self.info.datamatch)
-    }
-
-    /// The doorbell at its guest address when its region is at `base`.
-    pub fn io_event(&self, space: Space, base: u64) -> IoEvent {
-        IoEvent {
-            space,
-            addr: base.wrapping_add(self.info.offset),
-            size: self.size(),
-            datamatch: self.datamatch(),
-        }
-    }
 }
 
 /// One negotiated Outboard backend.
