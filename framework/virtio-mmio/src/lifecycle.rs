@@ -162,21 +162,8 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdev::{Dummy, DRIVER_OK_STATUS};
+    use crate::testdev::{r, setup, w, Dummy, DRIVER_OK_STATUS};
     use virtio_bindings::virtio_mmio::*;
-
-    fn setup() -> (MmioTransport, Dummy) {
-        let dev = Dummy::new(&[8, 64]);
-        (MmioTransport::new(&dev), dev)
-    }
-
-    fn w(t: &mut MmioTransport, d: &mut Dummy, reg: u32, v: u32) {
-        t.write(d, u64::from(reg), 4, u64::from(v));
-    }
-
-    fn r(t: &mut MmioTransport, d: &mut Dummy, reg: u32) -> u32 {
-        t.read(d, u64::from(reg), 4) as u32
-    }
 
     fn features(t: &mut MmioTransport, d: &mut Dummy, f: u64) {
         w(t, d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);

@@ -14,6 +14,22 @@ pub const DRIVER_OK_STATUS: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_FEATURES_OK
     | VIRTIO_CONFIG_S_DRIVER_OK;
 
+/// A transport over a dummy with two queues (maximum sizes 8 and 64).
+pub fn setup() -> (MmioTransport, Dummy) {
+    let dev = Dummy::new(&[8, 64]);
+    (MmioTransport::new(&dev), dev)
+}
+
+/// A 32-bit register write.
+pub fn w(t: &mut MmioTransport, d: &mut Dummy, reg: u32, v: u32) {
+    t.write(d, u64::from(reg), 4, u64::from(v));
+}
+
+/// A 32-bit register read.
+pub fn r(t: &mut MmioTransport, d: &mut Dummy, reg: u32) -> u32 {
+    t.read(d, u64::from(reg), 4) as u32
+}
+
 /// The error the dummy reports when told to fail.
 #[derive(Debug)]
 pub struct Failure;

@@ -251,21 +251,8 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdev::{Dummy, DRIVER_OK_STATUS};
+    use crate::testdev::{r, setup, w, DRIVER_OK_STATUS};
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-
-    fn setup() -> (MmioTransport, Dummy) {
-        let dev = Dummy::new(&[8, 64]);
-        (MmioTransport::new(&dev), dev)
-    }
-
-    fn w(t: &mut MmioTransport, d: &mut Dummy, reg: u32, v: u32) {
-        t.write(d, u64::from(reg), 4, u64::from(v));
-    }
-
-    fn r(t: &mut MmioTransport, d: &mut Dummy, reg: u32) -> u32 {
-        t.read(d, u64::from(reg), 4) as u32
-    }
 
     #[test]
     fn read_when_identity_registers_then_magic_version_device_vendor() {
