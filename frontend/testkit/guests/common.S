@@ -95,6 +95,22 @@ idtr:   .word   256 * 8 - 1
         .long   IDT
         .endm
 
+/* isr: counts the interrupt in `count`, ends it at the master PIC and
+ * returns to the interrupted EIP with interrupts off. Programs take
+ * interrupts only in `sti; hlt` and define `count` and `resume`; the return
+ * avoids IRET, which some nested hypervisors cannot emulate in protected
+ * mode. */
+        .macro DEFINE_COUNTING_ISR
+isr:    push    %eax
+        incl    count
+        mov     $0x20, %al              /* EOI */
+        out     %al, $0x20
+        pop     %eax
+        popl    resume
+        add     $8, %esp                /* CS, EFLAGS */
+        jmp     *resume
+        .endm
+
 /* pic_init: remaps the 8259s to vectors 0x20 (master) and 0x28 (slave) and
  * unmasks the master IRQs whose bits are set in %cl. */
         .macro DEFINE_PIC

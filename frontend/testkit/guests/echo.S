@@ -61,14 +61,7 @@ _start:
 bad:    EXIT    1
 /* Taken only in the `sti; hlt` above; returns without IRET (see
  * interrupts.S). */
-isr:    push    %eax
-        incl    count
-        mov     $0x20, %al              /* EOI */
-        out     %al, $0x20
-        pop     %eax
-        popl    resume
-        add     $8, %esp                /* CS, EFLAGS */
-        jmp     *resume
+        DEFINE_COUNTING_ISR
         DEFINE_IDT
         DEFINE_PIC
         DEFINE_PUTS

@@ -34,14 +34,7 @@ bad:    EXIT    1
  * with interrupts still off, which is where the loop re-checks anyway. It
  * avoids IRET, which some nested hypervisors cannot emulate in protected
  * mode. */
-isr:    push    %eax
-        incl    count
-        mov     $0x20, %al              /* EOI */
-        out     %al, $0x20
-        pop     %eax
-        popl    resume
-        add     $8, %esp                /* CS, EFLAGS */
-        jmp     *resume
+        DEFINE_COUNTING_ISR
         DEFINE_IDT
         DEFINE_PIC
         DEFINE_PUTS
