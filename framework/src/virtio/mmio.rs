@@ -2,17 +2,20 @@
 //! transport, with virtio-queue queues built at activation.
 
 use std::io;
+use std::sync::Arc;
 
 use log::warn;
 use outboard_protocol::control::DeviceKind;
 use outboard_protocol::AccessSize;
+use outboard_virtio_mmio::virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 use outboard_virtio_mmio::virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use outboard_virtio_mmio::{MmioTransport, QueueConfig, TransportDevice, MMIO_SIZE};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 
-use super::{QueueError, VirtioDevice};
+use super::worker::{QueueThread, Signals};
+use super::{QueueError, VirtioDevice, RING_FEATURES};
 use crate::device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
@@ -26,12 +29,19 @@ pub struct VirtioMmio<D: VirtioDevice> {
 }
 
 /// What the transport drives: the device logic, its queues (built from the
-/// driver's layout at DRIVER_OK), guest memory and the interrupt line.
+/// driver's layout at DRIVER_OK), guest memory and the interrupt line
+/// (shared with queue threads, see [`super::worker`]).
 struct DeviceSide<D> {
     device: D,
-    queues: Vec<Queue>,
+    queues: Vec<Slot>,
     memory: Option<GuestMemory>,
-    irq: Option<InterruptLine>,
+    signals: Arc<Signals>,
+}
+
+/// One activated queue: served in the event loop, or on its own thread.
+enum Slot {
+    Inline(Queue),
+    Thread(QueueThread),
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
@@ -72,7 +82,7 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
     }
 
     fn device_features(&self) -> u64 {
-        self.device.features()
+        self.device.features() | RING_FEATURES
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -89,17 +99,43 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
 
     fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), QueueError> {
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.queues = queues
+        let built = queues
             .iter()
             .enumerate()
             .map(|(i, c)| build_queue(i, c, event_idx))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues.clear();
         self.device.activate(features);
+        // Threads pay off only when queues can run in parallel; a single
+        // ready queue is served in the event loop without the extra hop.
+        let parallel = built.iter().filter(|q| q.ready()).count() > 1;
+        for (index, queue) in built.into_iter().enumerate() {
+            let slot = match (&self.memory, parallel && queue.ready()) {
+                (Some(memory), true) => match self.device.queue_worker(index) {
+                    Some(worker) => Slot::Thread(
+                        QueueThread::spawn(
+                            self.device.name(),
+                            index,
+                            queue,
+                            worker,
+                            memory.clone(),
+                            Arc::clone(&self.signals),
+                        )
+                        .map_err(QueueError::Backend)?,
+                    ),
+                    None => Slot::Inline(queue),
+                },
+                _ => Slot::Inline(queue),
+            };
+            self.queues.push(slot);
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
+        // Joins every queue thread before the device forgets its state.
         self.queues.clear();
+        self.signals.clear();
         self.device.reset();
     }
 
@@ -107,8 +143,13 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
         let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
             return Ok(false);
         };
-        let Some(queue) = self.queues.get_mut(usize::from(index)) else {
-            return Ok(false);
+        let queue = match self.queues.get_mut(usize::from(index)) {
+            Some(Slot::Inline(queue)) => queue,
+            Some(Slot::Thread(thread)) => {
+                thread.kick();
+                return Ok(false);
+            }
+            None => return Ok(false),
         };
         if !queue.ready() {
             return Ok(false);
@@ -121,10 +162,22 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
     }
 
     fn interrupt(&mut self, _bits: u32) {
-        if let Some(irq) = &self.irq {
-            if let Err(e) = irq.trigger() {
-                warn!("{}: cannot raise the interrupt: {e}", self.device.name());
-            }
+        self.signals.trigger(self.device.name());
+    }
+
+    fn interrupt_status(&self) -> u32 {
+        self.signals.isr()
+    }
+
+    fn interrupt_ack(&mut self, bits: u32) {
+        self.signals.ack(bits);
+    }
+
+    fn device_status(&self) -> u32 {
+        if self.signals.failed() {
+            VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            0
         }
     }
 }
@@ -137,7 +190,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             device,
             queues: Vec::new(),
             memory: None,
-            irq: None,
+            signals: Arc::default(),
         };
         VirtioMmio {
             transport: MmioTransport::new(&side),
@@ -222,7 +275,7 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
 
     fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
         if index == 0 {
-            self.side.irq = Some(line);
+            self.side.signals.connect(line);
         }
     }
 

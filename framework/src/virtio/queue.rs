@@ -60,21 +60,36 @@ pub fn validate_chain(chain: &Chain<'_>, mem: &Memory) -> Result<(), QueueError>
 /// Pops every available chain and hands it to `serve`, which returns the
 /// number of bytes it wrote into the chain; each chain is then added to the
 /// used ring. Returns whether any chain was used.
+///
+/// Notifications are suppressed while the queue is drained (the used
+/// ring's NO_NOTIFY flag, or with VIRTIO_RING_F_EVENT_IDX simply by not
+/// moving `avail_event`) and enabled again afterwards; chains the driver
+/// made available in between are served before returning, so no
+/// notification is ever needed for a chain that was already there.
 pub fn drain_queue<F>(queue: &mut Queue, mem: &Memory, mut serve: F) -> Result<bool, QueueError>
 where
     F: FnMut(Chain<'_>) -> Result<u32, QueueError>,
 {
     let mut used = false;
     loop {
-        let chain = queue.iter(mem).map_err(QueueError::Queue)?.next();
-        let Some(chain) = chain else {
+        queue.disable_notification(mem).map_err(QueueError::Queue)?;
+        loop {
+            let chain = queue.iter(mem).map_err(QueueError::Queue)?.next();
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            validate_chain(&chain, mem)?;
+            let len = serve(chain)?;
+            queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+            used = true;
+        }
+        // Publishes avail_event (or clears NO_NOTIFY), then looks at the
+        // available index once more: a chain added before the driver could
+        // see that is served now instead of waiting for a notification.
+        if !queue.enable_notification(mem).map_err(QueueError::Queue)? {
             return Ok(used);
-        };
-        let head = chain.head_index();
-        validate_chain(&chain, mem)?;
-        let len = serve(chain)?;
-        queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
-        used = true;
+        }
     }
 }
 
