@@ -333,7 +333,7 @@ impl BlkQueue {
     /// checked (size, capacity, flags) before any is applied.
     fn discard_or_zero(&mut self, kind: u32, reader: &mut virtio_queue::Reader<'_>) -> u32 {
         let n = reader.available_bytes() / 16;
-        if n == 0 || reader.available_bytes() % 16 != 0 || n > MAX_DISCARD_SEG as usize {
+        if n == 0 || !reader.available_bytes().is_multiple_of(16) || n > MAX_DISCARD_SEG as usize {
             return VIRTIO_BLK_S_IOERR;
         }
         let mut ranges = Vec::with_capacity(n);
