@@ -4,7 +4,7 @@ use crate::AnyError;
 use outboard_frontend::launch::Source;
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend, Options};
-use outboard_testkit::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::guest::{blk, Buffer, DriverOptions, GuestAllocator, VirtioMmioDriver};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -95,8 +95,7 @@ pub(super) fn blk_setup(
         fe.memory().ok_or("no RAM")?.clone(),
         d.irq(0).ok_or("no irq")?.clone(),
         &mut alloc,
-        0,
-        256,
+        DriverOptions::new(0, 256).queues(1),
     )?;
     Ok(BlkSetup {
         label,
