@@ -297,8 +297,27 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
     use vmm_sys_util::eventfd::EventFd;
 
-    /// Fills every writable buffer with 0xab.
-    struct Filler;
+    /// Fills every writable buffer with 0xab; on queue threads if `workers`.
+    struct Filler {
+        workers: bool,
+    }
+
+    fn fill(queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+        drain_queue(queue, mem, |chain| {
+            let mut w = chain.writer(mem).map_err(QueueError::Buffers)?;
+            let n = w.available_bytes();
+            std::io::Write::write_all(&mut w, &vec![0xab; n]).map_err(QueueError::Memory)?;
+            Ok(n as u32)
+        })
+    }
+
+    struct FillerWorker;
+
+    impl crate::virtio::QueueWorker for FillerWorker {
+        fn process(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+            fill(queue, mem)
+        }
+    }
 
     impl VirtioDevice for Filler {
         fn name(&self) -> &str {
@@ -323,12 +342,11 @@ mod tests {
             queue: &mut Queue,
             mem: &Memory,
         ) -> Result<bool, QueueError> {
-            drain_queue(queue, mem, |chain| {
-                let mut w = chain.writer(mem).map_err(QueueError::Buffers)?;
-                let n = w.available_bytes();
-                std::io::Write::write_all(&mut w, &vec![0xab; n]).map_err(QueueError::Memory)?;
-                Ok(n as u32)
-            })
+            fill(queue, mem)
+        }
+        fn queue_worker(&mut self, _index: usize) -> Option<Box<dyn crate::virtio::QueueWorker>> {
+            self.workers
+                .then(|| Box::new(FillerWorker) as Box<dyn crate::virtio::QueueWorker>)
         }
     }
 
@@ -339,10 +357,14 @@ mod tests {
     }
 
     fn rig() -> Rig {
+        rig_with(false)
+    }
+
+    fn rig_with(workers: bool) -> Rig {
         let mem = GuestMemoryAtomic::new(memory());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|e| panic!("{e}"));
         let line = irq.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let mut dev = VirtioMmio::new(Filler);
+        let mut dev = VirtioMmio::new(Filler { workers });
         dev.set_memory(mem.clone());
         dev.connect_interrupt(0, InterruptLine::new(line));
         Rig { dev, irq, mem }
@@ -481,5 +503,82 @@ mod tests {
         assert_eq!(desc.kind, DeviceKind(0x1004));
         assert_eq!(r.dev.read(Access::new(0, 0x100, AccessSize::B2)), 0x5a5a);
         assert_eq!(r.r(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+    }
+
+    /// Reads the interrupt eventfd until it counts, or panics after 10 s.
+    fn wait_irq(r: &Rig) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(n) = r.irq.read() {
+                return n;
+            }
+            assert!(std::time::Instant::now() < deadline, "no interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Queue `q` at `base` with one 64-byte writable chain at `buf`.
+    fn ready_queue(r: &mut Rig, q: u32, base: u64, buf: u64) -> u64 {
+        let m = r.mem.memory();
+        let mock = MockSplitQueue::create(&*m, GuestAddress(base), 16);
+        mock.add_desc_chains(&[desc(buf, 64, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.w(VIRTIO_MMIO_QUEUE_SEL, q);
+        r.w(VIRTIO_MMIO_QUEUE_NUM, 16);
+        for (reg, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, mock.desc_table_addr().0),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, mock.avail_addr().0),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, mock.used_addr().0),
+        ] {
+            r.w(reg, addr as u32);
+        }
+        r.w(VIRTIO_MMIO_QUEUE_READY, 1);
+        mock.used_addr().0
+    }
+
+    #[test]
+    fn two_queues_when_device_has_workers_then_served_on_threads_with_isr_and_reset() {
+        let mut r = rig_with(true);
+        r.w(VIRTIO_MMIO_STATUS, 3);
+        r.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        r.w(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        r.w(VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
+        let used0 = ready_queue(&mut r, 0, 0x1000, 0x8000);
+        let used1 = ready_queue(&mut r, 1, 0x4000, 0x9000);
+        r.start();
+        let mut seen = 0;
+        while seen < 2 && (r.used_idx(used0) == 0 || r.used_idx(used1) == 0) {
+            seen += wait_irq(&r);
+        }
+        while r.used_idx(used0) == 0 || r.used_idx(used1) == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 1, "set by the threads");
+        r.w(VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        let mut buf = [0u8; 64];
+        r.mem
+            .memory()
+            .read_slice(&mut buf, GuestAddress(0x9000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(buf, [0xab; 64]);
+        // A broken chain on queue 1's thread: DEVICE_NEEDS_RESET, config interrupt.
+        let m = r.mem.memory();
+        let bad = desc(0xff000, 0x4000, VRING_DESC_F_WRITE, 0);
+        m.write_obj(bad, GuestAddress(0x4000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let avail1 = r.dev.transport().queues()[1].avail;
+        m.write_obj(0u16, GuestAddress(avail1 + 4 + 2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        m.write_obj(2u16, GuestAddress(avail1 + 2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.dev.doorbell(1, 1);
+        wait_irq(&r);
+        assert_ne!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS) & 2, 2);
+        // Reset joins the threads and clears what they latched.
+        r.dev.reset();
+        assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 }
