@@ -6,24 +6,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use outboard_frontend::DeviceSpec;
 use outboard_testkit::guest::{blk, rng_read, BlkClient};
-use outboard_tests::{bin, guest, random_io, socket_path, temp_image};
+use outboard_tests::{guest, outboard_vhost_user, random_io, socket_path, temp_image, Reaped};
 
 const T: Duration = Duration::from_secs(10);
-
-/// A child process killed when the test ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn qemu_storage_daemon(image: &Path) -> (Reaped, PathBuf) {
     let sock = socket_path("qsd");
@@ -42,18 +32,6 @@ fn qemu_storage_daemon(image: &Path) -> (Reaped, PathBuf) {
         .stdout(Stdio::null())
         .spawn()
         .expect("qemu-storage-daemon (package qemu-utils) must be installed");
-    (Reaped(child), sock)
-}
-
-fn outboard_vhost_user(program: &str, args: &[&str]) -> (Reaped, PathBuf) {
-    let sock = socket_path(program);
-    let child = Command::new(bin(program))
-        .arg("--vhost-user")
-        .arg(&sock)
-        .args(args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
     (Reaped(child), sock)
 }
 

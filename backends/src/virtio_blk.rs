@@ -1,9 +1,24 @@
 //! `outboard-virtio-blk`: a file-backed virtio block device (virtio device ID 2).
 //!
-//! One request queue. Requests: read (IN), write (OUT), flush, get-id,
-//! discard and write-zeroes (hole punching and zero ranges on the backing
-//! file). The capacity is the backing file's size in 512-byte sectors
-//! (rounded down). `--read-only` offers VIRTIO_BLK_F_RO and fails writes.
+//! Requests: read (IN), write (OUT), flush, get-id, discard and
+//! write-zeroes (hole punching and zero ranges on the backing file). The
+//! capacity is the backing file's size in 512-byte sectors (rounded down).
+//! `--read-only` offers VIRTIO_BLK_F_RO and fails writes.
+//!
+//! Limits, as a production device states them (configuration space):
+//! seg_max 126 data segments per request (a full request, header and status
+//! included, is 128 descriptors: it fits QEMU's default 128-entry vhost-user
+//! ring even without indirect descriptors, and any ring from 16 to 1024
+//! entries with them, which both transports offer), size_max 1 MiB per
+//! segment, 512-byte logical blocks with the backing file's block size as
+//! the physical block (topology), discard and write-zeroes up to 2 GiB and
+//! 32 ranges per request, write-zeroes with the unmap flag.
+//!
+//! Multiple queues (VIRTIO_BLK_F_MQ, `--num-queues N`, default 16, enough
+//! for QEMU's default of one queue per vCPU in VMs of up to 16 vCPUs):
+//! every queue is served on a thread of its own, in parallel
+//! ([`outboard::virtio::QueueWorker`]), sharing the backing file through
+//! positional reads and writes.
 //!
 //! Every request is checked before the file is touched: a request past the
 //! capacity, with a data length that is not a whole number of sectors, or
@@ -15,25 +30,38 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use log::warn;
-use outboard::virtio::{drain_queue, Chain, Memory, QueueError, VirtioDevice};
+use outboard::virtio::{drain_queue, Chain, Memory, QueueError, QueueWorker, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::Queue;
 
 /// Sector size of the virtio block protocol.
 pub const SECTOR: u64 = 512;
-/// Largest number of segments per request the device accepts.
-const SEG_MAX: u32 = 128;
+/// Largest number of data segments per request the device advertises.
+pub const SEG_MAX: u32 = 126;
+/// Largest segment the device advertises, in bytes.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest queue the driver may choose.
+pub const QUEUE_SIZE_MAX: u16 = 1024;
+/// Default number of request queues.
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+/// Largest number of request queues.
+pub const MAX_NUM_QUEUES: u16 = 64;
 /// Bytes moved between the file and guest memory per step of a request, so
 /// that a guest cannot make the backend allocate what its chain claims.
 const CHUNK: usize = 256 * 1024;
-/// Largest discard or write-zeroes request, in sectors.
+/// Largest discard or write-zeroes range, in sectors (2 GiB).
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Largest number of ranges in one discard or write-zeroes request.
+const MAX_DISCARD_SEG: u32 = 32;
+/// Size of the configuration space this device fills (through write_zeroes_may_unmap).
+const CONFIG_SIZE: usize = 60;
 
 /// `outboard-virtio-blk`: a file-backed virtio block device.
 #[derive(Debug, clap::Args)]
@@ -50,16 +78,37 @@ pub struct BlkArgs {
     /// Do not offer discard and write-zeroes.
     #[arg(long)]
     pub no_discard: bool,
+    /// Request queues, each served on its own thread (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_NUM_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_NUM_QUEUES)))]
+    pub num_queues: u16,
+}
+
+/// The backing file and what the device offers, shared by every queue.
+#[derive(Debug)]
+struct Disk {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    discard: bool,
+    /// Physical block size as a power of two of logical blocks.
+    physical_block_exp: u8,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
 }
 
 /// The block device logic.
 #[derive(Debug)]
 pub struct Blk {
-    file: File,
-    capacity: u64,
-    read_only: bool,
-    discard: bool,
-    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    disk: Arc<Disk>,
+    num_queues: u16,
+    /// Serves queues in the event loop (one queue, or one ready queue).
+    inline: BlkQueue,
+}
+
+/// One request queue's server: the shared disk and a bounce buffer.
+#[derive(Debug)]
+struct BlkQueue {
+    disk: Arc<Disk>,
     buf: Vec<u8>,
 }
 
@@ -70,46 +119,118 @@ impl Blk {
             .read(true)
             .write(!args.read_only)
             .open(&args.path)?;
-        let capacity = file.metadata()?.len() / SECTOR;
+        let meta = file.metadata()?;
+        let capacity = meta.len() / SECTOR;
+        let physical = meta.blksize().clamp(SECTOR, 1 << 16);
+        let physical_block_exp = (physical / SECTOR).ilog2() as u8;
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = args.serial.len().min(id.len());
         id[..n].copy_from_slice(&args.serial.as_bytes()[..n]);
-        Ok(Blk {
+        let disk = Arc::new(Disk {
             file,
             capacity,
             read_only: args.read_only,
             discard: !args.no_discard && !args.read_only,
+            physical_block_exp,
             id,
-            buf: Vec::new(),
+        });
+        Ok(Blk {
+            inline: BlkQueue::new(Arc::clone(&disk)),
+            disk,
+            num_queues: args.num_queues.clamp(1, MAX_NUM_QUEUES),
         })
     }
 
     /// Capacity in sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.disk.capacity
     }
 
-    fn config(&self) -> [u8; 60] {
-        let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+    fn config(&self) -> [u8; CONFIG_SIZE] {
+        let d = &self.disk;
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..8].copy_from_slice(&d.capacity.to_le_bytes());
+        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&1u16.to_le_bytes());
-        if self.discard {
+        // Topology: physical block exponent, alignment offset 0, minimum
+        // I/O one physical block (in logical blocks), no optimal size.
+        c[24] = d.physical_block_exp;
+        let min_io = 1u16 << d.physical_block_exp;
+        c[26..28].copy_from_slice(&min_io.to_le_bytes());
+        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        if d.discard {
             c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            c[40..44].copy_from_slice(&1u32.to_le_bytes());
-            c[44..48].copy_from_slice(&1u32.to_le_bytes());
+            c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[44..48].copy_from_slice(&u32::from(min_io).to_le_bytes());
             c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
-            c[52..56].copy_from_slice(&1u32.to_le_bytes());
+            c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+            c[56] = 1;
         }
         c
     }
+}
 
-    /// Byte offset of `sectors` sectors at `sector`, if inside the capacity.
+impl Disk {
+    /// Byte offset of `bytes` bytes at `sector`, if inside the capacity.
     fn range(&self, sector: u64, bytes: u64) -> Option<u64> {
         let start = sector.checked_mul(SECTOR)?;
         let end = start.checked_add(bytes)?;
         (bytes.is_multiple_of(SECTOR) && end <= self.capacity * SECTOR).then_some(start)
+    }
+
+    /// fallocate(`mode`) over `bytes` at `offset`.
+    fn fallocate(&self, mode: i32, offset: u64, bytes: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(bytes)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate only takes integers and our own open fd; the
+        // range was checked against the file's capacity by the caller.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Makes `bytes` at `offset` read as zeroes: a zero range (or a hole
+    /// when `unmap`), falling back to a hole and then to writing zeroes on
+    /// file systems without them (tmpfs has no zero range).
+    fn zero(&self, offset: u64, bytes: u64, unmap: bool, buf: &mut Vec<u8>) -> io::Result<()> {
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | keep;
+        let first = if unmap {
+            punch
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | keep
+        };
+        match self.fallocate(first, offset, bytes) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => return other,
+        }
+        match self.fallocate(punch, offset, bytes) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => return other,
+        }
+        buf.clear();
+        buf.resize(CHUNK, 0);
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(CHUNK as u64) as usize;
+            self.file.write_all_at(&buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlkQueue {
+    fn new(disk: Arc<Disk>) -> Self {
+        BlkQueue {
+            disk,
+            buf: Vec::new(),
+        }
     }
 
     /// Serves one request; returns the bytes written into the chain.
@@ -144,16 +265,17 @@ impl Blk {
         reader: &mut virtio_queue::Reader<'_>,
         writer: &mut virtio_queue::Writer<'_>,
     ) -> (u32, usize) {
+        let disk = &*self.disk;
         match kind {
             VIRTIO_BLK_T_IN => {
                 let len = writer.available_bytes();
-                let Some(mut offset) = self.range(sector, len as u64) else {
+                let Some(mut offset) = disk.range(sector, len as u64) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
                 while writer.available_bytes() > 0 {
                     let n = writer.available_bytes().min(CHUNK);
                     self.buf.resize(n, 0);
-                    if let Err(e) = self.file.read_exact_at(&mut self.buf, offset) {
+                    if let Err(e) = disk.file.read_exact_at(&mut self.buf, offset) {
                         warn!("read at sector {sector}: {e}");
                         return (VIRTIO_BLK_S_IOERR, writer.bytes_written());
                     }
@@ -166,10 +288,10 @@ impl Blk {
             }
             VIRTIO_BLK_T_OUT => {
                 let len = reader.available_bytes();
-                let Some(mut offset) = self.range(sector, len as u64) else {
+                let Some(mut offset) = disk.range(sector, len as u64) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                if self.read_only {
+                if disk.read_only {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
                 while reader.available_bytes() > 0 {
@@ -178,7 +300,7 @@ impl Blk {
                     if reader.read_exact(&mut self.buf).is_err() {
                         return (VIRTIO_BLK_S_IOERR, 0);
                     }
-                    if let Err(e) = self.file.write_all_at(&self.buf, offset) {
+                    if let Err(e) = disk.file.write_all_at(&self.buf, offset) {
                         warn!("write at sector {sector}: {e}");
                         return (VIRTIO_BLK_S_IOERR, 0);
                     }
@@ -186,7 +308,7 @@ impl Blk {
                 }
                 (VIRTIO_BLK_S_OK, 0)
             }
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+            VIRTIO_BLK_T_FLUSH => match disk.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     warn!("flush: {e}");
@@ -194,21 +316,28 @@ impl Blk {
                 }
             },
             VIRTIO_BLK_T_GET_ID => {
-                let n = writer.available_bytes().min(self.id.len());
-                match writer.write_all(&self.id[..n]) {
+                let n = writer.available_bytes().min(disk.id.len());
+                match writer.write_all(&disk.id[..n]) {
                     Ok(()) => (VIRTIO_BLK_S_OK, n),
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
-            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.discard => {
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if disk.discard => {
                 (self.discard_or_zero(kind, reader), 0)
             }
             _ => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
 
+    /// Serves the ranges of a discard or write-zeroes request: each is
+    /// checked (size, capacity, flags) before any is applied.
     fn discard_or_zero(&mut self, kind: u32, reader: &mut virtio_queue::Reader<'_>) -> u32 {
-        while reader.available_bytes() > 0 {
+        let n = reader.available_bytes() / 16;
+        if n == 0 || !reader.available_bytes().is_multiple_of(16) || n > MAX_DISCARD_SEG as usize {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
             let Ok(seg) = reader.read_obj::<[u8; 16]>() else {
                 return VIRTIO_BLK_S_IOERR;
             };
@@ -216,37 +345,46 @@ impl Blk {
                 seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
             ]);
             let sectors = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0
+                || (kind == VIRTIO_BLK_T_DISCARD && unmap)
+            {
+                return VIRTIO_BLK_S_UNSUPP;
+            }
             if sectors > MAX_DISCARD_SECTORS {
                 return VIRTIO_BLK_S_IOERR;
             }
             let bytes = u64::from(sectors) * SECTOR;
-            let Some(offset) = self.range(sector, bytes) else {
+            let Some(offset) = self.disk.range(sector, bytes) else {
                 return VIRTIO_BLK_S_IOERR;
             };
-            let mode = if kind == VIRTIO_BLK_T_DISCARD {
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            ranges.push((offset, bytes, unmap));
+        }
+        for (offset, bytes, unmap) in ranges {
+            let result = if kind == VIRTIO_BLK_T_DISCARD {
+                // A discarded range reads back as zeroes on this device.
+                self.disk.zero(offset, bytes, true, &mut self.buf)
             } else {
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                self.disk.zero(offset, bytes, unmap, &mut self.buf)
             };
-            // SAFETY: fallocate only takes integers; the range was checked
-            // against the file's capacity above.
-            let rc = unsafe {
-                libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, bytes as i64)
-            };
-            if rc != 0 {
-                warn!(
-                    "{}: {}",
-                    if kind == VIRTIO_BLK_T_DISCARD {
-                        "discard"
-                    } else {
-                        "write zeroes"
-                    },
-                    io::Error::last_os_error()
-                );
+            if let Err(e) = result {
+                let what = if kind == VIRTIO_BLK_T_DISCARD {
+                    "discard"
+                } else {
+                    "write zeroes"
+                };
+                warn!("{what} of {bytes} bytes at {offset}: {e}");
                 return VIRTIO_BLK_S_IOERR;
             }
         }
         VIRTIO_BLK_S_OK
+    }
+}
+
+impl QueueWorker for BlkQueue {
+    fn process(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+        drain_queue(queue, mem, |chain| self.serve(chain, mem))
     }
 }
 
@@ -260,16 +398,20 @@ impl VirtioDevice for Blk {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![256]
+        vec![QUEUE_SIZE_MAX; usize::from(self.num_queues)]
     }
 
     fn features(&self) -> u64 {
-        let mut f =
-            (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE);
-        if self.read_only {
+        let mut f = (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_MQ);
+        if self.disk.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
-        if self.discard {
+        if self.disk.discard {
             f |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         f
@@ -295,7 +437,12 @@ impl VirtioDevice for Blk {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, QueueError> {
-        drain_queue(queue, mem, |chain| self.serve(chain, mem))
+        self.inline.process(queue, mem)
+    }
+
+    fn queue_worker(&mut self, _index: usize) -> Option<Box<dyn QueueWorker>> {
+        (self.num_queues > 1)
+            .then(|| Box::new(BlkQueue::new(Arc::clone(&self.disk))) as Box<dyn QueueWorker>)
     }
 }
 
@@ -333,6 +480,7 @@ mod tests {
                 read_only,
                 serial: "disk-7".into(),
                 no_discard: false,
+                num_queues: 1,
             })
             .unwrap_or_else(|e| panic!("{e}"))
         }

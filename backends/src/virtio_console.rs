@@ -101,6 +101,12 @@ impl Console {
         let mut used = false;
         while !self.pending.is_empty() {
             let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
+                // Out of buffers with input waiting: ask to be notified of
+                // the next one (publishes avail_event under EVENT_IDX), and
+                // take one the driver added meanwhile.
+                if queue.enable_notification(mem).map_err(QueueError::Queue)? {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();

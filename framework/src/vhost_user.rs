@@ -18,14 +18,15 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{
-    VhostUserBackendMut, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT,
+    VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT,
 };
+use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -33,8 +34,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::events::{EventOps, Watch};
-use crate::virtio::VirtioDevice;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use crate::virtio::{QueueError, QueueWorker, VirtioDevice, RING_FEATURES};
 
 /// Errors serving over vhost-user.
 #[derive(Debug, Error)]
@@ -50,72 +50,130 @@ pub enum Error {
     DeviceInit(#[source] io::Error),
 }
 
-type Shared<D> = Arc<Mutex<Adapter<D>>>;
+type Shared<D> = Arc<Adapter<D>>;
 
-/// A [`VirtioDevice`] as a vhost-user backend.
-pub struct Adapter<D: VirtioDevice + Send + Sync + 'static> {
-    device: D,
-    memory: Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
-    exit: (EventConsumer, EventNotifier),
-    ops: EventOps,
-    num_queues: usize,
-    max_queue_size: usize,
+/// Locks `m`, taking over a lock poisoned by a panicking queue thread (the
+/// state behind it is the device's, which stays usable after a reset).
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl<D: VirtioDevice + Send + Sync + 'static> std::fmt::Debug for Adapter<D> {
+/// How one queue is served since the last activation.
+enum Worker {
+    /// Not asked yet.
+    Unasked,
+    /// With [`VirtioDevice::process_queue`], under the device lock.
+    Device,
+    /// With the device's [`QueueWorker`], on the queue's own thread.
+    Own(Box<dyn QueueWorker>),
+}
+
+/// A [`VirtioDevice`] as a vhost-user backend. A device that hands out
+/// [`QueueWorker`]s gets one vhost-user-backend thread per queue, so its
+/// queues are served in parallel; any other device gets one thread for all
+/// its queues, served under the device lock.
+pub struct Adapter<D: VirtioDevice + Send + 'static> {
+    device: Mutex<D>,
+    name: String,
+    workers: Vec<Mutex<Worker>>,
+    memory: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
+    exit: (EventConsumer, EventNotifier),
+    ops: Mutex<EventOps>,
+    max_queue_size: usize,
+    parallel: bool,
+}
+
+impl<D: VirtioDevice + Send + 'static> std::fmt::Debug for Adapter<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Adapter")
-            .field("device", &self.device.name())
-            .field("num_queues", &self.num_queues)
+            .field("device", &self.name)
+            .field("num_queues", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
 
-impl<D: VirtioDevice + Send + Sync + 'static> Adapter<D> {
-    fn new(device: D) -> Result<Self, Error> {
+impl<D: VirtioDevice + Send + 'static> Adapter<D> {
+    fn new(mut device: D) -> Result<Self, Error> {
         let exit =
             new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(Error::ExitEvent)?;
         let sizes = device.queue_max_sizes();
         let max = sizes.iter().copied().max().unwrap_or(256);
         let max = if max.is_power_of_two() { max } else { 256 };
+        // Whether the device serves its queues in parallel; the probe's
+        // workers are dropped, real ones are made after activation.
+        let parallel =
+            sizes.len() > 1 && (0..sizes.len()).all(|i| device.queue_worker(i).is_some());
         Ok(Adapter {
-            num_queues: sizes.len(),
+            parallel,
+            name: device.name().to_owned(),
+            workers: sizes.iter().map(|_| Mutex::new(Worker::Unasked)).collect(),
             max_queue_size: usize::from(max),
-            device,
-            memory: None,
+            device: Mutex::new(device),
+            memory: Mutex::new(None),
             exit,
-            ops: EventOps::detached(),
+            ops: Mutex::new(EventOps::detached()),
         })
     }
 
-    fn process(&mut self, queue: usize, vrings: &[VringRwLock]) -> io::Result<()> {
-        let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
+    /// Serves queue `index` on `vring`; signals the driver if buffers were
+    /// used and it wants to know (EVENT_IDX's `used_event`).
+    fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = lock(&self.memory).as_ref().map(GuestAddressSpace::memory) else {
             return Ok(());
         };
-        let Some(vring) = vrings.get(queue) else {
+        let Some(worker) = self.workers.get(index) else {
             return Ok(());
         };
+        let mut worker = lock(worker);
+        if matches!(*worker, Worker::Unasked) {
+            *worker = match lock(&self.device).queue_worker(index) {
+                Some(w) => Worker::Own(w),
+                None => Worker::Device,
+            };
+        }
         let mut state = vring.get_mut();
-        match self
-            .device
-            .process_queue(queue, state.get_queue_mut(), &mem)
-        {
-            Ok(true) => state.signal_used_queue(),
+        let queue: &mut Queue = state.get_queue_mut();
+        let result = match &mut *worker {
+            Worker::Own(w) => w.process(queue, &mem),
+            _ => lock(&self.device).process_queue(index, queue, &mem),
+        };
+        match result {
+            Ok(true) => {
+                if state.needs_notification().unwrap_or(true) {
+                    state.signal_used_queue()?;
+                }
+                Ok(())
+            }
             Ok(false) => Ok(()),
             Err(e) => {
-                warn!("{}: queue {queue} stalled: {e}", self.device.name());
+                warn!("{}: queue {index} stalled: {}", self.name, error_text(&e));
                 Ok(())
             }
         }
     }
+
+    /// The global index of the `local`-th queue of thread `thread` (see
+    /// [`VhostUserBackend::queues_per_thread`]).
+    fn queue_index(&self, thread: usize, local: usize) -> Option<usize> {
+        let index = if self.parallel {
+            (local == 0).then_some(thread)?
+        } else {
+            (thread == 0).then_some(local)?
+        };
+        (index < self.workers.len()).then_some(index)
+    }
 }
 
-impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D> {
+fn error_text(e: &QueueError) -> String {
+    outboard_protocol::error_chain(e)
+}
+
+impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
     type Bitmap = ();
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        self.num_queues
+        self.workers.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -123,13 +181,16 @@ impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D>
     }
 
     fn features(&self) -> u64 {
-        self.device.features()
-            | (1 << VIRTIO_F_VERSION_1)
+        lock(&self.device).features()
+            | RING_FEATURES
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    fn acked_features(&mut self, features: u64) {
-        self.device.activate(features);
+    fn acked_features(&self, features: u64) {
+        lock(&self.device).activate(features);
+        for w in &self.workers {
+            *lock(w) = Worker::Unasked;
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -138,26 +199,40 @@ impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D>
             | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
-    fn reset_device(&mut self) {
-        self.device.reset();
+    fn reset_device(&self) {
+        for w in &self.workers {
+            *lock(w) = Worker::Unasked;
+        }
+        lock(&self.device).reset();
     }
 
-    fn set_event_idx(&mut self, _enabled: bool) {}
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets it on every vring itself.
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut buf = vec![0u8; size as usize];
-        self.device.read_config(u64::from(offset), &mut buf);
+        lock(&self.device).read_config(u64::from(offset), &mut buf);
         buf
     }
 
-    fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        self.device.write_config(u64::from(offset), buf);
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        lock(&self.device).write_config(u64::from(offset), buf);
         Ok(())
     }
 
-    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
-        self.memory = Some(mem);
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
+        *lock(&self.memory) = Some(mem);
         Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let n = self.workers.len().min(64);
+        if self.parallel {
+            (0..n).map(|i| 1u64 << i).collect()
+        } else {
+            vec![u64::MAX >> (64 - n.max(1))]
+        }
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -165,49 +240,79 @@ impl<D: VirtioDevice + Send + Sync + 'static> VhostUserBackendMut for Adapter<D>
     }
 
     fn handle_event(
-        &mut self,
+        &self,
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         let event = usize::from(device_event);
-        if event < self.num_queues {
-            return self.process(event, vrings);
+        if event < vrings.len() {
+            return match self.queue_index(thread_id, event) {
+                Some(q) => self.process(q, &vrings[event]),
+                None => Ok(()),
+            };
         }
+        // Device fds are registered on thread 0, which serves every queue
+        // of a serial device and queue 0 of a parallel one.
         let Some(id) = event
-            .checked_sub(self.num_queues + 1)
+            .checked_sub(self.workers.len() + 1)
             .and_then(|id| u32::try_from(id).ok())
         else {
             return Ok(());
         };
-        let ops = self.ops.clone();
-        match self.device.handle_event(id, &ops) {
-            Some(q) => self.process(q, vrings),
-            None => Ok(()),
+        let ops = lock(&self.ops).clone();
+        let more = lock(&self.device).handle_event(id, &ops);
+        let Some(q) = more else {
+            return Ok(());
+        };
+        let local = if self.parallel {
+            q.checked_sub(thread_id)
+        } else {
+            Some(q)
+        };
+        match local.and_then(|l| vrings.get(l)) {
+            Some(vring) => self.process(q, vring),
+            None => {
+                warn!(
+                    "{}: device event for queue {q} outside its thread",
+                    self.name
+                );
+                Ok(())
+            }
         }
     }
 }
 
 /// Serves `device` to the first vhost-user frontend that connects at
 /// `path`; returns when it disconnects.
-pub fn serve<D: VirtioDevice + Send + Sync + 'static>(device: D, path: &Path) -> Result<(), Error> {
+pub fn serve<D: VirtioDevice + Send + 'static>(device: D, path: &Path) -> Result<(), Error> {
     let name = device.name().to_owned();
-    let backend: Shared<D> = Arc::new(Mutex::new(Adapter::new(device)?));
+    let backend: Shared<D> = Arc::new(Adapter::new(device)?);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let mut daemon = VhostUserDaemon::new(name.clone(), Arc::clone(&backend), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     if let Some(handler) = daemon.get_epoll_handlers().first() {
-        let mut adapter = backend.lock().unwrap_or_else(PoisonError::into_inner);
         let ops = EventOps::new(Arc::new(Listeners {
             handler: Arc::downgrade(handler),
-            first: adapter.num_queues as u64 + 1,
+            first: backend.workers.len() as u64 + 1,
         }));
-        adapter.ops = ops.clone();
-        adapter.device.init(&ops).map_err(Error::DeviceInit)?;
+        *lock(&backend.ops) = ops.clone();
+        lock(&backend.device)
+            .init(&ops)
+            .map_err(Error::DeviceInit)?;
     }
     info!("{name}: serving vhost-user on {}", path.display());
-    let result = daemon.serve(path).map_err(|e| Error::Daemon(e.to_string()));
+    let offered = backend.features();
+    let result = daemon.serve(path).map_err(|e| match e {
+        vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::InvalidParam) => {
+            Error::Daemon(format!(
+                "{e}: the frontend sent a request with invalid parameters, such as \
+                 SET_FEATURES with bits outside the offered {offered:#x}"
+            ))
+        }
+        e => Error::Daemon(e.to_string()),
+    });
     info!("{name}: vhost-user frontend disconnected");
     result
 }
@@ -215,12 +320,12 @@ pub fn serve<D: VirtioDevice + Send + Sync + 'static>(device: D, path: &Path) ->
 /// A device's [`EventOps`] over the daemon's epoll handler: device id `n`
 /// is listener `first + n` (the ids up to the number of queues are the
 /// daemon's own).
-struct Listeners<D: VirtioDevice + Send + Sync + 'static> {
+struct Listeners<D: VirtioDevice + Send + 'static> {
     handler: Weak<VringEpollHandler<Shared<D>>>,
     first: u64,
 }
 
-impl<D: VirtioDevice + Send + Sync + 'static> Listeners<D> {
+impl<D: VirtioDevice + Send + 'static> Listeners<D> {
     fn listener(&self, id: u32) -> io::Result<(Arc<VringEpollHandler<Shared<D>>>, u64)> {
         let handler = self
             .handler
@@ -235,7 +340,7 @@ impl<D: VirtioDevice + Send + Sync + 'static> Listeners<D> {
     }
 }
 
-impl<D: VirtioDevice + Send + Sync + 'static> Watch for Listeners<D> {
+impl<D: VirtioDevice + Send + 'static> Watch for Listeners<D> {
     fn add(&self, fd: RawFd, id: u32) -> io::Result<()> {
         let (handler, data) = self.listener(id)?;
         handler.register_listener(fd, EventSet::IN, data)

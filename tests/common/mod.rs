@@ -18,7 +18,7 @@ use outboard_protocol::channel::{Channel, Message};
 use outboard_protocol::control::{
     Header, Hello, Payload, Request, StatusReply, FEATURES_SUPPORTED,
 };
-use outboard_testkit::guest::{blk, BlkClient, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::guest::{blk, BlkClient, DriverOptions, GuestAllocator, VirtioMmioDriver};
 
 /// Generous upper bound for anything a test waits on; hitting it means a hang.
 pub const HANG_GUARD: Duration = Duration::from_secs(20);
@@ -230,6 +230,11 @@ impl Guest {
 
     /// Initializes device `name` with the test driver, asking for `wanted` features.
     pub fn driver(&mut self, name: &str, wanted: u64) -> VirtioMmioDriver {
+        self.driver_with(name, DriverOptions::new(wanted, 256))
+    }
+
+    /// Initializes device `name` with the test driver and `opts`.
+    pub fn driver_with(&mut self, name: &str, opts: DriverOptions) -> VirtioMmioDriver {
         let d = self.fe.device(name).expect("device");
         VirtioMmioDriver::init(
             self.fe.mmio().clone(),
@@ -237,8 +242,7 @@ impl Guest {
             self.fe.memory().expect("RAM").clone(),
             d.irq(0).expect("interrupt line").clone(),
             &mut self.alloc,
-            wanted,
-            256,
+            opts,
         )
         .expect("driver init")
     }
@@ -296,4 +300,28 @@ pub fn random_io(c: &mut BlkClient, image: &Path, sectors: u64, seed: u64) -> (u
         "backing file matches the model"
     );
     (reads, writes)
+}
+
+/// A child process killed when the test ends.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts Outboard's `program` as a vhost-user backend on a fresh socket.
+pub fn outboard_vhost_user(program: &str, args: &[&str]) -> (Reaped, PathBuf) {
+    let sock = socket_path(program);
+    let child = Command::new(bin(program))
+        .arg("--vhost-user")
+        .arg(&sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Reaped(child), sock)
 }

@@ -2,17 +2,20 @@
 //! transport, with virtio-queue queues built at activation.
 
 use std::io;
+use std::sync::Arc;
 
 use log::warn;
 use outboard_protocol::control::DeviceKind;
 use outboard_protocol::AccessSize;
+use outboard_virtio_mmio::virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 use outboard_virtio_mmio::virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use outboard_virtio_mmio::{MmioTransport, QueueConfig, TransportDevice, MMIO_SIZE};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 
-use super::{QueueError, VirtioDevice};
+use super::worker::{QueueThread, Signals};
+use super::{QueueError, VirtioDevice, RING_FEATURES};
 use crate::device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
@@ -26,12 +29,19 @@ pub struct VirtioMmio<D: VirtioDevice> {
 }
 
 /// What the transport drives: the device logic, its queues (built from the
-/// driver's layout at DRIVER_OK), guest memory and the interrupt line.
+/// driver's layout at DRIVER_OK), guest memory and the interrupt line
+/// (shared with queue threads, see [`super::worker`]).
 struct DeviceSide<D> {
     device: D,
-    queues: Vec<Queue>,
+    queues: Vec<Slot>,
     memory: Option<GuestMemory>,
-    irq: Option<InterruptLine>,
+    signals: Arc<Signals>,
+}
+
+/// One activated queue: served in the event loop, or on its own thread.
+enum Slot {
+    Inline(Queue),
+    Thread(QueueThread),
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
@@ -72,7 +82,7 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
     }
 
     fn device_features(&self) -> u64 {
-        self.device.features()
+        self.device.features() | RING_FEATURES
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -89,17 +99,43 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
 
     fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), QueueError> {
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        self.queues = queues
+        let built = queues
             .iter()
             .enumerate()
             .map(|(i, c)| build_queue(i, c, event_idx))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues.clear();
         self.device.activate(features);
+        // Threads pay off only when queues can run in parallel; a single
+        // ready queue is served in the event loop without the extra hop.
+        let parallel = built.iter().filter(|q| q.ready()).count() > 1;
+        for (index, queue) in built.into_iter().enumerate() {
+            let slot = match (&self.memory, parallel && queue.ready()) {
+                (Some(memory), true) => match self.device.queue_worker(index) {
+                    Some(worker) => Slot::Thread(
+                        QueueThread::spawn(
+                            self.device.name(),
+                            index,
+                            queue,
+                            worker,
+                            memory.clone(),
+                            Arc::clone(&self.signals),
+                        )
+                        .map_err(QueueError::Backend)?,
+                    ),
+                    None => Slot::Inline(queue),
+                },
+                _ => Slot::Inline(queue),
+            };
+            self.queues.push(slot);
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
+        // Joins every queue thread before the device forgets its state.
         self.queues.clear();
+        self.signals.clear();
         self.device.reset();
     }
 
@@ -107,8 +143,13 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
         let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
             return Ok(false);
         };
-        let Some(queue) = self.queues.get_mut(usize::from(index)) else {
-            return Ok(false);
+        let queue = match self.queues.get_mut(usize::from(index)) {
+            Some(Slot::Inline(queue)) => queue,
+            Some(Slot::Thread(thread)) => {
+                thread.kick();
+                return Ok(false);
+            }
+            None => return Ok(false),
         };
         if !queue.ready() {
             return Ok(false);
@@ -121,10 +162,22 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
     }
 
     fn interrupt(&mut self, _bits: u32) {
-        if let Some(irq) = &self.irq {
-            if let Err(e) = irq.trigger() {
-                warn!("{}: cannot raise the interrupt: {e}", self.device.name());
-            }
+        self.signals.trigger(self.device.name());
+    }
+
+    fn interrupt_status(&self) -> u32 {
+        self.signals.isr()
+    }
+
+    fn interrupt_ack(&mut self, bits: u32) {
+        self.signals.ack(bits);
+    }
+
+    fn device_status(&self) -> u32 {
+        if self.signals.failed() {
+            VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            0
         }
     }
 }
@@ -137,7 +190,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             device,
             queues: Vec::new(),
             memory: None,
-            irq: None,
+            signals: Arc::default(),
         };
         VirtioMmio {
             transport: MmioTransport::new(&side),
@@ -222,7 +275,7 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
 
     fn connect_interrupt(&mut self, index: usize, line: InterruptLine) {
         if index == 0 {
-            self.side.irq = Some(line);
+            self.side.signals.connect(line);
         }
     }
 
@@ -244,8 +297,27 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
     use vmm_sys_util::eventfd::EventFd;
 
-    /// Fills every writable buffer with 0xab.
-    struct Filler;
+    /// Fills every writable buffer with 0xab; on queue threads if `workers`.
+    struct Filler {
+        workers: bool,
+    }
+
+    fn fill(queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+        drain_queue(queue, mem, |chain| {
+            let mut w = chain.writer(mem).map_err(QueueError::Buffers)?;
+            let n = w.available_bytes();
+            std::io::Write::write_all(&mut w, &vec![0xab; n]).map_err(QueueError::Memory)?;
+            Ok(n as u32)
+        })
+    }
+
+    struct FillerWorker;
+
+    impl crate::virtio::QueueWorker for FillerWorker {
+        fn process(&mut self, queue: &mut Queue, mem: &Memory) -> Result<bool, QueueError> {
+            fill(queue, mem)
+        }
+    }
 
     impl VirtioDevice for Filler {
         fn name(&self) -> &str {
@@ -270,12 +342,11 @@ mod tests {
             queue: &mut Queue,
             mem: &Memory,
         ) -> Result<bool, QueueError> {
-            drain_queue(queue, mem, |chain| {
-                let mut w = chain.writer(mem).map_err(QueueError::Buffers)?;
-                let n = w.available_bytes();
-                std::io::Write::write_all(&mut w, &vec![0xab; n]).map_err(QueueError::Memory)?;
-                Ok(n as u32)
-            })
+            fill(queue, mem)
+        }
+        fn queue_worker(&mut self, _index: usize) -> Option<Box<dyn crate::virtio::QueueWorker>> {
+            self.workers
+                .then(|| Box::new(FillerWorker) as Box<dyn crate::virtio::QueueWorker>)
         }
     }
 
@@ -286,10 +357,14 @@ mod tests {
     }
 
     fn rig() -> Rig {
+        rig_with(false)
+    }
+
+    fn rig_with(workers: bool) -> Rig {
         let mem = GuestMemoryAtomic::new(memory());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap_or_else(|e| panic!("{e}"));
         let line = irq.try_clone().unwrap_or_else(|e| panic!("{e}"));
-        let mut dev = VirtioMmio::new(Filler);
+        let mut dev = VirtioMmio::new(Filler { workers });
         dev.set_memory(mem.clone());
         dev.connect_interrupt(0, InterruptLine::new(line));
         Rig { dev, irq, mem }
@@ -428,5 +503,82 @@ mod tests {
         assert_eq!(desc.kind, DeviceKind(0x1004));
         assert_eq!(r.dev.read(Access::new(0, 0x100, AccessSize::B2)), 0x5a5a);
         assert_eq!(r.r(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+    }
+
+    /// Reads the interrupt eventfd until it counts, or panics after 10 s.
+    fn wait_irq(r: &Rig) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(n) = r.irq.read() {
+                return n;
+            }
+            assert!(std::time::Instant::now() < deadline, "no interrupt");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Queue `q` at `base` with one 64-byte writable chain at `buf`.
+    fn ready_queue(r: &mut Rig, q: u32, base: u64, buf: u64) -> u64 {
+        let m = r.mem.memory();
+        let mock = MockSplitQueue::create(&*m, GuestAddress(base), 16);
+        mock.add_desc_chains(&[desc(buf, 64, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.w(VIRTIO_MMIO_QUEUE_SEL, q);
+        r.w(VIRTIO_MMIO_QUEUE_NUM, 16);
+        for (reg, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, mock.desc_table_addr().0),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, mock.avail_addr().0),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, mock.used_addr().0),
+        ] {
+            r.w(reg, addr as u32);
+        }
+        r.w(VIRTIO_MMIO_QUEUE_READY, 1);
+        mock.used_addr().0
+    }
+
+    #[test]
+    fn two_queues_when_device_has_workers_then_served_on_threads_with_isr_and_reset() {
+        let mut r = rig_with(true);
+        r.w(VIRTIO_MMIO_STATUS, 3);
+        r.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        r.w(VIRTIO_MMIO_DRIVER_FEATURES, 1);
+        r.w(VIRTIO_MMIO_STATUS, 3 | VIRTIO_CONFIG_S_FEATURES_OK);
+        let used0 = ready_queue(&mut r, 0, 0x1000, 0x8000);
+        let used1 = ready_queue(&mut r, 1, 0x4000, 0x9000);
+        r.start();
+        let mut seen = 0;
+        while seen < 2 && (r.used_idx(used0) == 0 || r.used_idx(used1) == 0) {
+            seen += wait_irq(&r);
+        }
+        while r.used_idx(used0) == 0 || r.used_idx(used1) == 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 1, "set by the threads");
+        r.w(VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        let mut buf = [0u8; 64];
+        r.mem
+            .memory()
+            .read_slice(&mut buf, GuestAddress(0x9000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(buf, [0xab; 64]);
+        // A broken chain on queue 1's thread: DEVICE_NEEDS_RESET, config interrupt.
+        let m = r.mem.memory();
+        let bad = desc(0xff000, 0x4000, VRING_DESC_F_WRITE, 0);
+        m.write_obj(bad, GuestAddress(0x4000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let avail1 = r.dev.transport().queues()[1].avail;
+        m.write_obj(0u16, GuestAddress(avail1 + 4 + 2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        m.write_obj(2u16, GuestAddress(avail1 + 2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        r.dev.doorbell(1, 1);
+        wait_irq(&r);
+        assert_ne!(r.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS) & 2, 2);
+        // Reset joins the threads and clears what they latched.
+        r.dev.reset();
+        assert_eq!(r.r(VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(r.r(VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 }

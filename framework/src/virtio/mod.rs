@@ -18,20 +18,46 @@
 //! raises a configuration-change interrupt. Nothing the guest writes can
 //! make the backend touch memory outside the memory table: every guest
 //! access goes through vm-memory's checked accessors.
+//!
+//! Both transports (this one and [`crate::vhost_user`]) offer the ring
+//! features in [`RING_FEATURES`] on top of the device's own:
+//! VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC (virtio-queue walks
+//! indirect tables; [`validate_chain`] checks them like direct chains) and
+//! VIRTIO_RING_F_EVENT_IDX. Notification suppression is honoured by
+//! [`drain_queue`] (NO_NOTIFY or `avail_event` while draining) and
+//! interrupt suppression by the transports (VRING_AVAIL_F_NO_INTERRUPT is
+//! not honoured by virtio-queue; `used_event` is). A driver that accepts a
+//! feature the device did not offer is refused: FEATURES_OK reads back
+//! clear on virtio-mmio, SET_FEATURES fails on vhost-user.
+//!
+//! Queues are served in the backend's event loop unless the device hands
+//! out a [`QueueWorker`] for them ([`VirtioDevice::queue_worker`]): then
+//! each runs on a thread of its own, in parallel (virtio-blk with several
+//! queues).
 
 use std::io;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::Queue;
 
 use crate::events::EventOps;
 
 mod mmio;
 mod queue;
+mod worker;
 
 pub use mmio::VirtioMmio;
 pub use outboard_virtio_mmio as transport;
 pub use outboard_virtio_mmio::MMIO_SIZE;
 pub use queue::{drain_queue, validate_chain, Chain, Memory, QueueError};
+pub use worker::QueueWorker;
+
+/// Feature bits every Outboard virtio device offers on both transports,
+/// beyond its own: VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC and
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const RING_FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
 
 /// The device logic of a virtio device, independent of the transport.
 pub trait VirtioDevice {
@@ -44,7 +70,8 @@ pub trait VirtioDevice {
     /// Maximum size of each queue; the number of entries is the number of queues.
     fn queue_max_sizes(&self) -> Vec<u16>;
 
-    /// Feature bits the device offers (the transport adds VIRTIO_F_VERSION_1).
+    /// Device-specific feature bits the device offers (the transports add
+    /// [`RING_FEATURES`]).
     fn features(&self) -> u64;
 
     /// Reads `data.len()` bytes of configuration space at `offset`.
@@ -71,6 +98,19 @@ pub trait VirtioDevice {
         queue: &mut Queue,
         mem: &Memory,
     ) -> Result<bool, QueueError>;
+
+    /// A worker that serves queue `index` on a thread of its own, in
+    /// parallel with the other queues, or `None` (the default) to serve it
+    /// with [`VirtioDevice::process_queue`] in the backend's event loop.
+    /// Asked at every activation that readies two queues or more
+    /// (virtio-mmio; a single queue is served in the event loop) or at the
+    /// queue's first notification after one (vhost-user, where a device that
+    /// gives a worker for every queue gets a thread per queue); dropped at
+    /// reset.
+    fn queue_worker(&mut self, index: usize) -> Option<Box<dyn QueueWorker>> {
+        let _ = index;
+        None
+    }
 
     /// Called once before serving, over ioregionfd or vhost-user alike:
     /// register the device's own fds (the console's input socket) with

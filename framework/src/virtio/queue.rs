@@ -60,21 +60,36 @@ pub fn validate_chain(chain: &Chain<'_>, mem: &Memory) -> Result<(), QueueError>
 /// Pops every available chain and hands it to `serve`, which returns the
 /// number of bytes it wrote into the chain; each chain is then added to the
 /// used ring. Returns whether any chain was used.
+///
+/// Notifications are suppressed while the queue is drained (the used
+/// ring's NO_NOTIFY flag, or with VIRTIO_RING_F_EVENT_IDX simply by not
+/// moving `avail_event`) and enabled again afterwards; chains the driver
+/// made available in between are served before returning, so no
+/// notification is ever needed for a chain that was already there.
 pub fn drain_queue<F>(queue: &mut Queue, mem: &Memory, mut serve: F) -> Result<bool, QueueError>
 where
     F: FnMut(Chain<'_>) -> Result<u32, QueueError>,
 {
     let mut used = false;
     loop {
-        let chain = queue.iter(mem).map_err(QueueError::Queue)?.next();
-        let Some(chain) = chain else {
+        queue.disable_notification(mem).map_err(QueueError::Queue)?;
+        loop {
+            let chain = queue.iter(mem).map_err(QueueError::Queue)?.next();
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            validate_chain(&chain, mem)?;
+            let len = serve(chain)?;
+            queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+            used = true;
+        }
+        // Publishes avail_event (or clears NO_NOTIFY), then looks at the
+        // available index once more: a chain added before the driver could
+        // see that is served now instead of waiting for a notification.
+        if !queue.enable_notification(mem).map_err(QueueError::Queue)? {
             return Ok(used);
-        };
-        let head = chain.head_index();
-        validate_chain(&chain, mem)?;
-        let len = serve(chain)?;
-        queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
-        used = true;
+        }
     }
 }
 
@@ -172,5 +187,86 @@ pub(crate) mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(len1, 4);
         assert!(matches!(drain_queue(&mut q, &mem, |_| Ok(0)), Ok(false)));
+    }
+
+    /// Writes `descs` as an indirect table at `at`.
+    fn table(mem: &Memory, at: u64, descs: &[RawDescriptor]) {
+        for (i, d) in descs.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(at + 16 * i as u64))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    fn indirect(addr: u64, entries: u32) -> RawDescriptor {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        desc(addr, 16 * entries, VRING_DESC_F_INDIRECT, 0)
+    }
+
+    #[test]
+    fn validate_chain_when_indirect_table_longer_than_queue_then_ok() {
+        let mem = memory();
+        let mut entries: Vec<RawDescriptor> = (0..40u16)
+            .map(|i| desc(0x8000 + 512 * u64::from(i), 512, VRING_DESC_F_NEXT, i + 1))
+            .collect();
+        entries.push(desc(0xf000, 1, VRING_DESC_F_WRITE, 0));
+        table(&mem, 0x20000, &entries);
+        let mut q = queue_with(&mem, &[indirect(0x20000, 41)]);
+        let chain = q
+            .iter(&mem)
+            .unwrap_or_else(|e| panic!("iter: {e}"))
+            .next()
+            .unwrap_or_else(|| panic!("no chain"));
+        assert!(validate_chain(&chain, &mem).is_ok());
+        assert_eq!(
+            chain.count(),
+            41,
+            "41 buffers behind one ring descriptor of 16"
+        );
+    }
+
+    #[test]
+    fn validate_chain_when_indirect_entry_outside_memory_or_nested_then_error() {
+        let mem = memory();
+        table(
+            &mem,
+            0x20000,
+            &[desc(0xff000, 0x4000, VRING_DESC_F_WRITE, 0)],
+        );
+        let r = {
+            let mut q = queue_with(&mem, &[indirect(0x20000, 1)]);
+            let chain = q.iter(&mem).ok().and_then(|mut i| i.next());
+            validate_chain(&chain.unwrap_or_else(|| panic!("no chain")), &mem)
+        };
+        assert!(matches!(
+            r,
+            Err(QueueError::Chain("buffer outside guest memory"))
+        ));
+        table(&mem, 0x21000, &[indirect(0x20000, 1)]);
+        let mut q = queue_with(&mem, &[indirect(0x21000, 1)]);
+        let chain = q.iter(&mem).ok().and_then(|mut i| i.next());
+        let r = validate_chain(&chain.unwrap_or_else(|| panic!("no chain")), &mem);
+        assert!(r.is_err(), "a table inside a table is refused: {r:?}");
+    }
+
+    #[test]
+    fn drain_queue_when_event_idx_then_avail_event_published() {
+        let mem = memory();
+        let mut q = queue_with(
+            &mem,
+            &[
+                desc(0x8000, 8, VRING_DESC_F_WRITE, 0),
+                desc(0x9000, 8, VRING_DESC_F_WRITE, 0),
+            ],
+        );
+        q.set_event_idx(true);
+        assert!(matches!(drain_queue(&mut q, &mem, |_| Ok(0)), Ok(true)));
+        // avail_event follows the 16 used entries of the 16-entry queue.
+        let avail_event: u16 = mem
+            .read_obj(GuestAddress(q.used_ring() + 4 + 8 * 16))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            avail_event, 2,
+            "the device asks to be notified past chain 2"
+        );
     }
 }

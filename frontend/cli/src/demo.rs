@@ -9,7 +9,9 @@ use outboard_backends::uart::COM1;
 use outboard_frontend::kvm;
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{AccessSize, DeviceSpec, Frontend, Options};
-use outboard_testkit::guest::{blk, rng_read, BlkClient, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::guest::{
+    blk, rng_read, BlkClient, DriverOptions, GuestAllocator, VirtioMmioDriver,
+};
 use outboard_testkit::loader::{self, layout, programs};
 
 use crate::AnyError;
@@ -256,8 +258,7 @@ pub fn run(options: Options) -> Result<(), AnyError> {
             Arc::clone(&ram),
             irq,
             alloc,
-            wanted,
-            128,
+            DriverOptions::new(wanted, 128),
         )
         .map_err(AnyError::from)
     };

@@ -1,10 +1,11 @@
-//! Figure 7: virtio-blk 4 KiB random I/O, Outboard vs qemu-storage-daemon.
+//! Figure 7: virtio-blk 4 KiB random I/O, Outboard vs qemu-storage-daemon;
+//! 7m: the same load spread over two queues, against one queue.
 
 use crate::AnyError;
 use outboard_frontend::launch::Source;
 use outboard_frontend::memory::GuestRam;
 use outboard_frontend::{DeviceSpec, Frontend, Options};
-use outboard_testkit::guest::{blk, Buffer, GuestAllocator, VirtioMmioDriver};
+use outboard_testkit::guest::{blk, Buffer, DriverOptions, GuestAllocator, VirtioMmioDriver};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -18,15 +19,19 @@ pub(super) struct BlkSetup {
     fe: Frontend,
     alloc: GuestAllocator,
     driver: VirtioMmioDriver,
+    /// Queues the driver uses.
+    queues: usize,
     _proc: Option<Reaped>,
 }
 
 pub(super) const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
 
+/// `label`'s device on `image`, driven through `queues` queues.
 pub(super) fn blk_setup(
     label: &'static str,
     options: Options,
     image: &Path,
+    queues: usize,
 ) -> Result<BlkSetup, AnyError> {
     // A vhost-user backend is started by hand, found as the frontend finds backends.
     let launcher = options.launcher.clone();
@@ -54,7 +59,7 @@ pub(super) fn blk_setup(
                     .arg(format!("driver=file,node-name=d0,filename={path},cache.direct=off,aio=threads"))
                     .arg("--export")
                     .arg(format!(
-                        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                         sock.display()
                     ))
                     .stdin(Stdio::null())
@@ -95,19 +100,23 @@ pub(super) fn blk_setup(
         fe.memory().ok_or("no RAM")?.clone(),
         d.irq(0).ok_or("no irq")?.clone(),
         &mut alloc,
-        0,
-        256,
+        DriverOptions::new(0, 256).queues(queues),
     )?;
+    if driver.num_queues() != queues {
+        return Err(format!("{label}: {} queues, not {queues}", driver.num_queues()).into());
+    }
     Ok(BlkSetup {
         label,
         fe,
         alloc,
         driver,
+        queues,
         _proc: proc,
     })
 }
 
-/// Random 4 KiB I/O at queue depth `qd`; returns IOPS.
+/// Random 4 KiB I/O at queue depth `qd` in all, spread over the setup's
+/// queues; returns IOPS.
 pub(super) fn blk_iops(
     s: &mut BlkSetup,
     ops: usize,
@@ -138,38 +147,45 @@ pub(super) fn blk_iops(
         (rng % (IMAGE_SECTORS / 8)) * 8
     };
     let kind = if write { blk::T_OUT } else { blk::T_IN };
-    let issue =
-        |driver: &mut VirtioMmioDriver, slot: &Slot, sector: u64| -> Result<u16, AnyError> {
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&kind.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            mem.memory().write_slice(&h, GuestAddress(slot.header))?;
-            Ok(driver.submit(
-                0,
-                &[
-                    Buffer::readable(slot.header, 16),
-                    Buffer {
-                        addr: slot.data,
-                        len: 4096,
-                        device_writes: !write,
-                    },
-                    Buffer::writable(slot.status, 1),
-                ],
-            )?)
-        };
+    let queues = s.queues.max(1);
+    let issue = |driver: &mut VirtioMmioDriver,
+                 q: usize,
+                 slot: &Slot,
+                 sector: u64|
+     -> Result<u16, AnyError> {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.memory().write_slice(&h, GuestAddress(slot.header))?;
+        Ok(driver.submit(
+            q,
+            &[
+                Buffer::readable(slot.header, 16),
+                Buffer {
+                    addr: slot.data,
+                    len: 4096,
+                    device_writes: !write,
+                },
+                Buffer::writable(slot.status, 1),
+            ],
+        )?)
+    };
     let mut inflight = std::collections::VecDeque::new();
     let t = Instant::now();
     let mut issued = 0;
     for (i, slot) in slots.iter().enumerate().take(qd.min(ops)) {
         let sector = next();
-        inflight.push_back((issue(&mut s.driver, slot, sector)?, i));
+        inflight.push_back((issue(&mut s.driver, i % queues, slot, sector)?, i));
         issued += 1;
     }
-    s.driver.notify(0)?;
+    for q in 0..queues {
+        s.driver.notify(q)?;
+    }
     let mut done = 0;
     while done < ops {
         let (head, i) = inflight.pop_front().ok_or("queue drained early")?;
-        s.driver.wait(0, head)?;
+        let q = i % queues;
+        s.driver.wait(q, head)?;
         let status: u8 = mem.memory().read_obj(GuestAddress(slots[i].status))?;
         if status != blk::S_OK {
             return Err(format!("{}: request failed with status {status}", s.label).into());
@@ -177,9 +193,9 @@ pub(super) fn blk_iops(
         done += 1;
         if issued < ops {
             let sector = next();
-            inflight.push_back((issue(&mut s.driver, &slots[i], sector)?, i));
+            inflight.push_back((issue(&mut s.driver, q, &slots[i], sector)?, i));
             issued += 1;
-            s.driver.notify(0)?;
+            s.driver.notify(q)?;
         }
     }
     Ok(ops as f64 / t.elapsed().as_secs_f64())
@@ -195,7 +211,7 @@ pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Resu
     ];
     let mut results: Vec<(&str, [f64; 4])> = Vec::new();
     for label in labels {
-        let mut s = match blk_setup(label, options.clone(), &image) {
+        let mut s = match blk_setup(label, options.clone(), &image, 1) {
             Ok(s) => s,
             Err(e) => {
                 println!("  (7)  {label}: skipped: {e}");
@@ -211,6 +227,17 @@ pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Resu
         }
         s.fe.shutdown();
         results.push((label, v));
+    }
+    // 7m: QD16 over two queues (8 each), served by a thread per queue.
+    let mut mq: Vec<(&str, f64)> = Vec::new();
+    for label in labels {
+        match blk_setup(label, options.clone(), &image, 2) {
+            Ok(mut s) => {
+                mq.push((label, blk_iops(&mut s, plan.blk_ops, 16, false, 0x51)?));
+                s.fe.shutdown();
+            }
+            Err(e) => println!("  (7m) {label}: skipped: {e}"),
+        }
     }
     let _ = std::fs::remove_file(&image);
     let qsd = results
@@ -242,6 +269,19 @@ pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Resu
                 },
             });
         }
+    }
+    for (label, v) in mq {
+        let one = results.iter().find(|(l, _)| *l == label).map(|(_, q)| q[2]);
+        r.add(Figure {
+            id: "7m",
+            name: format!("virtio-blk 4K randread QD16 on 2 queues {label}"),
+            value: v,
+            unit: "IOPS",
+            p99: None,
+            baseline: one.map(|o| (format!("{label}, 1 queue QD16"), o)),
+            ratio: one.map(|o| v / o),
+            target: None,
+        });
     }
     Ok(())
 }

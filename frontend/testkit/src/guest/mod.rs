@@ -9,6 +9,14 @@
 //! the device is implemented, so it works unchanged against any virtio-mmio
 //! device the frontend exposes. Tests, the demo and the benchmark use it.
 //!
+//! Ring features, when the caller asks for them and the device offers them:
+//! VIRTIO_RING_F_INDIRECT_DESC (every chain of two buffers or more goes
+//! into an indirect table, so a chain may be longer than the queue) and
+//! VIRTIO_RING_F_EVENT_IDX (the driver notifies only when the device's
+//! `avail_event` asks for it, and publishes `used_event` before it sleeps,
+//! as Linux's virtio_ring does). [`VirtioMmioDriver::notifications`] counts
+//! notifications sent and suppressed.
+//!
 //! Guest memory is written in the host's byte order, which is little endian
 //! on every platform Outboard runs on, as virtio 1.x requires.
 
@@ -77,9 +85,20 @@ pub mod status {
 
 /// VIRTIO_F_VERSION_1 as a feature mask.
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// VIRTIO_RING_F_INDIRECT_DESC as a feature mask.
+pub const F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// VIRTIO_RING_F_EVENT_IDX as a feature mask.
+pub const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+/// The used ring's flag asking the driver not to notify.
+const USED_F_NO_NOTIFY: u16 = 1;
+/// Indirect tables the driver keeps (chains in flight with one each).
+const INDIRECT_TABLES: usize = 32;
+/// Entries per indirect table: the longest chain the driver submits.
+pub const INDIRECT_ENTRIES: usize = 1024;
 
 /// Errors of the test guest's driver.
 #[derive(Debug, Error)]
@@ -108,6 +127,9 @@ pub enum Error {
     /// not enough free descriptors in queue {0}
     #[error("not enough free descriptors in queue {0}")]
     QueueFull(usize),
+    /// a chain of {0} buffers is longer than an indirect table
+    #[error("a chain of {0} buffers is longer than an indirect table")]
+    ChainTooLong(usize),
     /// no completion within the timeout
     #[error("no completion within the timeout")]
     Timeout,
@@ -190,12 +212,81 @@ struct DriverQueue {
     used: u64,
     avail_idx: u16,
     used_seen: u16,
+    /// The available index when the driver last decided about notifying.
+    kicked_idx: u16,
     free: Vec<u16>,
-    in_flight: HashMap<u16, Vec<u16>>,
+    in_flight: HashMap<u16, Held>,
     /// Used chains not yet collected by `wait`: their descriptors stay
     /// allocated until then, so a head index is never reused while a
     /// completion for it is pending.
-    done: HashMap<u16, (u32, Vec<u16>)>,
+    done: HashMap<u16, (u32, Held)>,
+}
+
+impl DriverQueue {
+    /// Where the driver publishes `used_event` (after the avail ring).
+    fn used_event_addr(&self) -> u64 {
+        self.avail + 4 + 2 * u64::from(self.size)
+    }
+
+    /// Where the device publishes `avail_event` (after the used ring).
+    fn avail_event_addr(&self) -> u64 {
+        self.used + 4 + 8 * u64::from(self.size)
+    }
+}
+
+/// What an in-flight chain holds: ring descriptors and an indirect table.
+#[derive(Debug)]
+struct Held {
+    ids: Vec<u16>,
+    table: Option<usize>,
+}
+
+/// Indirect descriptor tables in guest RAM, [`INDIRECT_ENTRIES`] each.
+#[derive(Debug)]
+struct IndirectPool {
+    base: u64,
+    free: Vec<usize>,
+}
+
+/// Notifications the driver sent and the ones the device let it skip.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notifications {
+    /// QueueNotify writes.
+    pub sent: u64,
+    /// Notifications skipped: NO_NOTIFY set, or `avail_event` not crossed.
+    pub suppressed: u64,
+}
+
+/// What the driver asks of a device at initialization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverOptions {
+    /// Device features to accept when offered (VIRTIO_F_VERSION_1 is
+    /// always accepted; add [`F_INDIRECT_DESC`] and [`F_EVENT_IDX`] for the
+    /// ring features).
+    pub wanted: u64,
+    /// Largest queue size to choose (the device's maximum if smaller).
+    pub queue_size: u16,
+    /// How many of the device's queues to set up (from queue 0).
+    pub max_queues: usize,
+}
+
+impl DriverOptions {
+    /// Accepts `wanted`, queues of up to `queue_size` entries, every queue.
+    pub fn new(wanted: u64, queue_size: u16) -> Self {
+        DriverOptions {
+            wanted,
+            queue_size,
+            max_queues: usize::MAX,
+        }
+    }
+
+    /// Sets up at most `n` queues.
+    pub fn queues(self, n: usize) -> Self {
+        DriverOptions {
+            max_queues: n,
+            ..self
+        }
+    }
 }
 
 /// A virtio-mmio driver bound to one device.
@@ -208,6 +299,9 @@ pub struct VirtioMmioDriver {
     device_id: u32,
     features: u64,
     queues: Vec<DriverQueue>,
+    indirect: Option<IndirectPool>,
+    use_indirect: bool,
+    notifications: Notifications,
     timeout: Duration,
 }
 
@@ -222,18 +316,19 @@ impl std::fmt::Debug for VirtioMmioDriver {
 
 impl VirtioMmioDriver {
     /// Initializes the device at `base`: reset, feature negotiation (the
-    /// device's features that are in `wanted`, plus VIRTIO_F_VERSION_1),
-    /// every queue the device has (at most `max_queue_size` entries each,
-    /// rings from `alloc`), then DRIVER_OK.
+    /// device's features that are in `opts.wanted`, plus
+    /// VIRTIO_F_VERSION_1), the device's queues up to `opts.max_queues` (at
+    /// most `opts.queue_size` entries each, rings from `alloc`), then
+    /// DRIVER_OK.
     pub fn init(
         bus: Arc<Bus>,
         base: u64,
         ram: Arc<GuestRam>,
         irq: IrqLine,
         alloc: &mut GuestAllocator,
-        wanted: u64,
-        max_queue_size: u16,
+        opts: DriverOptions,
     ) -> Result<Self, Error> {
+        let (wanted, max_queue_size) = (opts.wanted, opts.queue_size);
         let irq_seen = irq.count();
         let mut d = VirtioMmioDriver {
             bus,
@@ -244,6 +339,9 @@ impl VirtioMmioDriver {
             device_id: 0,
             features: 0,
             queues: Vec::new(),
+            indirect: None,
+            use_indirect: true,
+            notifications: Notifications::default(),
             timeout: Duration::from_secs(10),
         };
         let magic = d.reg(regs::MAGIC_VALUE)?;
@@ -264,7 +362,14 @@ impl VirtioMmioDriver {
         let hi = u64::from(d.reg(regs::DEVICE_FEATURES)?);
         d.features = (lo | (hi << 32)) & (wanted | F_VERSION_1);
         d.negotiate(d.features)?;
-        for q in 0.. {
+        if d.features & F_INDIRECT_DESC != 0 {
+            let bytes = (INDIRECT_TABLES * INDIRECT_ENTRIES * 16) as u64;
+            d.indirect = Some(IndirectPool {
+                base: alloc.alloc(bytes, 16)?,
+                free: (0..INDIRECT_TABLES).rev().collect(),
+            });
+        }
+        for q in 0..u32::try_from(opts.max_queues).unwrap_or(u32::MAX) {
             d.set_reg(regs::QUEUE_SEL, q)?;
             let max = d.reg(regs::QUEUE_NUM_MAX)? as u16;
             if max == 0 {
@@ -273,6 +378,7 @@ impl VirtioMmioDriver {
             let size = max.min(max_queue_size.max(1)).next_power_of_two().min(max);
             let n = u64::from(size);
             let desc = alloc.alloc(16 * n, 16)?;
+            // Ring sizes include used_event and avail_event.
             let avail = alloc.alloc(6 + 2 * n, 2)?;
             let used = alloc.alloc(6 + 8 * n, 4)?;
             for (addr, len) in [(desc, 16 * n), (avail, 6 + 2 * n), (used, 6 + 8 * n)] {
@@ -298,6 +404,7 @@ impl VirtioMmioDriver {
                 used,
                 avail_idx: 0,
                 used_seen: 0,
+                kicked_idx: 0,
                 free: (0..size).rev().collect(),
                 in_flight: HashMap::new(),
                 done: HashMap::new(),
@@ -363,6 +470,11 @@ impl VirtioMmioDriver {
         self.queues.len()
     }
 
+    /// The size the driver chose for queue `q`.
+    pub fn queue_size(&self, q: usize) -> Option<u16> {
+        self.queues.get(q).map(|queue| queue.size)
+    }
+
     /// Guest RAM.
     pub fn ram(&self) -> &Arc<GuestRam> {
         &self.ram
@@ -379,29 +491,81 @@ impl VirtioMmioDriver {
         self.timeout = timeout;
     }
 
+    /// Whether chains of two buffers or more go into an indirect table
+    /// (the default when VIRTIO_RING_F_INDIRECT_DESC was negotiated).
+    pub fn set_use_indirect(&mut self, on: bool) {
+        self.use_indirect = on;
+    }
+
+    /// Notifications sent and suppressed so far.
+    pub fn notifications(&self) -> Notifications {
+        self.notifications
+    }
+
     /// Writes a chain of descriptors for `bufs` and makes it available,
-    /// without notifying. Returns the chain's head index.
+    /// without notifying. Returns the chain's head index. With indirect
+    /// descriptors in use, a chain of two buffers or more takes one ring
+    /// descriptor and an indirect table, and may be longer than the queue.
     pub fn submit(&mut self, q: usize, bufs: &[Buffer]) -> Result<u16, Error> {
         let mem = self.ram.memory();
         let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
-        if bufs.is_empty() || queue.free.len() < bufs.len() {
+        let indirect = match self.indirect.as_mut() {
+            Some(pool) if self.use_indirect && bufs.len() > 1 => {
+                if bufs.len() > INDIRECT_ENTRIES {
+                    return Err(Error::ChainTooLong(bufs.len()));
+                }
+                Some((pool.base, pool.free.pop().ok_or(Error::QueueFull(q))?))
+            }
+            _ => None,
+        };
+        let ring_descs = if indirect.is_some() { 1 } else { bufs.len() };
+        if bufs.is_empty() || queue.free.len() < ring_descs {
+            if let (Some(pool), Some((_, t))) = (self.indirect.as_mut(), indirect) {
+                pool.free.push(t);
+            }
             return Err(Error::QueueFull(q));
         }
-        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| queue.free.pop()).collect();
-        for (i, b) in bufs.iter().enumerate() {
-            let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
-            let next = ids.get(i + 1).copied().unwrap_or(0);
-            if i + 1 < bufs.len() {
-                flags |= DESC_F_NEXT;
-            }
-            let at = queue.desc + 16 * u64::from(ids[i]);
+        let ids: Vec<u16> = (0..ring_descs).filter_map(|_| queue.free.pop()).collect();
+        let write = |at: u64, addr: u64, len: u32, flags: u16, next: u16| {
             let mut raw = [0u8; 16];
-            raw[0..8].copy_from_slice(&b.addr.to_le_bytes());
-            raw[8..12].copy_from_slice(&b.len.to_le_bytes());
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
             raw[12..14].copy_from_slice(&flags.to_le_bytes());
             raw[14..16].copy_from_slice(&next.to_le_bytes());
             mem.write_slice(&raw, GuestAddress(at))
-                .map_err(Error::Memory)?;
+                .map_err(Error::Memory)
+        };
+        // Direct: descriptors `ids`, linked by index. Indirect: table
+        // entries 0..n, linked in order, behind one ring descriptor.
+        let table = indirect.map(|(base, t)| base + (t * INDIRECT_ENTRIES * 16) as u64);
+        for (i, b) in bufs.iter().enumerate() {
+            let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
+            let (at, next) = match table {
+                Some(t) => (t + 16 * i as u64, (i + 1) as u16),
+                None => (
+                    queue.desc + 16 * u64::from(ids[i]),
+                    ids.get(i + 1).copied().unwrap_or(0),
+                ),
+            };
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            } else if table.is_some() {
+                // The last entry links nowhere.
+                write(at, b.addr, b.len, flags, 0)?;
+                continue;
+            }
+            write(at, b.addr, b.len, flags, next)?;
+        }
+        if let Some(t) = table {
+            let len =
+                u32::try_from(16 * bufs.len()).map_err(|_| Error::ChainTooLong(bufs.len()))?;
+            write(
+                queue.desc + 16 * u64::from(ids[0]),
+                t,
+                len,
+                DESC_F_INDIRECT,
+                0,
+            )?;
         }
         let head = ids[0];
         let slot = queue.avail + 4 + 2 * u64::from(queue.avail_idx % queue.size);
@@ -415,7 +579,13 @@ impl VirtioMmioDriver {
             Ordering::Release,
         )
         .map_err(Error::Memory)?;
-        queue.in_flight.insert(head, ids);
+        queue.in_flight.insert(
+            head,
+            Held {
+                ids,
+                table: indirect.map(|(_, t)| t),
+            },
+        );
         Ok(head)
     }
 
@@ -426,9 +596,100 @@ impl VirtioMmioDriver {
         (index < queue.size).then(|| queue.desc + 16 * u64::from(index))
     }
 
-    /// Rings queue `q`'s doorbell (QueueNotify).
-    pub fn notify(&self, q: usize) -> Result<(), Error> {
+    /// Rings queue `q`'s doorbell (QueueNotify) unless the device said it
+    /// need not: the used ring's NO_NOTIFY flag, or with EVENT_IDX an
+    /// `avail_event` that the chains made available since the last
+    /// decision did not cross (vring_need_event, virtio 1.2 2.7.10).
+    pub fn notify(&mut self, q: usize) -> Result<(), Error> {
+        let mem = self.ram.memory();
+        let event_idx = self.features & F_EVENT_IDX != 0;
+        let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
+        // The avail index must be visible before the device's word is read.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let (new, old) = (queue.avail_idx, queue.kicked_idx);
+        queue.kicked_idx = new;
+        let needed = if event_idx {
+            let event: u16 = mem
+                .load(GuestAddress(queue.avail_event_addr()), Ordering::Acquire)
+                .map_err(Error::Memory)?;
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = mem
+                .load(GuestAddress(queue.used), Ordering::Acquire)
+                .map_err(Error::Memory)?;
+            flags & USED_F_NO_NOTIFY == 0
+        };
+        if !needed {
+            self.notifications.suppressed += 1;
+            return Ok(());
+        }
+        self.notifications.sent += 1;
         self.set_reg(regs::QUEUE_NOTIFY, q as u32)
+    }
+
+    /// Rings queue `q`'s doorbell whatever the device asked.
+    pub fn notify_always(&mut self, q: usize) -> Result<(), Error> {
+        let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
+        queue.kicked_idx = queue.avail_idx;
+        self.notifications.sent += 1;
+        self.set_reg(regs::QUEUE_NOTIFY, q as u32)
+    }
+
+    /// Sets queue `q`'s `used_event`: with EVENT_IDX the device interrupts
+    /// only when its used index passes it.
+    pub fn set_used_event(&self, q: usize, value: u16) -> Result<(), Error> {
+        let queue = self.queues.get(q).ok_or(Error::NoQueue(q))?;
+        self.ram
+            .memory()
+            .store(
+                value,
+                GuestAddress(queue.used_event_addr()),
+                Ordering::Release,
+            )
+            .map_err(Error::Memory)
+    }
+
+    /// Queue `q`'s `avail_event` as the device last published it.
+    pub fn avail_event(&self, q: usize) -> Result<u16, Error> {
+        let queue = self.queues.get(q).ok_or(Error::NoQueue(q))?;
+        self.ram
+            .memory()
+            .load(GuestAddress(queue.avail_event_addr()), Ordering::Acquire)
+            .map_err(Error::Memory)
+    }
+
+    /// Queue `q`'s available index (chains made available so far).
+    pub fn avail_idx(&self, q: usize) -> Result<u16, Error> {
+        Ok(self.queues.get(q).ok_or(Error::NoQueue(q))?.avail_idx)
+    }
+
+    /// Interrupts the device raised so far.
+    pub fn interrupts(&self) -> u64 {
+        self.irq.count()
+    }
+
+    /// Waits until the device raised more than `seen` interrupts; returns
+    /// the count, or `None` after `timeout`.
+    pub fn wait_interrupt_beyond(&self, seen: u64, timeout: Duration) -> Option<u64> {
+        self.irq.wait_beyond(seen, timeout)
+    }
+
+    /// Collects chain `head` of queue `q` if the device has used it, without
+    /// waiting or looking at interrupts; returns the length it wrote.
+    pub fn poll(&mut self, q: usize, head: u16) -> Result<Option<u32>, Error> {
+        self.reap(q)?;
+        Ok(self.collect(q, head))
+    }
+
+    /// Takes a used chain `head` out of queue `q`'s completions.
+    fn collect(&mut self, q: usize, head: u16) -> Option<u32> {
+        let queue = self.queues.get_mut(q)?;
+        let (len, held) = queue.done.remove(&head)?;
+        queue.free.extend(held.ids);
+        if let (Some(pool), Some(t)) = (self.indirect.as_mut(), held.table) {
+            pool.free.push(t);
+        }
+        Some(len)
     }
 
     /// Collects completions from the used ring of `q`.
@@ -443,8 +704,8 @@ impl VirtioMmioDriver {
             let id: u32 = mem.read_obj(GuestAddress(at)).map_err(Error::Memory)?;
             let len: u32 = mem.read_obj(GuestAddress(at + 4)).map_err(Error::Memory)?;
             let head = u16::try_from(id).map_err(|_| Error::BogusUsed(id))?;
-            let ids = queue.in_flight.remove(&head).ok_or(Error::BogusUsed(id))?;
-            queue.done.insert(head, (len, ids));
+            let held = queue.in_flight.remove(&head).ok_or(Error::BogusUsed(id))?;
+            queue.done.insert(head, (len, held));
             queue.used_seen = queue.used_seen.wrapping_add(1);
         }
         Ok(())
@@ -454,12 +715,20 @@ impl VirtioMmioDriver {
     /// used; returns the length the device wrote.
     pub fn wait(&mut self, q: usize, head: u16) -> Result<u32, Error> {
         let deadline = Instant::now() + self.timeout;
+        let event_idx = self.features & F_EVENT_IDX != 0;
         loop {
-            self.reap(q)?;
-            let queue = self.queues.get_mut(q).ok_or(Error::NoQueue(q))?;
-            if let Some((len, ids)) = queue.done.remove(&head) {
-                queue.free.extend(ids);
+            if let Some(len) = self.poll(q, head)? {
                 return Ok(len);
+            }
+            if event_idx {
+                // Ask for an interrupt at the next used entry, then look
+                // once more: one used in between would not interrupt.
+                let seen = self.queues.get(q).ok_or(Error::NoQueue(q))?.used_seen;
+                self.set_used_event(q, seen)?;
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if let Some(len) = self.poll(q, head)? {
+                    return Ok(len);
+                }
             }
             let left = deadline
                 .checked_duration_since(Instant::now())
