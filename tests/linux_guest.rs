@@ -75,7 +75,11 @@ fn tools_or_skip() -> Option<(Qemu, Guest)> {
                 guest.release,
                 guest.busybox_package,
                 guest.initramfs.display(),
-                if guest.built { "built" } else { "from the cache" }
+                if guest.built {
+                    "built"
+                } else {
+                    "from the cache"
+                }
             );
             Some((qemu, guest))
         }
@@ -204,7 +208,10 @@ impl Boot {
     /// per vCPU, which the backend must be able to serve.
     fn expected_queues(&self, kind: Kind) -> u32 {
         match kind {
-            Kind::Qsd { queues } | Kind::Ours { queues: Some(queues) } => queues.min(self.smp),
+            Kind::Qsd { queues }
+            | Kind::Ours {
+                queues: Some(queues),
+            } => queues.min(self.smp),
             _ => self.smp,
         }
     }
@@ -262,7 +269,9 @@ impl Boot {
         let run = machine.run(qemu, guest).unwrap();
         let mut failures = Vec::new();
         if run.timed_out {
-            failures.push(format!("the guest did not power off within {BOOT_DEADLINE:?}"));
+            failures.push(format!(
+                "the guest did not power off within {BOOT_DEADLINE:?}"
+            ));
         } else if run.status.as_deref() != Some("exit status: 0") {
             failures.push(format!("QEMU ended with {:?}", run.status));
         }
@@ -276,6 +285,9 @@ impl Boot {
             check_device(&run, d, &mut failures);
         }
         print_summary(&run, &self.devices);
+        if !run.stderr.trim().is_empty() {
+            println!("QEMU stderr:\n{}", run.stderr.trim_end());
+        }
         (run, failures)
     }
 }
@@ -310,7 +322,10 @@ fn check_device(run: &Run, d: &mut Device, failures: &mut Vec<String>) {
         match d.process.wait_exit(T) {
             Some(s) if s.success() => {}
             Some(s) => failures.push(format!("{} backend exited with {s}", d.name)),
-            None => failures.push(format!("{} backend still running after QEMU exited", d.name)),
+            None => failures.push(format!(
+                "{} backend still running after QEMU exited",
+                d.name
+            )),
         }
     }
     let stderr = std::fs::read_to_string(&d.stderr).unwrap_or_default();
@@ -346,7 +361,6 @@ fn finish(run: &Run, failures: &[String], dir: &Path) {
         return;
     }
     println!("---- serial console ----\n{}", run.serial);
-    println!("---- QEMU stderr ----\n{}", run.stderr);
     panic!(
         "{} failure(s) (files kept in {}):\n  {}",
         failures.len(),

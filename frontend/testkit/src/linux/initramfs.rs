@@ -113,7 +113,11 @@ fn build_archive(
     a.file("bin/obio", 0o755, &read(obio)?);
     let mut load = String::new();
     for m in modules {
-        a.file(&format!("lib/modules/{}.ko", m.name), 0o644, &packages::module_bytes(&m.file)?);
+        a.file(
+            &format!("lib/modules/{}.ko", m.name),
+            0o644,
+            &packages::module_bytes(&m.file)?,
+        );
         load.push_str(&m.name);
         load.push('\n');
     }
@@ -180,7 +184,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }

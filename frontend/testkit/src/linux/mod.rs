@@ -111,8 +111,9 @@ pub fn cache_dir() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os("OUTBOARD_LINUX_GUEST_CACHE") {
         return Ok(PathBuf::from(dir));
     }
-    let home = std::env::var_os("HOME")
-        .ok_or_else(|| Error::Unavailable("neither OUTBOARD_LINUX_GUEST_CACHE nor HOME is set".into()))?;
+    let home = std::env::var_os("HOME").ok_or_else(|| {
+        Error::Unavailable("neither OUTBOARD_LINUX_GUEST_CACHE nor HOME is set".into())
+    })?;
     Ok(Path::new(&home).join(".cache/outboard/linux-guest"))
 }
 
@@ -162,7 +163,14 @@ pub(crate) fn output(cmd: &mut std::process::Command) -> Result<String, Error> {
     if !out.status.success() {
         let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stdout));
-        let tail: String = text.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = text
+            .chars()
+            .rev()
+            .take(600)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         return Err(Error::Command {
             command,
             status: out.status.to_string(),
@@ -184,8 +192,8 @@ mod tests {
         assert_eq!(
             buf,
             [
-                0xe5, 0x05, 0x0b, 0x10, 0x1d, 0x16, 0x92, 0x56, 0xc1, 0x5c, 0x02, 0x89, 0xec,
-                0x2d, 0x0a, 0x91
+                0xe5, 0x05, 0x0b, 0x10, 0x1d, 0x16, 0x92, 0x56, 0xc1, 0x5c, 0x02, 0x89, 0xec, 0x2d,
+                0x0a, 0x91
             ]
         );
     }

@@ -300,7 +300,9 @@ fn visit(
         return Ok(());
     }
     let file = index.get(name).ok_or_else(|| {
-        Error::Unavailable(format!("the kernel package has no module {name} (built in or missing)"))
+        Error::Unavailable(format!(
+            "the kernel package has no module {name} (built in or missing)"
+        ))
     })?;
     if depth > 32 {
         return Err(Error::Unexpected {
@@ -336,7 +338,10 @@ mod tests {
             module_name(Path::new("a/virtio-rng.ko.xz")).as_deref(),
             Some("virtio_rng")
         );
-        assert_eq!(module_name(Path::new("virtio_blk.ko")).as_deref(), Some("virtio_blk"));
+        assert_eq!(
+            module_name(Path::new("virtio_blk.ko")).as_deref(),
+            Some("virtio_blk")
+        );
         assert_eq!(module_name(Path::new("README")), None);
     }
 }

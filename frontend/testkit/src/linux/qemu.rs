@@ -59,7 +59,11 @@ impl Qemu {
 pub fn parse_version(line: &str) -> Option<(u32, u32, u32)> {
     let v = line.split("version ").nth(1)?.split_whitespace().next()?;
     let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
-    Some((it.next()??, it.next().flatten().unwrap_or(0), it.next().flatten().unwrap_or(0)))
+    Some((
+        it.next()??,
+        it.next().flatten().unwrap_or(0),
+        it.next().flatten().unwrap_or(0),
+    ))
 }
 
 /// A vhost-user device of the guest: its kind and the backend's socket.
@@ -177,11 +181,13 @@ impl Machine {
     /// (then QEMU is killed and the run says `timed_out`). Every device's
     /// socket must be listening already.
     pub fn run(&self, qemu: &Qemu, guest: &Guest) -> Result<Run, Error> {
-        std::fs::create_dir_all(&self.work_dir).map_err(Error::io("cannot create", &self.work_dir))?;
+        std::fs::create_dir_all(&self.work_dir)
+            .map_err(Error::io("cannot create", &self.work_dir))?;
         let serial = self.work_dir.join("serial.log");
         let stderr_path = self.work_dir.join("qemu.stderr");
         let _ = std::fs::remove_file(&serial);
-        let stderr = std::fs::File::create(&stderr_path).map_err(Error::io("cannot create", &stderr_path))?;
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(Error::io("cannot create", &stderr_path))?;
         let start = Instant::now();
         let mut child = Command::new(&qemu.path)
             .args(self.args(guest, &serial))
@@ -194,7 +200,8 @@ impl Machine {
                 source,
             })?;
         let (status, timed_out) = wait_until(&mut child, start + self.deadline)?;
-        let read = |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+        let read =
+            |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
         Ok(Run {
             serial: read(&serial),
             stderr: read(&stderr_path),
@@ -271,7 +278,9 @@ impl Reaped {
         loop {
             match self.0.try_wait() {
                 Ok(Some(s)) => return Some(s),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 _ => return None,
             }
         }
@@ -290,7 +299,8 @@ impl Drop for Reaped {
 /// to the file as hole punching).
 pub fn qsd_blk_command(image: &Path, socket: &Path, queues: u32, writable: bool) -> Command {
     let mut c = Command::new(
-        std::env::var_os("OUTBOARD_QEMU_STORAGE_DAEMON").unwrap_or_else(|| "qemu-storage-daemon".into()),
+        std::env::var_os("OUTBOARD_QEMU_STORAGE_DAEMON")
+            .unwrap_or_else(|| "qemu-storage-daemon".into()),
     );
     c.arg("--blockdev")
         .arg(format!(

@@ -169,7 +169,8 @@ pub fn fill_image(path: &Path, size: u64, seed: u64) -> Result<(), Error> {
     while off < size {
         let n = (size - off).min(CHUNK as u64) as usize;
         pattern_fill(seed, off, &mut buf[..n]);
-        f.write_all(&buf[..n]).map_err(Error::io("cannot write", path))?;
+        f.write_all(&buf[..n])
+            .map_err(Error::io("cannot write", path))?;
         off += n as u64;
     }
     f.sync_all().map_err(Error::io("cannot sync", path))
@@ -199,7 +200,8 @@ pub fn verify_image(
         for e in expects {
             overlay(e, off, &mut want[..n]);
         }
-        f.read_exact(&mut got[..n]).map_err(Error::io("cannot read", path))?;
+        f.read_exact(&mut got[..n])
+            .map_err(Error::io("cannot read", path))?;
         if let Some(i) = (0..n).find(|&i| got[i] != want[i]) {
             let what = describe(expects, off + i as u64);
             problems.push(format!(
@@ -243,7 +245,9 @@ fn describe(expects: &[Expect], at: u64) -> String {
         .iter()
         .rev()
         .find(|e| match **e {
-            Expect::Pattern { off, len, .. } | Expect::Zero { off, len } => at >= off && at < off + len,
+            Expect::Pattern { off, len, .. } | Expect::Zero { off, len } => {
+                at >= off && at < off + len
+            }
         })
         .map(|e| format!("{e:?}"))
         .unwrap_or_else(|| "the untouched background".to_owned())
@@ -280,8 +284,15 @@ mod tests {
         assert_eq!(
             r.expectations("ob"),
             vec![
-                Expect::Pattern { seed: 7, off: 0, len: 4096 },
-                Expect::Zero { off: 8192, len: 512 }
+                Expect::Pattern {
+                    seed: 7,
+                    off: 0,
+                    len: 4096
+                },
+                Expect::Zero {
+                    off: 8192,
+                    len: 512
+                }
             ]
         );
         assert_eq!(r.bench()[0].ns, 2000);
@@ -297,8 +308,15 @@ mod tests {
         let size = 3 * CHUNK as u64 + 4096;
         fill_image(&img, size, 5).unwrap_or_else(|e| panic!("{e}"));
         let expects = [
-            Expect::Pattern { seed: 9, off: 1000, len: 2 * CHUNK as u64 },
-            Expect::Zero { off: 3 * CHUNK as u64, len: 512 },
+            Expect::Pattern {
+                seed: 9,
+                off: 1000,
+                len: 2 * CHUNK as u64,
+            },
+            Expect::Zero {
+                off: 3 * CHUNK as u64,
+                len: 512,
+            },
         ];
         // write what the guest would have written
         let mut data = std::fs::read(&img).unwrap_or_else(|e| panic!("{e}"));
