@@ -18,10 +18,12 @@ use crate::AnyError;
 
 mod fig_blk;
 mod fig_kvm;
+mod fig_linux;
 mod fig_scale;
 
 use fig_blk::blk_figures;
 use fig_kvm::kvm_figures;
+use fig_linux::linux_figures;
 use fig_scale::scale_figures;
 
 /// Sizes of one run.
@@ -32,6 +34,10 @@ pub(super) struct Plan {
     kvm_accesses: u32,
     blk_ops: usize,
     backends: usize,
+    /// Repetitions of the Linux guest's tests (figure 9) and MiB per 1 MiB
+    /// dd (a quarter of it for 4 KiB dd, half for 4 KiB AIO).
+    linux_reps: u32,
+    linux_mib: u32,
 }
 
 impl Plan {
@@ -44,6 +50,8 @@ impl Plan {
                 kvm_accesses: 5_000,
                 blk_ops: 1_000,
                 backends: 64,
+                linux_reps: 3,
+                linux_mib: 32,
             }
         } else {
             Plan {
@@ -53,6 +61,8 @@ impl Plan {
                 kvm_accesses: 50_000,
                 blk_ops: 10_000,
                 backends: 64,
+                linux_reps: 7,
+                linux_mib: 64,
             }
         }
     }
@@ -493,7 +503,10 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     blk_figures(&mut r, &plan, options.clone())?;
 
     // (8) Footprint and scale.
-    scale_figures(&mut r, &plan, options)?;
+    scale_figures(&mut r, &plan, options.clone())?;
+
+    // (9) A Linux guest's dd and AIO on outboard-virtio-blk and qsd (QEMU, TCG).
+    linux_figures(&mut r, &plan, &options)?;
 
     fe.shutdown();
     println!(
