@@ -298,10 +298,7 @@ impl Drop for Reaped {
 /// device on `socket` with `queues` queues (writable, discard passed down
 /// to the file as hole punching).
 pub fn qsd_blk_command(image: &Path, socket: &Path, queues: u32, writable: bool) -> Command {
-    let mut c = Command::new(
-        std::env::var_os("OUTBOARD_QEMU_STORAGE_DAEMON")
-            .unwrap_or_else(|| "qemu-storage-daemon".into()),
-    );
+    let mut c = Command::new("qemu-storage-daemon");
     c.arg("--blockdev")
         .arg(format!(
             "driver=file,node-name=disk,filename={},discard=unmap",
