@@ -98,7 +98,7 @@ fn tools_or_skip() -> Option<(Qemu, Guest)> {
 /// What backs one guest device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// outboard-virtio-blk, with `--num-queues N` when given (and supported).
+    /// outboard-virtio-blk, with `--num-queues N` when given (default 16).
     Ours { queues: Option<u32> },
     /// outboard-virtio-blk --read-only.
     OursReadOnly,
@@ -117,14 +117,6 @@ struct Device {
     background: u64,
     stderr: PathBuf,
     process: Reaped,
-}
-
-/// True when outboard-virtio-blk takes `--num-queues`.
-fn ours_has_num_queues() -> bool {
-    Command::new(bin("outboard-virtio-blk"))
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--num-queues"))
 }
 
 fn start(dir: &Path, name: &'static str, kind: Kind, background: u64) -> Device {
@@ -148,9 +140,7 @@ fn start(dir: &Path, name: &'static str, kind: Kind, background: u64) -> Device 
                 c.arg("--read-only");
             }
             if let Kind::Ours { queues: Some(n) } = kind {
-                if ours_has_num_queues() {
-                    c.arg("--num-queues").arg(n.to_string());
-                }
+                c.arg("--num-queues").arg(n.to_string());
             }
             c
         }

@@ -67,6 +67,9 @@ pub fn prepare() -> Result<Guest, Error> {
     }
     let obio = compile_obio(&cache, key)?;
     let archive = build_archive(&kernel, &busybox_bin, &obio, &modules)?;
+    if let Some(build) = obio.parent() {
+        let _ = std::fs::remove_dir_all(build);
+    }
     let packed = gzip(&archive).unwrap_or(archive);
     let partial = initramfs.with_extension("partial");
     std::fs::write(&partial, packed).map_err(Error::io("cannot write", &partial))?;

@@ -1,8 +1,9 @@
 //! Debian packages for the guest, never installed: the version is the
 //! candidate `apt-cache` knows, the `.deb` comes from `apt-get download` and
-//! is unpacked with `dpkg-deb -x` into `<cache>/pkg/<name>_<version>/`. Once
-//! unpacked (a `.complete` marker is written last) a package is reused
-//! without asking apt for anything but the version.
+//! is unpacked with `dpkg-deb -x` into `<cache>/pkg/<name>_<version>/` (the
+//! `.deb` is then deleted). Once unpacked (a `.complete` marker is written
+//! last) a package is reused without asking apt for anything but the
+//! version.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
@@ -130,6 +131,8 @@ pub fn unpack(cache: &Path, name: &str) -> Result<Package, Error> {
     output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
     std::fs::rename(&partial, &root).map_err(Error::io("cannot rename into", &root))?;
     std::fs::write(&marker, &version).map_err(Error::io("cannot write", &marker))?;
+    // the unpacked tree is what later runs use
+    let _ = std::fs::remove_file(&deb);
     Ok(Package {
         name: name.to_owned(),
         version,

@@ -139,12 +139,14 @@ impl Machine {
             "-nic".into(),
             "none".into(),
             "-no-reboot".into(),
+            // -serial file:, -kernel, -initrd and -append take their
+            // argument verbatim; only option lists (-chardev) double commas.
             "-serial".into(),
-            format!("file:{}", escape(serial)),
+            format!("file:{}", serial.to_string_lossy()),
             "-kernel".into(),
             guest.kernel.to_string_lossy().into_owned(),
             "-initrd".into(),
-            escape(&guest.initramfs),
+            guest.initramfs.to_string_lossy().into_owned(),
             "-append".into(),
             self.kernel_cmdline(),
         ];

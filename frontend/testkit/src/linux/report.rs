@@ -148,15 +148,6 @@ impl Run {
     pub fn done(&self) -> bool {
         self.serial.lines().any(|l| l.contains("OUTBOARD-DONE"))
     }
-
-    /// Lines of the serial log that are not the guest's own result lines:
-    /// the kernel's messages and `/init`'s progress.
-    pub fn console_messages(&self) -> Vec<&str> {
-        self.serial
-            .lines()
-            .filter(|l| !l.contains("OUTBOARD-CHECK") && !l.contains("OUTBOARD-EXPECT"))
-            .collect()
-    }
 }
 
 const CHUNK: usize = 1 << 20;
