@@ -33,7 +33,8 @@ pub mod programs {
     pub const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
     /// Exercises the scratch device; 10,000 posted writes and the read-back.
     pub const REGISTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/registers.bin"));
-    /// Minimal virtio-mmio driver: blk sectors and rng bytes, interrupts in hlt.
+    /// Minimal virtio-mmio driver: blk requests through indirect tables with
+    /// event-idx, rng bytes without; interrupts in hlt (see guests/virtio.S).
     pub const VIRTIO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/virtio.bin"));
     /// 100,000 doorbell writes.
     pub const DOORBELLS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/doorbells.bin"));
