@@ -127,6 +127,9 @@ fn measure(
         run.elapsed.as_secs_f64(),
         plan.linux_reps
     );
+    for l in run.serial.lines().filter(|l| l.contains("OUTBOARD-BENCH-FAIL")) {
+        println!("  (9)  the guest says: {}", l.trim());
+    }
     // per (device, test): rates of every repetition
     let mut rates: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
     for s in run.bench() {
