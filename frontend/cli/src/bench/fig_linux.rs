@@ -127,7 +127,11 @@ fn measure(
         run.elapsed.as_secs_f64(),
         plan.linux_reps
     );
-    for l in run.serial.lines().filter(|l| l.contains("OUTBOARD-BENCH-FAIL")) {
+    for l in run
+        .serial
+        .lines()
+        .filter(|l| l.contains("OUTBOARD-BENCH-FAIL"))
+    {
         println!("  (9)  the guest says: {}", l.trim());
     }
     // per (device, test): rates of every repetition
