@@ -33,56 +33,6 @@ use outboard_frontend::irq::IrqLine;
 use outboard_frontend::memory::GuestRam;
 use outboard_protocol::AccessSize;
 
-/// Register offsets as the `u64`s [`VirtioMmioDriver::reg`] takes, from
-/// `virtio_bindings`' `u32` ones.
-mod regs {
-    use virtio_bindings::virtio_mmio as m;
-
-    pub const MAGIC_VALUE: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
-    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
-    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
-    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
-    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
-    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
-    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
-    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
-    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
-    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
-    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
-    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
-    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
-    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
-    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
-    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
-    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
-    pub const QUEUE_AVAIL_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
-    pub const QUEUE_AVAIL_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
-    pub const QUEUE_USED_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
-    pub const QUEUE_USED_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
-    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
-    pub const INT_CONFIG: u32 = m::VIRTIO_MMIO_INT_CONFIG;
-    /// MagicValue: "virt" in little endian (virtio 1.2, 4.2.2).
-    pub const MAGIC: u32 = 0x7472_6976;
-    /// The transport version the driver speaks.
-    pub const TRANSPORT_VERSION: u32 = 2;
-}
-
-/// Device status bits.
-pub mod status {
-    use virtio_bindings::virtio_config as c;
-
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
-    /// The guest has a driver for it.
-    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
-    /// The driver is ready.
-    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
-    /// The device hit an error and needs a reset.
-    pub const NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
-}
-
 /// VIRTIO_F_VERSION_1 as a feature mask.
 pub const F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// VIRTIO_RING_F_INDIRECT_DESC as a feature mask.
@@ -139,154 +89,6 @@ pub enum Error {
     /// the device returned descriptor {0}, which is not in flight
     #[error("the device returned descriptor {0}, which is not in flight")]
     BogusUsed(u32),
-}
-
-/// A bump allocator over a window of guest RAM, for rings and buffers.
-#[derive(Debug, Clone)]
-pub struct GuestAllocator {
-    next: u64,
-    end: u64,
-}
-
-impl GuestAllocator {
-    /// Allocates from `start..start + size`.
-    pub fn new(start: u64, size: u64) -> Self {
-        GuestAllocator {
-            next: start,
-            end: start.saturating_add(size),
-        }
-    }
-
-    /// `size` bytes aligned to `align` (a power of two).
-    pub fn alloc(&mut self, size: u64, align: u64) -> Result<u64, Error> {
-        let addr = self
-            .next
-            .checked_add(align - 1)
-            .map(|a| a & !(align - 1))
-            .ok_or(Error::OutOfMemory)?;
-        let end = addr.checked_add(size).ok_or(Error::OutOfMemory)?;
-        if end > self.end {
-            return Err(Error::OutOfMemory);
-        }
-        self.next = end;
-        Ok(addr)
-    }
-}
-
-/// One buffer of a descriptor chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Buffer {
-    /// Guest-physical address.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// The device writes it (else it reads it).
-    pub device_writes: bool,
-}
-
-impl Buffer {
-    /// A buffer the device reads.
-    pub fn readable(addr: u64, len: u32) -> Self {
-        Buffer {
-            addr,
-            len,
-            device_writes: false,
-        }
-    }
-
-    /// A buffer the device writes.
-    pub fn writable(addr: u64, len: u32) -> Self {
-        Buffer {
-            addr,
-            len,
-            device_writes: true,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct DriverQueue {
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
-    /// The available index when the driver last decided about notifying.
-    kicked_idx: u16,
-    free: Vec<u16>,
-    in_flight: HashMap<u16, Held>,
-    /// Used chains not yet collected by `wait`: their descriptors stay
-    /// allocated until then, so a head index is never reused while a
-    /// completion for it is pending.
-    done: HashMap<u16, (u32, Held)>,
-}
-
-impl DriverQueue {
-    /// Where the driver publishes `used_event` (after the avail ring).
-    fn used_event_addr(&self) -> u64 {
-        self.avail + 4 + 2 * u64::from(self.size)
-    }
-
-    /// Where the device publishes `avail_event` (after the used ring).
-    fn avail_event_addr(&self) -> u64 {
-        self.used + 4 + 8 * u64::from(self.size)
-    }
-}
-
-/// What an in-flight chain holds: ring descriptors and an indirect table.
-#[derive(Debug)]
-struct Held {
-    ids: Vec<u16>,
-    table: Option<usize>,
-}
-
-/// Indirect descriptor tables in guest RAM, [`INDIRECT_ENTRIES`] each.
-#[derive(Debug)]
-struct IndirectPool {
-    base: u64,
-    free: Vec<usize>,
-}
-
-/// Notifications the driver sent and the ones the device let it skip.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Notifications {
-    /// QueueNotify writes.
-    pub sent: u64,
-    /// Notifications skipped: NO_NOTIFY set, or `avail_event` not crossed.
-    pub suppressed: u64,
-}
-
-/// What the driver asks of a device at initialization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DriverOptions {
-    /// Device features to accept when offered (VIRTIO_F_VERSION_1 is
-    /// always accepted; add [`F_INDIRECT_DESC`] and [`F_EVENT_IDX`] for the
-    /// ring features).
-    pub wanted: u64,
-    /// Largest queue size to choose (the device's maximum if smaller).
-    pub queue_size: u16,
-    /// How many of the device's queues to set up (from queue 0).
-    pub max_queues: usize,
-}
-
-impl DriverOptions {
-    /// Accepts `wanted`, queues of up to `queue_size` entries, every queue.
-    pub fn new(wanted: u64, queue_size: u16) -> Self {
-        DriverOptions {
-            wanted,
-            queue_size,
-            max_queues: usize::MAX,
-        }
-    }
-
-    /// Sets up at most `n` queues.
-    pub fn queues(self, n: usize) -> Self {
-        DriverOptions {
-            max_queues: n,
-            ..self
-        }
-    }
 }
 
 /// A virtio-mmio driver bound to one device.
@@ -766,5 +568,12 @@ impl VirtioMmioDriver {
 }
 
 mod devices;
+mod registers;
+mod types;
+
+use registers::regs;
+pub use registers::status;
+pub use types::{Buffer, DriverOptions, GuestAllocator, Notifications};
+use types::{DriverQueue, Held, IndirectPool};
 
 pub use devices::{blk, rng_read, BlkClient};
