@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use outboard_frontend::DeviceSpec;
-use outboard_testkit::guest::{blk, rng_read, BlkClient};
+use outboard_testkit::guest::{blk, rng_read, BlkClient, F_EVENT_IDX, F_INDIRECT_DESC};
 use outboard_tests::{guest, outboard_vhost_user, random_io, socket_path, temp_image, Reaped};
 
 const T: Duration = Duration::from_secs(10);
@@ -103,7 +103,12 @@ fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
     );
     let mut g = guest(T);
     g.attach_vhost("con", &sock, "console");
-    let mut d = g.driver("con", 0);
+    let mut d = g.driver("con", F_INDIRECT_DESC | F_EVENT_IDX);
+    assert_eq!(
+        d.features() & (F_INDIRECT_DESC | F_EVENT_IDX),
+        F_INDIRECT_DESC | F_EVENT_IDX,
+        "ring features negotiated"
+    );
     assert_eq!(d.num_queues(), 2);
     let mem = g.fe.memory().unwrap().clone();
     let rx = g.alloc.alloc(64, 64).unwrap();

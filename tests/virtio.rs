@@ -7,7 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use outboard_frontend::AccessSize;
-use outboard_testkit::guest::{blk, rng_read, BlkClient, Buffer, VirtioMmioDriver};
+use outboard_testkit::guest::{
+    blk, rng_read, BlkClient, Buffer, VirtioMmioDriver, F_EVENT_IDX, F_INDIRECT_DESC,
+};
 use outboard_tests::{alive, guest, random_io, signal, socket_path, temp_image, Guest, HANG_GUARD};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -218,7 +220,12 @@ fn console_when_guest_writes_and_client_types_then_both_directions_arrive() {
             input.to_str().unwrap(),
         ],
     );
-    let mut d = g.driver("con", 0);
+    let mut d = g.driver("con", F_INDIRECT_DESC | F_EVENT_IDX);
+    assert_eq!(
+        d.features() & (F_INDIRECT_DESC | F_EVENT_IDX),
+        F_INDIRECT_DESC | F_EVENT_IDX,
+        "ring features negotiated"
+    );
     assert_eq!((d.device_id(), d.num_queues()), (3, 2));
     let mem = g.fe.memory().unwrap().clone();
     // Receive buffers first, as a driver posts them at start-up.
@@ -446,7 +453,12 @@ fn console_when_input_outruns_the_guest_then_backpressure_and_no_byte_lost() {
             input.to_str().unwrap(),
         ],
     );
-    let mut d = g.driver("con", 0);
+    let mut d = g.driver("con", F_INDIRECT_DESC | F_EVENT_IDX);
+    assert_eq!(
+        d.features() & (F_INDIRECT_DESC | F_EVENT_IDX),
+        F_INDIRECT_DESC | F_EVENT_IDX,
+        "ring features negotiated"
+    );
     let total: usize = 3 << 20; // three times what the backend buffers
     let mut client = outboard_tests::connect_stream(&input);
     let writer = std::thread::spawn(move || {
