@@ -194,9 +194,12 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::RESET_DEVICE
+        let base = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::RESET_DEVICE;
+        if lock(&self.device).config_size() > 0 {
+            base | VhostUserProtocolFeatures::CONFIG
+        } else {
+            base
+        }
     }
 
     fn reset_device(&self) {

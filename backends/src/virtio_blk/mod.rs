@@ -195,6 +195,10 @@ impl VirtioDevice for Blk {
         }
     }
 
+    fn config_size(&self) -> usize {
+        CONFIG_SIZE
+    }
+
     fn reset(&mut self) {}
 
     fn process_queue(

@@ -77,6 +77,13 @@ pub trait VirtioDevice {
     /// Reads `data.len()` bytes of configuration space at `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
 
+    /// Bytes of configuration space the device defines (0: none). Over
+    /// vhost-user the CONFIG protocol feature is offered only when it is
+    /// not 0 (QEMU warns about CONFIG on devices it has no use for it).
+    fn config_size(&self) -> usize {
+        0
+    }
+
     /// Writes configuration space; most devices ignore it.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
