@@ -105,7 +105,7 @@ pub(super) struct Held {
     pub(super) table: Option<usize>,
 }
 
-/// Indirect descriptor tables in guest RAM, [`INDIRECT_ENTRIES`] each.
+/// Indirect descriptor tables in guest RAM, [`super::INDIRECT_ENTRIES`] each.
 #[derive(Debug)]
 pub(super) struct IndirectPool {
     pub(super) base: u64,
@@ -125,7 +125,7 @@ pub struct Notifications {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DriverOptions {
     /// Device features to accept when offered (VIRTIO_F_VERSION_1 is
-    /// always accepted; add [`F_INDIRECT_DESC`] and [`F_EVENT_IDX`] for the
+    /// always accepted; add [`super::F_INDIRECT_DESC`] and [`super::F_EVENT_IDX`] for the
     /// ring features).
     pub wanted: u64,
     /// Largest queue size to choose (the device's maximum if smaller).
