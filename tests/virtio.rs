@@ -178,6 +178,28 @@ fn blk_when_discard_and_write_zeroes_then_ranges_read_as_zero() {
         blk::S_IOERR,
         "past the end"
     );
+    // Flags: UNMAP (bit 0) is for write-zeroes only; other bits are unknown.
+    assert_eq!(c.write(16, &[0x5a; 4096]).unwrap(), blk::S_OK);
+    let flagged = |sector: u64, flags: u32| {
+        let mut s = seg(sector, 8);
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        s
+    };
+    for (kind, flags, want) in [
+        (blk::T_DISCARD, 1, blk::S_UNSUPP),
+        (blk::T_DISCARD, 2, blk::S_UNSUPP),
+        (blk::T_WRITE_ZEROES, 4, blk::S_UNSUPP),
+        (blk::T_WRITE_ZEROES, 1, blk::S_OK),
+    ] {
+        assert_eq!(
+            c.segment(kind, &flagged(16, flags)).unwrap(),
+            want,
+            "kind {kind} flags {flags}"
+        );
+    }
+    let mut back = vec![0u8; 4096];
+    assert_eq!(c.read(16, &mut back).unwrap(), blk::S_OK);
+    assert!(back.iter().all(|&b| b == 0), "write-zeroes with UNMAP zeroed");
     let _ = std::fs::remove_file(&img);
 }
 
