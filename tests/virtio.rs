@@ -199,7 +199,10 @@ fn blk_when_discard_and_write_zeroes_then_ranges_read_as_zero() {
     }
     let mut back = vec![0u8; 4096];
     assert_eq!(c.read(16, &mut back).unwrap(), blk::S_OK);
-    assert!(back.iter().all(|&b| b == 0), "write-zeroes with UNMAP zeroed");
+    assert!(
+        back.iter().all(|&b| b == 0),
+        "write-zeroes with UNMAP zeroed"
+    );
     let _ = std::fs::remove_file(&img);
 }
 
