@@ -129,12 +129,26 @@ impl Connection {
         if quiet_stdout {
             cmd.stdout(Stdio::null());
         }
+        // A clean environment: nothing of the frontend's but what a backend's
+        // diagnostics read.
+        let keep: Vec<(&str, std::ffi::OsString)> = KEPT_ENV
+            .iter()
+            .filter_map(|&k| Some((k, std::env::var_os(k)?)))
+            .collect();
+        cmd.env_clear().envs(keep);
         // SAFETY: the closure runs in the child between fork and exec and only
-        // makes async-signal-safe calls (fcntl, prctl, getppid) on plain
-        // integers; it touches no memory shared with the parent.
+        // makes async-signal-safe calls (close_range, getrlimit, fcntl, prctl,
+        // getppid) on plain integers; it touches no memory shared with the
+        // parent.
         unsafe {
             cmd.pre_exec(move || {
-                // Keep the control socket across exec: it was created close-on-exec.
+                // Exactly the protocol's fds cross exec: stdin, stdout, stderr
+                // and the control socket. Everything else the frontend had
+                // open without close-on-exec (a file its shell left open,
+                // another device's sockets) is marked close-on-exec here;
+                // std's own exec-error pipe already is.
+                mark_cloexec_from(3)?;
+                // Keep the control socket across exec.
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
                 }
@@ -436,4 +450,41 @@ impl Drop for Connection {
             self.reap(Duration::from_millis(500));
         }
     }
+}
+
+/// Environment variables a spawned backend inherits; every other one is
+/// dropped.
+const KEPT_ENV: &[&str] = &["RUST_BACKTRACE", "RUST_LOG"];
+
+/// Marks every fd from `first` up close-on-exec, in a child between fork
+/// and exec: close_range(CLOSE_RANGE_CLOEXEC) where the kernel has it
+/// (5.11), else fcntl on every fd below RLIMIT_NOFILE (capped at 1 << 20).
+fn mark_cloexec_from(first: libc::c_uint) -> io::Result<()> {
+    // SAFETY: close_range takes integers and only changes this process's
+    // fd table.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let top = lim.rlim_cur.min(1 << 20) as libc::c_int;
+    for n in first as libc::c_int..top {
+        // SAFETY: fcntl on a plain integer; fds that are not open give EBADF.
+        unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
 }
