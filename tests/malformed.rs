@@ -529,3 +529,44 @@ fn feature_requests_when_not_negotiated_then_unsupported() {
         Some(Status::Unsupported)
     );
 }
+
+#[test]
+fn mem_table_when_file_that_can_still_shrink_then_bad_fd_and_backend_unharmed() {
+    // A regular file on a disk file system (the build directory, not a
+    // tmpfs /tmp): no seals at all, so nothing stops the peer truncating it
+    // under the backend's mapping (issue 11, item 1: SIGBUS).
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("outboard-memfile-{}", std::process::id()));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(0x1000).unwrap();
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    let one = outboard_protocol::control::MemTable {
+        regions: vec![outboard_protocol::control::MemRegion {
+            guest_addr: 0,
+            size: 0x1000,
+            fd_offset: 0,
+        }],
+    };
+    assert_eq!(
+        p.call(Request::SetMemTable, &one.encode(), &[file.as_raw_fd()]),
+        Some(Status::BadFd),
+        "a file that is not sealed against shrinking is refused"
+    );
+    file.set_len(0).unwrap();
+    assert_eq!(
+        p.call(Request::GetDeviceInfo, &[], &[]),
+        None,
+        "still serving"
+    );
+    drop(p.ch);
+    let mut child = p.child;
+    assert_eq!(wait_exit(&mut child).code(), Some(i32::from(EXIT_OK)));
+    let _ = std::fs::remove_file(&path);
+}

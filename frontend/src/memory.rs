@@ -33,6 +33,9 @@ pub enum Error {
     /// guest memory region at {0:#x} is not backed by a file
     #[error("guest memory region at {0:#x} is not backed by a file")]
     NotFileBacked(u64),
+    /// guest memory region at {0:#x} is not a memfd sealed against shrinking
+    #[error("guest memory region at {0:#x} is not a memfd sealed against shrinking")]
+    NotSealed(u64),
     /// guest memory has {0} regions, more than a memory table holds
     #[error("guest memory has {0} regions, more than a memory table holds")]
     TooManyRegions(usize),
@@ -159,6 +162,12 @@ pub fn memory_table<B: vm_memory::bitmap::Bitmap>(
     for r in mem.iter() {
         let addr = r.start_addr().0;
         let fo = r.file_offset().ok_or(Error::NotFileBacked(addr))?;
+        // SAFETY: F_GET_SEALS only queries the seals of an open fd.
+        let seals = unsafe { libc::fcntl(fo.file().as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            // Backends refuse it (BadFd): one truncate would crash them.
+            return Err(Error::NotSealed(addr));
+        }
         regions.push(MemRegion {
             guest_addr: addr,
             size: r.len(),
@@ -224,6 +233,24 @@ mod tests {
         assert!(matches!(
             memory_table(&anon),
             Err(Error::NotFileBacked(0x1000))
+        ));
+        // A file that can still shrink (here an unsealed memfd).
+        let name = CString::new("unsealed").unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: memfd_create with a valid name; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(0x1000).unwrap_or_else(|e| panic!("{e}"));
+        let unsealed = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0x2000),
+            0x1000,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            memory_table(&unsealed),
+            Err(Error::NotSealed(0x2000))
         ));
     }
 

@@ -218,7 +218,7 @@ pub(crate) fn map_table(table: &MemTable, fds: Vec<OwnedFd>) -> Result<GuestMemo
         if end > len {
             return Err(Error::TooShort { len, end });
         }
-        if !shrink_sealed_or_not_memfd(&file) {
+        if !shrink_sealed(&file) {
             return Err(Error::NotSealed);
         }
         let size = usize::try_from(r.size).map_err(|_| Error::TooLarge)?;
@@ -252,12 +252,14 @@ pub(crate) fn eventfd_from(fd: OwnedFd) -> Result<EventFd, Error> {
     Ok(unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) })
 }
 
-/// True unless `file` is a memfd that may still shrink.
-fn shrink_sealed_or_not_memfd(file: &File) -> bool {
+/// True when `file` carries F_SEAL_SHRINK, so that nobody can truncate it
+/// under our mapping (an access past a truncated end is SIGBUS). A file
+/// that does not support seals (a regular file on a disk file system:
+/// F_GET_SEALS fails) offers no such guarantee and is refused.
+pub(crate) fn shrink_sealed(file: &File) -> bool {
     // SAFETY: F_GET_SEALS only queries the seals of an open fd.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    // Files that are not memfds do not support seals (EINVAL): their size was checked.
-    seals < 0 || seals & libc::F_SEAL_SHRINK != 0
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
 }
 
 /// True when `fd` is a stream socket (the only kind of data socket accepted).
