@@ -59,6 +59,17 @@ impl Peer {
     }
 }
 
+/// A memory table of one 4 KiB entry at guest address 0, fd offset 0.
+fn one_page_table() -> outboard_protocol::control::MemTable {
+    outboard_protocol::control::MemTable {
+        regions: vec![outboard_protocol::control::MemRegion {
+            guest_addr: 0,
+            size: 0x1000,
+            fd_offset: 0,
+        }],
+    }
+}
+
 fn raw_header(request: u32, flags: u32, size: u32) -> Vec<u8> {
     Header {
         request,
@@ -232,13 +243,7 @@ fn control_corpus_when_recoverable_then_error_reply_and_backend_keeps_serving() 
         p.call(Request::SetMemTable, &[], &[]),
         Some(Status::BadFdCount)
     );
-    let one = outboard_protocol::control::MemTable {
-        regions: vec![outboard_protocol::control::MemRegion {
-            guest_addr: 0,
-            size: 0x1000,
-            fd_offset: 0,
-        }],
-    };
+    let one = one_page_table();
     assert_eq!(
         p.call(Request::SetMemTable, &one.encode(), &[a.as_raw_fd()]),
         Some(Status::BadFd),
@@ -547,13 +552,7 @@ fn mem_table_when_file_that_can_still_shrink_then_bad_fd_and_backend_unharmed() 
     file.set_len(0x1000).unwrap();
     let p = start("outboard-scratch");
     hello(&p.ch);
-    let one = outboard_protocol::control::MemTable {
-        regions: vec![outboard_protocol::control::MemRegion {
-            guest_addr: 0,
-            size: 0x1000,
-            fd_offset: 0,
-        }],
-    };
+    let one = one_page_table();
     assert_eq!(
         p.call(Request::SetMemTable, &one.encode(), &[file.as_raw_fd()]),
         Some(Status::BadFd),

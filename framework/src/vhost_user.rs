@@ -34,7 +34,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::events::{EventOps, Watch};
-use crate::virtio::{QueueError, QueueWorker, VirtioDevice, RING_FEATURES};
+use crate::virtio::{QueueWorker, VirtioDevice, RING_FEATURES};
 
 /// Errors serving over vhost-user.
 #[derive(Debug, Error)]
@@ -146,7 +146,11 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
             }
             Ok(false) => Ok(()),
             Err(e) => {
-                warn!("{}: queue {index} stalled: {}", self.name, error_text(&e));
+                warn!(
+                    "{}: queue {index} stalled: {}",
+                    self.name,
+                    outboard_protocol::error_chain(&e)
+                );
                 Ok(())
             }
         }
@@ -162,10 +166,6 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
         };
         (index < self.workers.len()).then_some(index)
     }
-}
-
-fn error_text(e: &QueueError) -> String {
-    outboard_protocol::error_chain(e)
 }
 
 impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {

@@ -164,24 +164,32 @@ pub struct IrqInfo {
     pub flags: u32,
 }
 
+/// The 8-byte layout IrqInfo and SetIrq share: le32 index, le32 flags.
+fn encode_index_flags(index: u32, flags: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8);
+    v.extend_from_slice(&index.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v
+}
+
+/// Decodes (index, flags), refusing flags outside `known` as `what`.
+fn decode_index_flags(b: &[u8], known: u32, what: &'static str) -> Result<(u32, u32), Error> {
+    check_size(b, 8)?;
+    let flags = le_u32(b, 4);
+    if flags & !known != 0 {
+        return Err(Error::Reserved(what));
+    }
+    Ok((le_u32(b, 0), flags))
+}
+
 impl Payload for IrqInfo {
     const SIZE: usize = 8;
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.extend_from_slice(&self.index.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v
+        encode_index_flags(self.index, self.flags)
     }
     fn decode(b: &[u8]) -> Result<Self, Error> {
-        check_size(b, Self::SIZE)?;
-        let flags = le_u32(b, 4);
-        if flags & !IRQ_LEVEL != 0 {
-            return Err(Error::Reserved("irq flags"));
-        }
-        Ok(IrqInfo {
-            index: le_u32(b, 0),
-            flags,
-        })
+        let (index, flags) = decode_index_flags(b, IRQ_LEVEL, "irq flags")?;
+        Ok(IrqInfo { index, flags })
     }
 }
 
@@ -200,21 +208,11 @@ pub struct SetIrq {
 impl Payload for SetIrq {
     const SIZE: usize = 8;
     fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(Self::SIZE);
-        v.extend_from_slice(&self.index.to_le_bytes());
-        v.extend_from_slice(&self.flags.to_le_bytes());
-        v
+        encode_index_flags(self.index, self.flags)
     }
     fn decode(b: &[u8]) -> Result<Self, Error> {
-        check_size(b, Self::SIZE)?;
-        let flags = le_u32(b, 4);
-        if flags & !IRQ_RESAMPLE != 0 {
-            return Err(Error::Reserved("set irq flags"));
-        }
-        Ok(SetIrq {
-            index: le_u32(b, 0),
-            flags,
-        })
+        let (index, flags) = decode_index_flags(b, IRQ_RESAMPLE, "set irq flags")?;
+        Ok(SetIrq { index, flags })
     }
 }
 
