@@ -125,6 +125,11 @@ impl Uart {
 }
 
 impl Device for Uart {
+    fn syscalls(&self) -> &'static [i64] {
+        // Accepting a client on the input socket.
+        &[libc::SYS_accept4]
+    }
+
     fn describe(&self) -> DeviceDescription {
         DeviceDescription::new("uart-16550a")
             .kind(DeviceKind::UART)

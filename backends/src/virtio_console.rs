@@ -129,6 +129,11 @@ impl Console {
 }
 
 impl VirtioDevice for Console {
+    fn syscalls(&self) -> &'static [i64] {
+        // Accepting a client on the input socket.
+        &[libc::SYS_accept4]
+    }
+
     fn name(&self) -> &str {
         "virtio-console"
     }

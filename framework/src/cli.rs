@@ -31,6 +31,7 @@ use thiserror::Error;
 
 use crate::device::Device;
 use crate::runtime::{self, Backend};
+use crate::sandbox::{self, Policy};
 use crate::virtio::{VirtioDevice, VirtioMmio};
 
 /// Exit status after a clean shutdown.
@@ -54,6 +55,26 @@ pub struct BackendArgs {
     /// Log level: off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: log::LevelFilter,
+    /// Confine the process once set up (namespaces, empty root, no
+    /// capabilities, seccomp). The default with --control-fd.
+    #[arg(long, overrides_with = "no_sandbox")]
+    pub sandbox: bool,
+    /// Do not confine the process (for debugging). The default with
+    /// --socket and --vhost-user.
+    #[arg(long, overrides_with = "sandbox")]
+    pub no_sandbox: bool,
+}
+
+impl BackendArgs {
+    /// Whether to confine the process: `--sandbox` or `--no-sandbox` if
+    /// given, else yes for a spawned backend (`--control-fd`) and no for
+    /// one started by hand.
+    pub fn sandboxed(&self) -> bool {
+        if self.sandbox || self.no_sandbox {
+            return self.sandbox;
+        }
+        self.control_fd.is_some()
+    }
 }
 
 /// The option [`run_virtio`] adds (with the `vhost-user` feature).
@@ -112,6 +133,9 @@ pub enum Error {
     /// cannot start the event loop
     #[error("cannot start the event loop")]
     Runtime(#[source] runtime::Error),
+    /// cannot confine the backend
+    #[error("cannot confine the backend")]
+    Sandbox(#[source] sandbox::Error),
 }
 
 /// Obtains the control socket the options name: the inherited fd, or the
@@ -277,7 +301,7 @@ fn parse_or_exit<P: Parser>(
 }
 
 fn finish<D: Device>(program: &str, args: &BackendArgs, device: Result<D, Error>) -> ExitCode {
-    match serve(args, || device) {
+    match serve(program, args, || device) {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(Served::Setup(e)) => {
             eprintln!("{program}: error: {}", error_chain(&e));
@@ -296,18 +320,40 @@ enum Served {
 }
 
 fn serve<D: Device>(
+    program: &str,
     args: &BackendArgs,
     make: impl FnOnce() -> Result<D, Error>,
 ) -> Result<(), Served> {
     let device = make().map_err(Served::Setup)?;
-    let (control, path) = connect(args).map_err(Served::Setup)?;
+    let (control, mut path) = connect(args).map_err(Served::Setup)?;
+    let sandboxed = args.sandboxed();
+    if sandboxed {
+        // The confined process can no longer name the path: remove it now
+        // (the one frontend it serves is connected already).
+        if let Some(p) = path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
     let result = Backend::new(device, control)
         .map_err(|e| Served::Setup(Error::Runtime(e)))
-        .and_then(|mut b| b.run().map_err(Served::Runtime));
+        .and_then(|mut b| {
+            if sandboxed {
+                confine(program, Policy::with_syscalls(b.device().syscalls()))
+                    .map_err(Served::Setup)?;
+            }
+            b.run().map_err(Served::Runtime)
+        });
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
     }
     result
+}
+
+/// Confines the process (see [`crate::sandbox`]) and logs what applied.
+pub fn confine(program: &str, policy: Policy) -> Result<(), Error> {
+    let report = sandbox::confine(program, &policy).map_err(Error::Sandbox)?;
+    report.log();
+    Ok(())
 }
 
 #[cfg(test)]

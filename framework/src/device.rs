@@ -367,6 +367,13 @@ pub trait Device {
     fn set_memory(&mut self, mem: GuestMemory) {
         let _ = mem;
     }
+
+    /// System calls (`libc::SYS_*`) the device makes while serving, beyond
+    /// the framework's own ([`crate::sandbox::BASE_SYSCALLS`]): the
+    /// confined backend's seccomp allowlist adds these and nothing else.
+    fn syscalls(&self) -> &'static [i64] {
+        &[]
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,7 @@ pub mod events;
 #[cfg(feature = "in-process")]
 pub mod inprocess;
 pub mod runtime;
+pub mod sandbox;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod virtio;

@@ -113,6 +113,8 @@ pub struct Connection {
     /// One request/reply exchange at a time: threads share the connection.
     calls: Mutex<()>,
     child: Mutex<Option<Child>>,
+    /// The confined backend's own pid (see [`Connection::pid`]).
+    serving: Option<u32>,
     negotiated: Negotiated,
     label: String,
 }
@@ -200,6 +202,7 @@ impl Connection {
             channel,
             calls: Mutex::new(()),
             child: Mutex::new(child),
+            serving: None,
             negotiated: Negotiated {
                 version: 0,
                 features: 0,
@@ -216,6 +219,8 @@ impl Connection {
             source,
         })?;
         conn.negotiated = ours.negotiate(&peer).map_err(Error::Negotiation)?;
+        // A confined backend forks before it serves: by now its child exists.
+        conn.serving = conn.spawned_pid().and_then(only_child);
         debug!(
             "{}: protocol version {}, features {:#x}",
             conn.label, conn.negotiated.version, conn.negotiated.features
@@ -243,8 +248,19 @@ impl Connection {
         self.negotiated
     }
 
-    /// The spawned child's pid, if this backend was spawned.
+    /// The pid of the process serving the device, if this backend was
+    /// spawned: the spawned child, or in a confined backend the child's one
+    /// child (the backend proper, pid 1 of its own pid namespace; the
+    /// spawned process is its supervisor).
     pub fn pid(&self) -> Option<u32> {
+        if let Some(p) = self.serving {
+            return Some(p);
+        }
+        self.spawned_pid()
+    }
+
+    /// The pid of the process this connection spawned, if any.
+    pub fn spawned_pid(&self) -> Option<u32> {
         self.child
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -449,6 +465,16 @@ impl Drop for Connection {
             let _ = self.channel.socket().shutdown(std::net::Shutdown::Both);
             self.reap(Duration::from_millis(500));
         }
+    }
+}
+
+/// The one child of process `pid`, if it has exactly one (from /proc).
+fn only_child(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    let mut kids = text.split_whitespace().filter_map(|k| k.parse().ok());
+    match (kids.next(), kids.next()) {
+        (Some(k), None) => Some(k),
+        _ => None,
     }
 }
 

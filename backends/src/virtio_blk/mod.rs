@@ -155,6 +155,19 @@ impl Blk {
 }
 
 impl VirtioDevice for Blk {
+    fn syscalls(&self) -> &'static [i64] {
+        // Reads and writes at offsets, flush, discard and write-zeroes.
+        &[
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
+            libc::SYS_fallocate,
+        ]
+    }
+
     fn name(&self) -> &str {
         "virtio-blk"
     }

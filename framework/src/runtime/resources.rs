@@ -231,10 +231,38 @@ pub(crate) fn map_table(table: &MemTable, fds: Vec<OwnedFd>) -> Result<GuestMemo
     GuestMemoryMmap::<()>::from_ranges_with_files(ranges).map_err(Error::Map)
 }
 
-/// Takes an fd as an eventfd (checked through /proc), made non-blocking.
+/// The device and inode numbers of `fd`.
+fn identity(fd: &impl AsRawFd) -> Option<(u64, u64)> {
+    // SAFETY: stat is plain data; fstat writes only the struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd we hold, writing the struct above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return None;
+    }
+    Some((st.st_dev, st.st_ino))
+}
+
+/// True when `fd` is an eventfd. Checked without /proc, which a confined
+/// backend cannot see: eventfds share the kernel's anonymous inode (the one
+/// a fresh eventfd of ours has), and among the files on that inode only an
+/// eventfd accepts an 8-byte write (adding 0 leaves its counter as it was;
+/// epoll, timerfd, signalfd and the rest have no write or refuse it).
+fn is_eventfd(fd: &OwnedFd) -> bool {
+    let Ok(probe) = EventFd::new(libc::EFD_NONBLOCK) else {
+        return false;
+    };
+    if identity(fd).is_none() || identity(fd) != identity(&probe) {
+        return false;
+    }
+    let zero = 0u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live array to an fd we own.
+    let n = unsafe { libc::write(fd.as_raw_fd(), zero.as_ptr().cast(), zero.len()) };
+    n == 8
+}
+
+/// Takes an fd as an eventfd (see [`is_eventfd`]), made non-blocking.
 pub(crate) fn eventfd_from(fd: OwnedFd) -> Result<EventFd, Error> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    if !link.is_ok_and(|l| l.to_string_lossy() == "anon_inode:[eventfd]") {
+    if !is_eventfd(&fd) {
         return Err(Error::NotEventfd);
     }
     // SAFETY: F_GETFL only reads the file status flags of an fd we own.
@@ -371,6 +399,24 @@ mod tests {
     fn eventfd_from_when_not_an_eventfd_then_refused() {
         let (a, _b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(eventfd_from(a.into()), Err(Error::NotEventfd)));
+        // Other files on the anonymous inode, and a pipe, are refused too.
+        // SAFETY: each call returns a new fd (or -1) that we own at once.
+        let others = unsafe {
+            let mut pipe = [0; 2];
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            libc::close(pipe[0]);
+            [
+                libc::epoll_create1(0),
+                libc::timerfd_create(libc::CLOCK_MONOTONIC, 0),
+                pipe[1],
+            ]
+        };
+        for fd in others {
+            assert!(fd >= 0);
+            // SAFETY: `fd` was just created above and is owned only here.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            assert!(matches!(eventfd_from(owned), Err(Error::NotEventfd)));
+        }
         let e = eventfd_from(eventfd()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             e.read().map_err(|e| e.kind()).err(),

@@ -218,6 +218,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 }
 
 impl<D: VirtioDevice> Device for VirtioMmio<D> {
+    fn syscalls(&self) -> &'static [i64] {
+        self.side.device.syscalls()
+    }
+
     fn describe(&self) -> DeviceDescription {
         let device = &self.side.device;
         let mut desc = DeviceDescription::new(device.name())

@@ -84,6 +84,12 @@ pub trait VirtioDevice {
         0
     }
 
+    /// System calls the device makes while serving, beyond the framework's;
+    /// see [`crate::device::Device::syscalls`].
+    fn syscalls(&self) -> &'static [i64] {
+        &[]
+    }
+
     /// Writes configuration space; most devices ignore it.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
