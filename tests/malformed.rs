@@ -569,3 +569,56 @@ fn mem_table_when_file_that_can_still_shrink_then_bad_fd_and_backend_unharmed() 
     assert_eq!(wait_exit(&mut child).code(), Some(i32::from(EXIT_OK)));
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn mem_table_when_entry_ends_at_2_pow_64_or_unaligned_then_bad_payload_before_mapping() {
+    // Sealed memfds, as a well-behaved frontend sends them, so only the
+    // entries' addresses are wrong (issue 11 item 8: fd_offset 0x100 used to
+    // fail inside mmap as DeviceError; an entry ending exactly at 2^64 was
+    // accepted by the decoder and then failed to map).
+    let ram = outboard_frontend::memory::GuestRam::new(&[(0, 0x2000)]).unwrap();
+    let (_, fds) = ram.table();
+    let p = start("outboard-scratch");
+    hello(&p.ch);
+    let entry = |guest_addr: u64, size: u64, fd_offset: u64| {
+        outboard_protocol::control::MemTable {
+            regions: vec![outboard_protocol::control::MemRegion {
+                guest_addr,
+                size,
+                fd_offset,
+            }],
+        }
+        .encode()
+    };
+    for (what, table) in [
+        (
+            "ends exactly at 2^64",
+            entry(0u64.wrapping_sub(0x1000), 0x1000, 0),
+        ),
+        ("fd_offset not page-aligned", entry(0, 0x1000, 0x100)),
+        ("guest_addr not page-aligned", entry(0x100, 0x1000, 0)),
+        ("size not page-aligned", entry(0, 0x1800, 0)),
+    ] {
+        assert_eq!(
+            p.call(Request::SetMemTable, &table, &fds),
+            Some(Status::BadPayload),
+            "{what}"
+        );
+    }
+    // Alignment is a payload check: it comes before the fd count.
+    assert_eq!(
+        p.call(
+            Request::SetMemTable,
+            &entry(0, 0x1000, 0x100),
+            &[fds[0], fds[0]]
+        ),
+        Some(Status::BadPayload)
+    );
+    assert_eq!(
+        p.call(Request::SetMemTable, &entry(0, 0x2000, 0), &fds),
+        None,
+        "the aligned table below 2^64 is mapped"
+    );
+    assert_eq!(p.call(Request::Shutdown, &[], &[]), None);
+    p.expect_exit(EXIT_OK, "");
+}

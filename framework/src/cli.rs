@@ -268,13 +268,17 @@ where
 }
 
 /// The command line of `program`: `P`'s options with exactly one of
-/// `transports` required.
+/// `transports` required, and `--version` (which prints `PROGRAM VERSION`,
+/// the version of this framework).
 fn command<P: Parser>(program: &str, transports: &[&'static str]) -> clap::Command {
-    P::command().name(program.to_owned()).group(
-        ArgGroup::new("transport")
-            .args(transports.iter().copied())
-            .required(true),
-    )
+    P::command()
+        .name(program.to_owned())
+        .version(env!("CARGO_PKG_VERSION"))
+        .group(
+            ArgGroup::new("transport")
+                .args(transports.iter().copied())
+                .required(true),
+        )
 }
 
 fn parse<P: Parser>(
@@ -292,12 +296,38 @@ fn parse_or_exit<P: Parser>(
     args: impl IntoIterator<Item = OsString>,
     transports: &[&'static str],
 ) -> Result<P, ExitCode> {
-    parse(program, args, transports).map_err(|e| {
-        // --help and --version print to stdout and succeed; usage errors
-        // are start-up failures (status 1), never mistaken for protocol ones.
+    parse(program, args, transports).map_err(|e| parse_failed(program, &e))
+}
+
+/// Reports a command line `clap` did not accept, as docs/protocol.md
+/// section 2.3 says: `--help` and `--version` print to stdout and exit 0;
+/// a usage error prints `PROGRAM: error: MESSAGE` and a hint on stderr and
+/// exits 1 (a start-up failure, never mistaken for a protocol one).
+pub fn parse_failed(program: &str, e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
         let _ = e.print();
-        ExitCode::from(if e.use_stderr() { EXIT_SETUP } else { EXIT_OK })
-    })
+        return ExitCode::from(EXIT_OK);
+    }
+    eprintln!("{program}: error: {}", usage_message(e));
+    eprintln!("Try '{program} --help' for more information.");
+    ExitCode::from(EXIT_SETUP)
+}
+
+/// The message of a usage error on one line: clap's text up to its first
+/// blank line (before any tip or usage), without the `error: ` prefix.
+fn usage_message(e: &clap::Error) -> String {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // clap's text is the whole help.
+        return "a subcommand is required".to_owned();
+    }
+    let text = e.render().to_string();
+    let words: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = words.join(" ");
+    joined.strip_prefix("error: ").unwrap_or(&joined).to_owned()
 }
 
 fn finish<D: Device>(program: &str, args: &BackendArgs, device: Result<D, Error>) -> ExitCode {
@@ -393,6 +423,33 @@ mod tests {
             plain(&["--control-fd", "3", "--socket", "/tmp/s"]).err(),
             Some(ErrorKind::ArgumentConflict)
         );
+    }
+
+    #[test]
+    fn usage_message_when_clap_error_then_one_line_without_prefix() {
+        let e = command::<Cli<Opts>>("dev", PLAIN_TRANSPORTS)
+            .try_get_matches_from(["dev", "--bogus"])
+            .err()
+            .unwrap_or_else(|| panic!("accepted --bogus"));
+        assert_eq!(usage_message(&e), "unexpected argument '--bogus' found");
+        let e = command::<Cli<Opts>>("dev", PLAIN_TRANSPORTS)
+            .try_get_matches_from(["dev"])
+            .err()
+            .unwrap_or_else(|| panic!("accepted no transport"));
+        let m = usage_message(&e);
+        assert!(
+            m.starts_with("the following required arguments were not provided: "),
+            "{m}"
+        );
+        assert!(!m.contains('\n') && m.contains("--control-fd"), "{m}");
+    }
+
+    #[test]
+    fn parse_when_version_then_displayed_with_program_name() {
+        let e = plain(&["--version"]).err();
+        assert_eq!(e, Some(ErrorKind::DisplayVersion));
+        let v = command::<Cli<Opts>>("dev", PLAIN_TRANSPORTS).render_version();
+        assert_eq!(v.trim_end(), format!("dev {}", env!("CARGO_PKG_VERSION")));
     }
 
     #[test]

@@ -117,6 +117,10 @@ impl GuestRam {
                 .checked_sub(1)
                 .and_then(|s| addr.checked_add(s))
                 .ok_or(Error::Layout("empty or wrapping region"))?;
+            // Backends refuse entries that are not page-aligned (docs/protocol.md 5.8).
+            if (addr | size) & (page_size() - 1) != 0 || last == u64::MAX {
+                return Err(Error::Layout("region not page-aligned, or ends at 2^64"));
+            }
             if prev_end.is_some_and(|p| p >= addr) {
                 return Err(Error::Layout("regions unsorted or overlapping"));
             }
@@ -179,6 +183,16 @@ pub fn memory_table<B: vm_memory::bitmap::Bitmap>(
         return Err(Error::TooManyRegions(regions.len()));
     }
     Ok((MemTable { regions }, fds))
+}
+
+/// The host's page size.
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(4096)
 }
 
 fn sealed_memfd(size: u64) -> Result<File, Error> {
@@ -262,5 +276,9 @@ mod tests {
             Err(Error::Layout(_))
         ));
         assert!(matches!(GuestRam::new(&[(0, 0)]), Err(Error::Layout(_))));
+        assert!(matches!(
+            GuestRam::new(&[(0, 0x1800)]),
+            Err(Error::Layout("region not page-aligned, or ends at 2^64"))
+        ));
     }
 }

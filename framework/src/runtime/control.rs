@@ -252,6 +252,9 @@ impl<D: Device> Backend<D> {
             }
             Request::SetMemTable => {
                 let table = MemTable::decode(&payload).map_err(bad_payload)?;
+                table
+                    .check_page_alignment(super::resources::page_size())
+                    .map_err(bad_payload)?;
                 if table.regions.len() != fds.len() {
                     return Err(Status::BadFdCount.into());
                 }

@@ -231,6 +231,17 @@ pub(crate) fn map_table(table: &MemTable, fds: Vec<OwnedFd>) -> Result<GuestMemo
     GuestMemoryMmap::<()>::from_ranges_with_files(ranges).map_err(Error::Map)
 }
 
+/// The host's page size: memory-table entries must be aligned to it
+/// (docs/protocol.md section 5.8).
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(4096)
+}
+
 /// The device and inode numbers of `fd`.
 fn identity(fd: &impl AsRawFd) -> Option<(u64, u64)> {
     // SAFETY: stat is plain data; fstat writes only the struct we own.

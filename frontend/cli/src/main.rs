@@ -131,7 +131,11 @@ fn init_logging(level: log::LevelFilter) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // `outboard: error: MESSAGE` and a hint, exit 1; --help/--version exit 0.
+        Err(e) => return outboard::cli::parse_failed("outboard", &e),
+    };
     if let Command::Backend { name, args } = cli.command {
         return match outboard_backends::builtin(&name) {
             Some(main) => main(std::iter::once(OsString::from(&name)).chain(args).collect()),

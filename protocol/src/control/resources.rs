@@ -19,6 +19,10 @@ pub struct MemRegion {
     pub fd_offset: u64,
 }
 
+/// Why [`MemTable::decode`] refuses an entry that is empty or does not end
+/// below 2^64.
+const EMPTY_OR_TOP: &str = "empty entry, or one that ends at or past 2^64";
+
 /// Most entries in one [`MemTable`] (one fd each).
 pub const MAX_MEM_REGIONS: usize = MAX_FDS;
 
@@ -53,7 +57,7 @@ impl MemTable {
 
     /// Decodes a table and checks its shape: size matches `count`, `count` is
     /// 1..=[`MAX_MEM_REGIONS`], sizes are nonzero, entries are sorted, do not
-    /// overlap and do not wrap.
+    /// overlap and end below 2^64.
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
         if b.len() < Self::HEADER {
             return Err(Error::PayloadSize {
@@ -77,21 +81,35 @@ impl MemTable {
                 size: le_u64(b, at + 8),
                 fd_offset: le_u64(b, at + 16),
             };
-            r.size
-                .checked_sub(1)
-                .and_then(|s| r.guest_addr.checked_add(s))
-                .ok_or(Error::MemTable("empty or wrapping entry"))?;
+            // The end (exclusive) must fit in 64 bits: no backend can map an
+            // entry that ends exactly at 2^64 (docs/protocol.md section 5.8).
+            if r.size == 0 || r.guest_addr.checked_add(r.size).is_none() {
+                return Err(Error::MemTable(EMPTY_OR_TOP));
+            }
             r.fd_offset
                 .checked_add(r.size)
                 .ok_or(Error::MemTable("fd offset wraps"))?;
             if let Some(prev) = regions.last() {
-                if prev.guest_addr + (prev.size - 1) >= r.guest_addr {
+                if prev.guest_addr + prev.size > r.guest_addr {
                     return Err(Error::MemTable("entries unsorted or overlapping"));
                 }
             }
             regions.push(r);
         }
         Ok(MemTable { regions })
+    }
+
+    /// Checks that every entry's `guest_addr`, `size` and `fd_offset` are
+    /// multiples of `page_size` (the host's page size, a power of two), as
+    /// docs/protocol.md section 5.8 requires before anything is mapped.
+    pub fn check_page_alignment(&self, page_size: u64) -> Result<(), Error> {
+        let mask = page_size.wrapping_sub(1);
+        let aligned = |r: &MemRegion| (r.guest_addr | r.size | r.fd_offset) & mask == 0;
+        if self.regions.iter().all(aligned) {
+            Ok(())
+        } else {
+            Err(Error::MemTable("entry not aligned to the page size"))
+        }
     }
 }
 
@@ -283,7 +301,7 @@ mod tests {
         };
         assert_eq!(
             MemTable::decode(&empty.encode()),
-            Err(Error::MemTable("empty or wrapping entry"))
+            Err(Error::MemTable(EMPTY_OR_TOP))
         );
         let wrap = MemTable {
             regions: vec![MemRegion {
@@ -296,6 +314,58 @@ mod tests {
             MemTable::decode(&wrap.encode()),
             Err(Error::MemTable("fd offset wraps"))
         );
+    }
+
+    #[test]
+    fn mem_table_when_entry_ends_exactly_at_2_pow_64_then_rejected() {
+        let top = |size: u64| MemTable {
+            regions: vec![MemRegion {
+                guest_addr: 0u64.wrapping_sub(size),
+                size,
+                fd_offset: 0,
+            }],
+        };
+        assert_eq!(
+            MemTable::decode(&top(0x1000).encode()),
+            Err(Error::MemTable(EMPTY_OR_TOP))
+        );
+        let below = MemTable {
+            regions: vec![MemRegion {
+                guest_addr: 0u64.wrapping_sub(0x2000),
+                ..top(0x1000).regions[0]
+            }],
+        };
+        assert_eq!(MemTable::decode(&below.encode()), Ok(below));
+    }
+
+    #[test]
+    fn mem_table_page_alignment_when_any_field_unaligned_then_error() {
+        let entry = MemRegion {
+            guest_addr: 0x10_0000,
+            size: 0x2000,
+            fd_offset: 0x1000,
+        };
+        let table = |r: MemRegion| MemTable { regions: vec![r] };
+        assert_eq!(table(entry).check_page_alignment(0x1000), Ok(()));
+        for bad in [
+            MemRegion {
+                guest_addr: 0x10_0100,
+                ..entry
+            },
+            MemRegion {
+                size: 0x1800,
+                ..entry
+            },
+            MemRegion {
+                fd_offset: 0x100,
+                ..entry
+            },
+        ] {
+            assert_eq!(
+                table(bad).check_page_alignment(0x1000),
+                Err(Error::MemTable("entry not aligned to the page size"))
+            );
+        }
     }
 
     #[test]
