@@ -1,0 +1,170 @@
+//! Valid encodings to start each target's corpus from.
+
+use outboard_protocol::control::{
+    DeviceInfo, DeviceKind, DoorbellInfo, Header, Hello, IrqInfo, MemRegion, MemTable, Payload,
+    RegionIndex, RegionInfo, Request, SetIrq, SetRegion, Status, StatusReply, DOORBELL_DATAMATCH,
+    FEATURES_SUPPORTED, IRQ_LEVEL, IRQ_RESAMPLE, REGION_PIO, REGION_POSTED_WRITES, REGION_READ,
+    REGION_WRITE, SET_REGION_POSTED,
+};
+use outboard_protocol::{AccessSize, Cmd, Resp};
+
+/// A few valid encodings for the fuzz target `target` (empty for an unknown name).
+pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+    match target {
+        "ioregionfd_cmd" => vec![
+            Cmd::read(1, 0x10, AccessSize::B4).encode().to_vec(),
+            Cmd::write(2, 0, AccessSize::B1, 0x41, false)
+                .encode()
+                .to_vec(),
+            Cmd::write(3, 0x18, AccessSize::B8, u64::MAX, true)
+                .encode()
+                .to_vec(),
+        ],
+        "ioregionfd_resp" => vec![
+            Resp { data: 0 }.encode().to_vec(),
+            Resp { data: 0xdead_beef }.encode().to_vec(),
+        ],
+        "control_header" => vec![
+            Header::request(Request::Hello, Hello::SIZE, true)
+                .encode()
+                .to_vec(),
+            Header::request(Request::SetMemTable, 32, false)
+                .encode()
+                .to_vec(),
+            Header::reply(Request::GetRegionInfo as u32, 8, true)
+                .encode()
+                .to_vec(),
+        ],
+        "hello" => vec![
+            Hello::ours(FEATURES_SUPPORTED).encode(),
+            Hello {
+                min_version: 2,
+                max_version: 1,
+                features: 0,
+            }
+            .encode(),
+        ],
+        "device_info" => vec![DeviceInfo {
+            kind: DeviceKind::UART,
+            num_regions: 1,
+            num_doorbells: 0,
+            num_irqs: 1,
+            name: "uart".into(),
+        }
+        .encode()],
+        "region_index" => vec![
+            RegionIndex { index: 0 }.encode(),
+            RegionIndex { index: 7 }.encode(),
+        ],
+        "region_info" => vec![
+            RegionInfo {
+                index: 0,
+                flags: REGION_READ | REGION_WRITE | REGION_POSTED_WRITES,
+                size: 0x1000,
+                preferred_addr: 0,
+                access_sizes: 0x0f,
+                name: "regs".into(),
+            }
+            .encode(),
+            RegionInfo {
+                index: 1,
+                flags: REGION_PIO | REGION_READ,
+                size: 8,
+                preferred_addr: 0,
+                access_sizes: 1,
+                name: String::new(),
+            }
+            .encode(),
+        ],
+        "set_region" => vec![
+            SetRegion {
+                index: 0,
+                flags: 0,
+                guest_addr: 0xd000_0000,
+                user_data: 1,
+            }
+            .encode(),
+            SetRegion {
+                index: 1,
+                flags: SET_REGION_POSTED | 4 << 16,
+                guest_addr: 0x3f8,
+                user_data: 9,
+            }
+            .encode(),
+        ],
+        "status_reply" => vec![
+            StatusReply { status: Status::Ok }.encode(),
+            StatusReply {
+                status: Status::BadFd,
+            }
+            .encode(),
+        ],
+        "doorbell_info" => vec![
+            DoorbellInfo {
+                index: 0,
+                region: 0,
+                offset: 0x50,
+                size: 4,
+                flags: DOORBELL_DATAMATCH,
+                datamatch: 2,
+            }
+            .encode(),
+            DoorbellInfo {
+                index: 1,
+                region: 0,
+                offset: 0x60,
+                size: 0,
+                flags: 0,
+                datamatch: 0,
+            }
+            .encode(),
+        ],
+        "irq_info" => vec![
+            IrqInfo { index: 0, flags: 0 }.encode(),
+            IrqInfo {
+                index: 1,
+                flags: IRQ_LEVEL,
+            }
+            .encode(),
+        ],
+        "set_irq" => vec![
+            SetIrq { index: 0, flags: 0 }.encode(),
+            SetIrq {
+                index: 1,
+                flags: IRQ_RESAMPLE,
+            }
+            .encode(),
+        ],
+        "mem_table" => vec![
+            MemTable {
+                regions: vec![MemRegion {
+                    guest_addr: 0,
+                    size: 0x1000,
+                    fd_offset: 0,
+                }],
+            }
+            .encode(),
+            MemTable {
+                regions: vec![
+                    MemRegion {
+                        guest_addr: 0,
+                        size: 0xa_0000,
+                        fd_offset: 0,
+                    },
+                    MemRegion {
+                        guest_addr: 0x10_0000,
+                        size: 0x10_0000,
+                        fd_offset: 0x1000,
+                    },
+                    MemRegion {
+                        guest_addr: u64::MAX - 0xfff,
+                        size: 0x1000,
+                        fd_offset: 0,
+                    },
+                ],
+            }
+            .encode(),
+        ],
+        _ => Vec::new(),
+    }
+}
