@@ -59,8 +59,8 @@ pub struct BackendArgs {
     /// capabilities, seccomp). The default with --control-fd.
     #[arg(long, overrides_with = "no_sandbox")]
     pub sandbox: bool,
-    /// Do not confine the process (for debugging). The default with
-    /// --socket and --vhost-user.
+    /// Do not confine the process (for debugging). The default when not
+    /// spawned by a frontend.
     #[arg(long, overrides_with = "sandbox")]
     pub no_sandbox: bool,
 }
