@@ -156,3 +156,55 @@ fn backend_when_loop_stuck_and_frontend_closes_control_then_exits_with_status_2(
     );
     drop(data);
 }
+
+#[test]
+fn set_region_when_fd_is_own_control_end_listening_unconnected_or_tcp_then_bad_fd_and_backend_serves_on()
+{
+    let mut p = Peer::start();
+    let set = SetRegion {
+        index: 0,
+        flags: 0,
+        guest_addr: 0x1000,
+        user_data: 1,
+    };
+    let control_end = p.ch.as_ref().unwrap().as_raw_fd();
+    let dir = outboard_tests::socket_path("hostile-listen");
+    let listening = std::os::unix::net::UnixListener::bind(&dir).unwrap();
+    // SAFETY: socket() takes plain integers; the result is checked.
+    let unconnected = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    assert!(unconnected >= 0);
+    // SAFETY: socket() just returned this fd; nothing else owns it.
+    let unconnected = unsafe { OwnedFd::from_raw_fd(unconnected) };
+    let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = std::net::TcpStream::connect(tcp_listener.local_addr().unwrap()).unwrap();
+    let cases = [
+        ("the frontend's end of the control socket", control_end),
+        ("a listening socket", listening.as_raw_fd()),
+        ("an unconnected socket", unconnected.as_raw_fd()),
+        ("a connected TCP socket", tcp.as_raw_fd()),
+    ];
+    for (what, fd) in cases {
+        assert_eq!(
+            p.call(Request::SetRegion, &set.encode(), &[fd]),
+            Some(Status::BadFd),
+            "{what}"
+        );
+    }
+    let mut data = p.place_regs();
+    let aux = SetRegion {
+        index: 1,
+        user_data: 100,
+        ..set
+    };
+    assert_eq!(
+        p.call(Request::SetRegion, &aux.encode(), &[data.as_raw_fd()]),
+        Some(Status::BadFd),
+        "the frontend's end of region 0's data socket"
+    );
+    let id = round_trip(&mut data, Cmd::read(1, REG_ID, AccessSize::B8));
+    assert_eq!(id, outboard_backends::scratch::ID, "still serving");
+    drop(data);
+    let (code, err) = p.close_and_wait();
+    assert_eq!(code, Some(i32::from(EXIT_OK)), "stderr: {err}");
+    let _ = std::fs::remove_file(dir);
+}

@@ -5,7 +5,8 @@
 //! * `control.rs`: the request state machine.
 //! * `data.rs`: data sockets, command batching, decoding and dispatch;
 //!   `placement.rs`: placing and removing regions, `user_data` tokens.
-//! * `resources.rs`: the memory table, doorbell and interrupt fds.
+//! * `resources.rs`: the memory table, doorbell and interrupt fds;
+//!   `sockcheck.rs`: which fds a SET_REGION may hand over as data sockets.
 //! * `event_loop.rs`: [`Backend::run`] and [`Backend::process_ready`].
 //! * `peer.rs`: the peer watch, which ends the process once the frontend
 //!   is gone even if the loop is stuck (only under [`Backend::run`]).
@@ -33,6 +34,7 @@ mod event_loop;
 mod peer;
 mod placement;
 mod resources;
+mod sockcheck;
 
 #[cfg(test)]
 mod testutil;
@@ -40,6 +42,7 @@ mod testutil;
 pub use control::Error as ControlError;
 pub use data::{Error as DataError, BATCH_BYTES};
 pub use peer::{Error as WatchError, GRACE};
+pub use sockcheck::Error as DataSocketError;
 #[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;
 
@@ -117,6 +120,8 @@ impl<D: Device> Backend<D> {
             .map_err(Error::Epoll)?;
         let ops = epoll.ops();
         device.init(&ops).map_err(Error::DeviceInit)?;
+        let mut data = data::DataPlane::new(desc.regions);
+        data.vetter.set_control(control.as_fd());
         Ok(Backend {
             device,
             name: desc.name,
@@ -126,7 +131,7 @@ impl<D: Device> Backend<D> {
             epoll,
             ops,
             negotiated: None,
-            data: data::DataPlane::new(desc.regions),
+            data,
             resources,
             watch: Some(watch),
         })
