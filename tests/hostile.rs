@@ -110,9 +110,13 @@ fn interrupt_when_frontend_made_eventfd_blocking_and_full_then_backend_serves_on
     set_blocking(&line);
     let full = (u64::MAX - 1).to_ne_bytes();
     // SAFETY: `full` is a live 8-byte buffer; the fd is open.
-    assert_eq!(unsafe { libc::write(line.as_raw_fd(), full.as_ptr().cast(), 8) }, 8);
+    let n = unsafe { libc::write(line.as_raw_fd(), full.as_ptr().cast(), 8) };
+    assert_eq!(n, 8);
     let mut data = p.place_regs();
-    round_trip(&mut data, Cmd::write(1, REG_IRQ_RAISE, AccessSize::B8, 1, false));
+    round_trip(
+        &mut data,
+        Cmd::write(1, REG_IRQ_RAISE, AccessSize::B8, 1, false),
+    );
     let id = round_trip(&mut data, Cmd::read(1, REG_ID, AccessSize::B8));
     assert_eq!(id, outboard_backends::scratch::ID, "still serving");
     drop(data);
@@ -158,8 +162,8 @@ fn backend_when_loop_stuck_and_frontend_closes_control_then_exits_with_status_2(
 }
 
 #[test]
-fn set_region_when_fd_is_own_control_end_listening_unconnected_or_tcp_then_bad_fd_and_backend_serves_on()
-{
+fn set_region_when_fd_is_own_control_end_listening_unconnected_or_tcp_then_bad_fd_and_backend_serves_on(
+) {
     let mut p = Peer::start();
     let set = SetRegion {
         index: 0,

@@ -228,9 +228,7 @@ fn access_error(e: wait::Error) -> AccessError {
         wait::Error::Timeout => AccessError::Timeout,
         wait::Error::Io(e) => match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => AccessError::Timeout,
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-                AccessError::BackendGone
-            }
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => AccessError::BackendGone,
             _ => AccessError::Io(e),
         },
     }
@@ -444,7 +442,8 @@ mod tests {
     }
 
     #[test]
-    fn read_when_backend_trickles_bytes_slower_than_the_timeout_then_timeout_for_the_whole_access() {
+    fn read_when_backend_trickles_bytes_slower_than_the_timeout_then_timeout_for_the_whole_access()
+    {
         let timeout = Duration::from_millis(100);
         let (r, mut theirs) = region(RW, 100);
         let peer = std::thread::spawn(move || {

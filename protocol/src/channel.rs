@@ -346,7 +346,8 @@ mod tests {
     fn recv_when_peer_trickles_bytes_slower_than_the_timeout_then_timeout_for_the_whole_message() {
         let timeout = Duration::from_millis(100);
         let (a, mut b) = pair();
-        b.set_timeout(Some(timeout)).unwrap_or_else(|e| panic!("{e}"));
+        b.set_timeout(Some(timeout))
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut msg = Header::request(Request::Hello, 16, true).encode().to_vec();
         msg.extend_from_slice(&[0u8; 16]);
         let peer = trickle(a, msg, timeout * 8 / 10);

@@ -42,9 +42,9 @@ mod testutil;
 pub use control::Error as ControlError;
 pub use data::{Error as DataError, BATCH_BYTES};
 pub use peer::{Error as WatchError, GRACE};
-pub use sockcheck::Error as DataSocketError;
 #[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;
+pub use sockcheck::Error as DataSocketError;
 
 /// Errors that stop the backend from starting or end its event loop.
 #[derive(Debug, Error)]

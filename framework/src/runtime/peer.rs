@@ -127,7 +127,10 @@ impl PeerWatch {
             pollfd(self.stop.as_raw_fd(), libc::POLLIN),
             pollfd(self.control.as_raw_fd(), libc::POLLRDHUP),
             // poll ignores a negative fd: no pidfd, no process watch.
-            pollfd(self.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd()), libc::POLLIN),
+            pollfd(
+                self.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd()),
+                libc::POLLIN,
+            ),
         ];
         loop {
             match poll(&mut fds, -1) {

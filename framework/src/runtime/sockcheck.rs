@@ -148,12 +148,7 @@ impl Vetter {
             ino,
             peer: self.peer_of(ino),
         };
-        if self
-            .control
-            .into_iter()
-            .chain(held)
-            .any(|o| id.touches(&o))
-        {
+        if self.control.into_iter().chain(held).any(|o| id.touches(&o)) {
             return Err(Error::OwnSocket);
         }
         Ok(id)
