@@ -14,7 +14,9 @@ use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{Payload, Request, SetIrq, SetRegion, Status};
 use outboard_protocol::ioregionfd::{Cmd, Resp, CMD_SIZE, RESP_SIZE};
 use outboard_protocol::AccessSize;
-use outboard_tests::{call, connect, error_status, hello, spawn_listening, stderr_of, wait_exit};
+use outboard_tests::{
+    call, connect, error_status, hello, spawn_listening, stderr_of, wait_exit, HANG_GUARD,
+};
 
 /// A scratch backend, killed if a test fails before it exits.
 struct Peer {
@@ -57,6 +59,8 @@ impl Peer {
         };
         let st = self.call(Request::SetRegion, &set.encode(), &[theirs.as_raw_fd()]);
         assert_eq!(st, None);
+        // Hang detector only: a stuck backend fails the test instead of hanging it.
+        ours.set_read_timeout(Some(HANG_GUARD)).unwrap();
         ours
     }
 
