@@ -179,9 +179,16 @@ impl InterruptLine {
         InterruptLine(Arc::new(fd))
     }
 
-    /// Raises the line (edge) or asserts it (level).
+    /// Raises the line (edge) or asserts it (level). Never blocks: the
+    /// frontend shares the eventfd's open file description and may have
+    /// cleared `O_NONBLOCK` and filled the counter; a full counter is an
+    /// interrupt still pending, so there is nothing to add.
     pub fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        match outboard_protocol::wait::signal_eventfd(&*self.0) {
+            Ok(_) => Ok(()),
+            Err(outboard_protocol::wait::Error::Io(e)) => Err(e),
+            Err(e) => Err(io::Error::other(e)),
+        }
     }
 }
 

@@ -192,7 +192,7 @@ impl Connection {
     }
 
     fn negotiate(
-        channel: Channel,
+        mut channel: Channel,
         child: Option<Child>,
         label: String,
         timeout: Duration,

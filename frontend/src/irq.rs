@@ -95,9 +95,15 @@ impl IrqLine {
 
     /// Ends a level interrupt (the guest's EOI): the backend re-raises the
     /// line if its condition still holds. Does nothing for an edge line.
+    /// Never blocks: the backend shares the resample eventfd and could make
+    /// it blocking and fill it; a full counter is an EOI still pending.
     pub fn end_of_interrupt(&self) -> io::Result<()> {
         match &self.0.resample {
-            Some(r) => r.write(1),
+            Some(r) => match outboard_protocol::wait::signal_eventfd(r) {
+                Ok(_) => Ok(()),
+                Err(outboard_protocol::wait::Error::Io(e)) => Err(e),
+                Err(e) => Err(io::Error::other(e)),
+            },
             None => Ok(()),
         }
     }

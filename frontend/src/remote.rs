@@ -15,7 +15,7 @@
 //! of the device fails fast without touching the socket.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use outboard_protocol::ioregionfd::{Cmd, Resp, RESP_SIZE};
+use outboard_protocol::wait::{self, Deadline};
 use outboard_protocol::{Access, AccessSize};
 
 use crate::backend::Connection;
@@ -76,6 +77,7 @@ pub struct RemoteRegion {
     fast_mmio: bool,
     vcpu_tokens: u32,
     control: Weak<Connection>,
+    timeout: Duration,
 }
 
 impl RemoteRegion {
@@ -101,6 +103,7 @@ impl RemoteRegion {
             fast_mmio: false,
             vcpu_tokens: 0,
             control: Weak::new(),
+            timeout,
         })
     }
 
@@ -172,7 +175,7 @@ impl RemoteRegion {
         if self.health.is_failed() {
             return Err(AccessError::DeviceFailed(self.health.name().to_owned()));
         }
-        let result = exchange(&sock, &cmd);
+        let result = exchange(&sock, &cmd, self.timeout);
         if let Err(e) = &result {
             self.health.fail(e);
         }
@@ -180,24 +183,39 @@ impl RemoteRegion {
     }
 }
 
-fn exchange(sock: &UnixStream, cmd: &Cmd) -> Result<u64, AccessError> {
-    send_all(sock, &cmd.encode())?;
+/// Sends `cmd` and reads its response, all within one `timeout` for the
+/// access as a whole: a backend that trickles bytes cannot stretch it.
+///
+/// The common case costs what it did before deadlines: one `send` (that
+/// does not wait) and one `read` that blocks under the socket's
+/// SO_RCVTIMEO. Only a send that has to wait or a partial response falls
+/// back to `poll` with the time left.
+fn exchange(sock: &UnixStream, cmd: &Cmd, timeout: Duration) -> Result<u64, AccessError> {
+    // Instant::now() is a vDSO call, not a syscall.
+    let deadline = Deadline::after(Some(timeout));
+    let waited = send_all(sock, &cmd.encode(), &deadline)?;
     if !cmd.resp {
         return Ok(0);
     }
     let mut buf = [0u8; RESP_SIZE];
     let mut got = 0;
+    if !waited {
+        // The send took no time: SO_RCVTIMEO (the timeout) ends with the deadline.
+        got = loop {
+            match (&*sock).read(&mut buf) {
+                Ok(0) => return Err(AccessError::BackendGone),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(access_error(wait::Error::Io(e))),
+            }
+        };
+    }
     while got < RESP_SIZE {
-        match (&*sock).read(&mut buf[got..]) {
+        match wait::recv_some(sock.as_fd(), &mut buf[got..], &deadline) {
             Ok(0) if got == 0 => return Err(AccessError::BackendGone),
             Ok(0) => return Err(AccessError::ShortResponse(got)),
             Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => return Err(AccessError::Timeout),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                return Err(AccessError::BackendGone)
-            }
-            Err(e) => return Err(AccessError::Io(e)),
+            Err(e) => return Err(access_error(e)),
         }
     }
     Resp::decode(&buf)
@@ -205,40 +223,28 @@ fn exchange(sock: &UnixStream, cmd: &Cmd) -> Result<u64, AccessError> {
         .map_err(AccessError::Garbled)
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+fn access_error(e: wait::Error) -> AccessError {
+    match e {
+        wait::Error::Timeout => AccessError::Timeout,
+        wait::Error::Io(e) => match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => AccessError::Timeout,
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => AccessError::BackendGone,
+            _ => AccessError::Io(e),
+        },
+    }
 }
 
-/// Writes all of `buf` without raising SIGPIPE if the backend is gone.
-fn send_all(sock: &UnixStream, mut buf: &[u8]) -> Result<(), AccessError> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a live byte slice of `buf.len()` bytes and the fd
-        // is open for the duration of the borrow of `sock`.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-                    return Err(AccessError::BackendGone)
-                }
-                _ if is_timeout(&e) => return Err(AccessError::Timeout),
-                _ => return Err(AccessError::Io(e)),
-            }
-        }
-        buf = &buf[n as usize..];
+/// Writes all of `buf` by `deadline`, without raising SIGPIPE if the
+/// backend is gone. Returns true if it had to wait for buffer space.
+fn send_all(sock: &UnixStream, buf: &[u8], deadline: &Deadline) -> Result<bool, AccessError> {
+    let first = wait::try_send(sock.as_fd(), buf).map_err(access_error)?;
+    let mut rest = &buf[first.unwrap_or(0)..];
+    let waited = !rest.is_empty();
+    while !rest.is_empty() {
+        let n = wait::send_some(sock.as_fd(), rest, deadline).map_err(access_error)?;
+        rest = &rest[n..];
     }
-    Ok(())
+    Ok(waited)
 }
 
 impl BusDevice for RemoteRegion {
@@ -259,7 +265,11 @@ impl BusDevice for RemoteRegion {
             .iter()
             .find(|d| d.matches(offset, size, value))
         {
-            return d.eventfd.write(1).map_err(AccessError::Io);
+            // Never blocks, even on an eventfd the backend made blocking
+            // and filled: a full counter is a ring still pending.
+            return wait::signal_eventfd(&*d.eventfd)
+                .map(|_| ())
+                .map_err(access_error);
         }
         if self.fast_mmio {
             return Err(AccessError::Denied);
@@ -429,5 +439,56 @@ mod tests {
         });
         assert!(matches!(r.read(a), Err(AccessError::ShortResponse(5))));
         let _ = t.join();
+    }
+
+    #[test]
+    fn read_when_backend_trickles_bytes_slower_than_the_timeout_then_timeout_for_the_whole_access()
+    {
+        let timeout = Duration::from_millis(100);
+        let (r, mut theirs) = region(RW, 100);
+        let peer = std::thread::spawn(move || {
+            let mut b = [0u8; CMD_SIZE];
+            let _ = theirs.read_exact(&mut b);
+            for byte in (Resp { data: 1 }).encode() {
+                std::thread::sleep(timeout * 8 / 10);
+                if theirs.write_all(&[byte]).is_err() {
+                    return;
+                }
+            }
+        });
+        let start = std::time::Instant::now();
+        let got = r.read(Access::new(0, 0, AccessSize::B4));
+        let took = start.elapsed();
+        assert!(matches!(got, Err(AccessError::Timeout)), "got {got:?}");
+        // Hang detector only: per-read timeouts took 32 x 0.8 x the timeout.
+        assert!(took < timeout * 5, "took {took:?}");
+        drop(r);
+        let _ = peer.join();
+    }
+
+    #[test]
+    fn write_when_backend_made_doorbell_blocking_and_full_then_returns_without_blocking() {
+        let (r, _theirs) = region(RW, 5000);
+        // What a hostile backend can do to the shared open file description:
+        // clear O_NONBLOCK and raise the counter to its maximum.
+        let bell = Arc::new(EventFd::new(0).unwrap_or_else(|e| panic!("{e}")));
+        bell.write(u64::MAX - 1).unwrap_or_else(|e| panic!("{e}"));
+        let r = r.with_doorbells(
+            vec![DoorbellMatch {
+                offset: 0,
+                size: None,
+                datamatch: None,
+                eventfd: Arc::clone(&bell),
+            }],
+            false,
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(r.write(Access::new(0, 0, AccessSize::B4), 1).is_ok());
+        });
+        // Hang detector only: the write blocked forever before the fix.
+        let done = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(done, Ok(true), "a full counter is a ring still pending");
+        assert_eq!(bell.read().unwrap_or(0), u64::MAX - 1);
     }
 }

@@ -7,8 +7,8 @@
 //! ([`OwnedFd`]) from the moment they arrive, so a rejected message never
 //! leaks one.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use thiserror::Error;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::control::{self, Header, Payload, Status, StatusReply, HEADER_SIZE, MAX_FDS};
+use crate::wait::{self, Deadline};
 
 /// Errors from sending or receiving control messages.
 #[derive(Debug, Error)]
@@ -55,6 +56,13 @@ impl Error {
             _ => Error::Io(e),
         }
     }
+
+    fn from_wait(e: wait::Error) -> Self {
+        match e {
+            wait::Error::Timeout => Error::Timeout,
+            wait::Error::Io(e) => Error::from_io(e),
+        }
+    }
 }
 
 /// One received control message.
@@ -72,12 +80,16 @@ pub struct Message {
 #[derive(Debug)]
 pub struct Channel {
     sock: UnixStream,
+    timeout: Option<Duration>,
 }
 
 impl Channel {
     /// Wraps a connected stream socket.
     pub fn new(sock: UnixStream) -> Self {
-        Channel { sock }
+        Channel {
+            sock,
+            timeout: None,
+        }
     }
 
     /// The underlying socket.
@@ -85,10 +97,28 @@ impl Channel {
         &self.sock
     }
 
-    /// Bounds every blocking send and receive; `None` waits forever.
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), Error> {
+    /// Bounds every send and every receive of a whole message; `None`
+    /// waits forever. The bound holds per message, not per `read`: a peer
+    /// that trickles bytes cannot stretch it.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        // The first transfer of a message blocks under these; the rest wait
+        // with `poll` for what is left of the message's deadline.
         self.sock.set_read_timeout(timeout).map_err(Error::Io)?;
-        self.sock.set_write_timeout(timeout).map_err(Error::Io)
+        self.sock.set_write_timeout(timeout).map_err(Error::Io)?;
+        self.timeout = timeout;
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes by `deadline`; EOF is [`Error::Truncated`].
+    fn read_full(&self, mut buf: &mut [u8], deadline: &Deadline) -> Result<(), Error> {
+        while !buf.is_empty() {
+            let n = wait::recv_some(self.sock.as_fd(), buf, deadline).map_err(Error::from_wait)?;
+            if n == 0 {
+                return Err(Error::Truncated);
+            }
+            buf = &mut buf[n..];
+        }
+        Ok(())
     }
 
     /// Sends a header (its `size` is set from `payload`), payload and fds.
@@ -109,13 +139,19 @@ impl Channel {
     /// Sends raw bytes with fds attached to the first byte; for tests that
     /// need to put malformed messages on the wire.
     pub fn send_raw(&self, bytes: &[u8], fds: &[RawFd]) -> Result<(), Error> {
+        let deadline = Deadline::after(self.timeout);
+        // Blocks at most the timeout (SO_SNDTIMEO); the rest shares the deadline.
         let sent = self
             .sock
             .send_with_fds(&[bytes], fds)
             .map_err(|e| Error::from_io(io::Error::from_raw_os_error(e.errno())))?;
-        (&self.sock)
-            .write_all(&bytes[sent..])
-            .map_err(Error::from_io)
+        let mut rest = &bytes[sent..];
+        while !rest.is_empty() {
+            let n =
+                wait::send_some(self.sock.as_fd(), rest, &deadline).map_err(Error::from_wait)?;
+            rest = &rest[n..];
+        }
+        Ok(())
     }
 
     /// Sends a successful reply carrying `payload`.
@@ -138,8 +174,10 @@ impl Channel {
         self.send(Header::reply(request, payload.len(), true), &payload, &[])
     }
 
-    /// Receives one message, checking every framing bound.
+    /// Receives one message, checking every framing bound, within one
+    /// timeout for the whole message.
     pub fn recv(&self) -> Result<Message, Error> {
+        let deadline = Deadline::after(self.timeout);
         let mut hdr = [0u8; HEADER_SIZE];
         let mut raw_fds = [-1 as RawFd; MAX_FDS];
         let mut iov = [iovec {
@@ -148,6 +186,8 @@ impl Channel {
         }];
         // SAFETY: the single iovec points at `hdr`, a live, writable 12-byte
         // buffer that outlives the call, and `iov_len` is exactly its length.
+        // It blocks at most the timeout (SO_RCVTIMEO); later reads wait only
+        // for what is left of `deadline`.
         let res = unsafe { self.sock.recv_with_fds(&mut iov, &mut raw_fds) };
         let (got, nfds) = match res {
             Ok(r) => r,
@@ -170,18 +210,14 @@ impl Channel {
             return Err(Error::Closed);
         }
         if got < HEADER_SIZE {
-            (&self.sock)
-                .read_exact(&mut hdr[got..])
-                .map_err(Error::from_io)?;
+            self.read_full(&mut hdr[got..], &deadline)?;
         }
         let header = Header::decode(&hdr).map_err(|source| Error::Header {
             request: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
             source,
         })?;
         let mut payload = vec![0u8; header.size as usize];
-        (&self.sock)
-            .read_exact(&mut payload)
-            .map_err(Error::from_io)?;
+        self.read_full(&mut payload, &deadline)?;
         Ok(Message {
             header,
             payload,
@@ -288,9 +324,40 @@ mod tests {
 
     #[test]
     fn recv_when_timeout_set_and_silent_peer_then_timeout() {
-        let (_a, b) = pair();
+        let (_a, mut b) = pair();
         b.set_timeout(Some(Duration::from_millis(20)))
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(b.recv(), Err(Error::Timeout)));
+    }
+
+    /// Plays a peer that sends `bytes` one at a time, `gap` apart.
+    fn trickle(a: Channel, bytes: Vec<u8>, gap: Duration) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            for b in bytes {
+                std::thread::sleep(gap);
+                if a.send_raw(&[b], &[]).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn recv_when_peer_trickles_bytes_slower_than_the_timeout_then_timeout_for_the_whole_message() {
+        let timeout = Duration::from_millis(100);
+        let (a, mut b) = pair();
+        b.set_timeout(Some(timeout))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut msg = Header::request(Request::Hello, 16, true).encode().to_vec();
+        msg.extend_from_slice(&[0u8; 16]);
+        let peer = trickle(a, msg, timeout * 8 / 10);
+        let start = std::time::Instant::now();
+        let r = b.recv();
+        let took = start.elapsed();
+        assert!(matches!(r, Err(Error::Timeout)), "got {r:?}");
+        // Hang detector only: per-read timeouts took 28 x 0.8 x the timeout.
+        assert!(took < timeout * 5, "took {took:?}");
+        drop(b);
+        let _ = peer.join();
     }
 }

@@ -23,6 +23,7 @@ pub mod access;
 pub mod channel;
 pub mod control;
 pub mod ioregionfd;
+pub mod wait;
 
 pub use access::{Access, Space};
 pub use ioregionfd::{AccessSize, Cmd, Op, Resp};

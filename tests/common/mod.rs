@@ -82,7 +82,7 @@ pub fn connect(path: &Path) -> Channel {
     loop {
         match std::os::unix::net::UnixStream::connect(path) {
             Ok(s) => {
-                let ch = Channel::new(s);
+                let mut ch = Channel::new(s);
                 ch.set_timeout(Some(HANG_GUARD)).expect("timeout");
                 return ch;
             }

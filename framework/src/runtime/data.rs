@@ -67,6 +67,8 @@ pub(super) struct Placement {
 #[derive(Debug)]
 pub(super) struct DataSocket {
     pub(super) sock: UnixStream,
+    /// Its inode and its peer's, to refuse a later socket connected to it.
+    pub(super) id: super::sockcheck::Identity,
     pub(super) region: u32,
     pub(super) buf: Vec<u8>,
     pub(super) len: usize,
@@ -84,6 +86,8 @@ pub(crate) struct DataPlane {
     pub(super) by_user_data: HashMap<u64, (u32, Option<u32>)>,
     responses: Vec<u8>,
     rejected: u64,
+    /// Checks each new data socket (docs/protocol.md section 5.4).
+    pub(super) vetter: super::sockcheck::Vetter,
 }
 
 impl DataPlane {
@@ -96,6 +100,7 @@ impl DataPlane {
             by_user_data: HashMap::new(),
             responses: Vec::with_capacity(BATCH_BYTES),
             rejected: 0,
+            vetter: super::sockcheck::Vetter::new(),
         }
     }
 

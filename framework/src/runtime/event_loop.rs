@@ -14,7 +14,22 @@ const EVENTS_PER_WAIT: usize = 32;
 
 impl<D: Device> Backend<D> {
     /// Serves until the frontend disconnects or shuts the device down.
+    ///
+    /// While it runs, a second thread watches the frontend's process and
+    /// the control socket: once either is gone, the loop has
+    /// [`GRACE`](super::GRACE) to end on its own before that thread ends the
+    /// process with status 2 (docs/protocol.md section 8.2). The thread
+    /// exists only while `run` does.
     pub fn run(&mut self) -> Result<(), Error> {
+        let Some(watch) = self.watch.take() else {
+            return self.serve();
+        };
+        let result = watch.run_while(|| self.serve());
+        self.watch = Some(watch);
+        result.map_err(Error::Watch)?
+    }
+
+    fn serve(&mut self) -> Result<(), Error> {
         while self.poll(-1)? == Flow::Continue {}
         Ok(())
     }

@@ -5,8 +5,11 @@
 //! * `control.rs`: the request state machine.
 //! * `data.rs`: data sockets, command batching, decoding and dispatch;
 //!   `placement.rs`: placing and removing regions, `user_data` tokens.
-//! * `resources.rs`: the memory table, doorbell and interrupt fds.
+//! * `resources.rs`: the memory table, doorbell and interrupt fds;
+//!   `sockcheck.rs`: which fds a SET_REGION may hand over as data sockets.
 //! * `event_loop.rs`: [`Backend::run`] and [`Backend::process_ready`].
+//! * `peer.rs`: the peer watch, which ends the process once the frontend
+//!   is gone even if the loop is stuck (only under [`Backend::run`]).
 //!
 //! The loop ends with `Ok` when the frontend closes the control socket or
 //! sends SHUTDOWN, and with an [`Error`](enum@Error) on a protocol violation: a header
@@ -14,7 +17,7 @@
 //! `user_data` names no region of its socket.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 
 use log::warn;
@@ -28,16 +31,20 @@ use crate::events::{token, Epoll, EventOps};
 mod control;
 mod data;
 mod event_loop;
+mod peer;
 mod placement;
 mod resources;
+mod sockcheck;
 
 #[cfg(test)]
 mod testutil;
 
 pub use control::Error as ControlError;
 pub use data::{Error as DataError, BATCH_BYTES};
+pub use peer::{Error as WatchError, GRACE};
 #[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;
+pub use sockcheck::Error as DataSocketError;
 
 /// Errors that stop the backend from starting or end its event loop.
 #[derive(Debug, Error)]
@@ -57,6 +64,9 @@ pub enum Error {
     /// the device cannot start
     #[error("the device cannot start")]
     DeviceInit(#[source] io::Error),
+    /// cannot watch the frontend
+    #[error("cannot watch the frontend")]
+    Watch(#[source] WatchError),
 }
 
 /// Whether the backend goes on serving.
@@ -83,6 +93,8 @@ pub struct Backend<D: Device> {
     negotiated: Option<Negotiated>,
     data: data::DataPlane,
     resources: resources::Resources,
+    /// Taken out while [`Backend::run`] runs its thread.
+    watch: Option<peer::PeerWatch>,
 }
 
 impl<D: Device> Backend<D> {
@@ -93,6 +105,8 @@ impl<D: Device> Backend<D> {
         let desc = device.describe();
         desc.validate().map_err(Error::Description)?;
         let epoll = Epoll::new().map_err(Error::Epoll)?;
+        // At setup, before any confinement: the thread starts in `run`.
+        let watch = peer::PeerWatch::new(control.as_fd()).map_err(Error::Watch)?;
         let resources = resources::Resources::new(desc.doorbells, desc.interrupts);
         let mut features = FEATURES_SUPPORTED;
         if desc.needs_memory {
@@ -106,6 +120,8 @@ impl<D: Device> Backend<D> {
             .map_err(Error::Epoll)?;
         let ops = epoll.ops();
         device.init(&ops).map_err(Error::DeviceInit)?;
+        let mut data = data::DataPlane::new(desc.regions);
+        data.vetter.set_control(control.as_fd());
         Ok(Backend {
             device,
             name: desc.name,
@@ -115,8 +131,9 @@ impl<D: Device> Backend<D> {
             epoll,
             ops,
             negotiated: None,
-            data: data::DataPlane::new(desc.regions),
+            data,
             resources,
+            watch: Some(watch),
         })
     }
 

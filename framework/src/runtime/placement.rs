@@ -2,14 +2,13 @@
 //! plane): the checks of docs/protocol.md sections 5.4 and 5.5, the
 //! `user_data` tokens (per-vCPU ones included) and the sockets' lifetime.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use log::{info, warn};
 use outboard_protocol::control::{SetRegion, Status, F_POSTED_WRITES, F_VCPU_TOKENS};
 
 use super::data::{DataPlane, DataSocket, Placement, BATCH_BYTES};
-use super::resources::is_stream_socket;
 use crate::events::{token, Epoll};
 
 impl DataPlane {
@@ -44,9 +43,11 @@ impl DataPlane {
         if set.posted() && !(region.posted_writes && features & F_POSTED_WRITES != 0) {
             return Err(Status::Unsupported);
         }
-        if !is_stream_socket(&fd) {
-            return Err(Status::BadFd);
-        }
+        let held: Vec<_> = self.sockets.iter().flatten().map(|d| d.id).collect();
+        let id = self.vetter.vet(fd.as_fd(), held).map_err(|e| {
+            warn!("region {index}: {e}");
+            Status::BadFd
+        })?;
         let sock = UnixStream::from(fd);
         let slot = match self.sockets.iter().position(Option::is_none) {
             Some(s) => s,
@@ -67,6 +68,7 @@ impl DataPlane {
         );
         self.sockets[slot] = Some(DataSocket {
             sock,
+            id,
             region: set.index,
             buf: vec![0u8; BATCH_BYTES],
             len: 0,

@@ -301,7 +301,9 @@ pub(crate) fn shrink_sealed(file: &File) -> bool {
     seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
 }
 
-/// True when `fd` is a stream socket (the only kind of data socket accepted).
+/// True when `fd` is a stream socket (the command line's check of a
+/// control fd; data sockets get the stricter `sockcheck`).
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
 pub(crate) fn is_stream_socket(fd: &impl AsFd) -> bool {
     let mut ty: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;

@@ -266,7 +266,8 @@ impl TransportDevice for Backend {
     /// eventfd itself when it uses buffers.
     fn queue_notify(&mut self, index: u16) -> Result<bool, Error> {
         if let Some(k) = self.kicks.get(usize::from(index)) {
-            if let Err(e) = k.write(1) {
+            // Never blocks on a kick eventfd the backend made blocking and filled.
+            if let Err(e) = outboard_protocol::wait::signal_eventfd(k) {
                 warn!("{}: kick of queue {index}: {e}", self.name);
             }
         }
@@ -276,7 +277,7 @@ impl TransportDevice for Backend {
     /// The transport latched an interrupt of its own (a failed activation's
     /// configuration change): signal the line the backend's calls use.
     fn interrupt(&mut self, bits: u32) {
-        if let Err(e) = self.irq.eventfd().write(1) {
+        if let Err(e) = outboard_protocol::wait::signal_eventfd(self.irq.eventfd()) {
             warn!("{}: interrupt {bits:#x}: {e}", self.name);
         }
     }
