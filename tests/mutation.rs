@@ -86,7 +86,7 @@ struct Stats {
 
 fn start(program: &str, args: &[&str]) -> Session {
     let (child, path) = spawn_listening(program, args);
-    let ch = connect(&path);
+    let mut ch = connect(&path);
     ch.set_timeout(Some(REPLY_BOUND)).unwrap();
     Session {
         child,
