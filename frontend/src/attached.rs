@@ -36,6 +36,9 @@ pub struct DeviceSpec {
     pub regions: Vec<Placement>,
     /// Use posted writes where the region and the backend allow them.
     pub posted_writes: bool,
+    /// Confine a spawned backend (the default). `false` passes
+    /// `--no-sandbox`, for debugging; see docs/security.md.
+    pub sandbox: bool,
 }
 
 impl DeviceSpec {
@@ -49,6 +52,7 @@ impl DeviceSpec {
             },
             regions: Vec::new(),
             posted_writes: true,
+            sandbox: true,
         }
     }
 
@@ -61,6 +65,7 @@ impl DeviceSpec {
             },
             regions: Vec::new(),
             posted_writes: true,
+            sandbox: true,
         }
     }
 
@@ -75,7 +80,14 @@ impl DeviceSpec {
             },
             regions: Vec::new(),
             posted_writes: false,
+            sandbox: true,
         }
+    }
+
+    /// Runs a spawned backend unconfined (`--no-sandbox`), for debugging.
+    pub fn without_sandbox(mut self) -> Self {
+        self.sandbox = false;
+        self
     }
 
     /// Places region `index` at `addr`.

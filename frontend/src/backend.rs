@@ -16,12 +16,13 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 pub use crate::launch::{Builtin, Launcher, Source};
+use crate::stderr::StderrTail;
 use outboard_protocol::channel::{self, Channel};
 use outboard_protocol::control::{
     self, DeviceInfo, DoorbellInfo, Header, Hello, IrqInfo, MemTable, Negotiated, Payload,
@@ -113,6 +114,10 @@ pub struct Connection {
     /// One request/reply exchange at a time: threads share the connection.
     calls: Mutex<()>,
     child: Mutex<Option<Child>>,
+    /// How the spawned child ended, once reaped.
+    ended: Mutex<Option<ExitStatus>>,
+    /// The spawned child's stderr, passed through and remembered.
+    stderr: Option<Arc<StderrTail>>,
     /// The confined backend's own pid (see [`Connection::pid`]).
     serving: Option<u32>,
     negotiated: Negotiated,
@@ -128,6 +133,8 @@ impl Connection {
         let parent = std::process::id();
         cmd.arg("--control-fd").arg(fd.to_string());
         cmd.stdin(Stdio::null());
+        // Passed through by a thread that remembers why the backend died.
+        cmd.stderr(Stdio::piped());
         if quiet_stdout {
             cmd.stdout(Stdio::null());
         }
@@ -174,11 +181,22 @@ impl Connection {
             });
         }
         let program = PathBuf::from(cmd.get_program());
-        let child = cmd.spawn().map_err(|e| Error::Spawn(program.clone(), e))?;
+        let mut child = cmd.spawn().map_err(|e| Error::Spawn(program.clone(), e))?;
         drop(theirs);
         let label = format!("{} (pid {})", program.display(), child.id());
         info!("spawned {label}");
-        Connection::negotiate(Channel::new(ours), Some(child), label, timeout)
+        let stderr = match child.stderr.take() {
+            Some(pipe) => match StderrTail::follow(pipe, &label) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Spawn(program, e));
+                }
+            },
+            None => None,
+        };
+        Connection::negotiate(Channel::new(ours), Some(child), stderr, label, timeout)
     }
 
     /// Connects to a backend listening at `path` (retrying while it starts up,
@@ -188,12 +206,13 @@ impl Connection {
             connect_retrying(path, timeout).map_err(|e| Error::Connect(path.to_path_buf(), e))?;
         let label = path.display().to_string();
         info!("connected to {label}");
-        Connection::negotiate(Channel::new(sock), None, label, timeout)
+        Connection::negotiate(Channel::new(sock), None, None, label, timeout)
     }
 
     fn negotiate(
         mut channel: Channel,
         child: Option<Child>,
+        stderr: Option<Arc<StderrTail>>,
         label: String,
         timeout: Duration,
     ) -> Result<Self, Error> {
@@ -202,6 +221,8 @@ impl Connection {
             channel,
             calls: Mutex::new(()),
             child: Mutex::new(child),
+            ended: Mutex::new(None),
+            stderr,
             serving: None,
             negotiated: Negotiated {
                 version: 0,
@@ -230,17 +251,49 @@ impl Connection {
 
     /// If the spawned child has already exited, the error that says so.
     fn exited(&self) -> Option<Error> {
+        let status = self.exit_status()?;
+        Some(Error::Exited(self.label.clone(), status))
+    }
+
+    /// How the spawned child ended, waiting a moment for a dying one;
+    /// `None` while it runs (or if this backend was not spawned).
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        if let Some(s) = *self.ended.lock().unwrap_or_else(PoisonError::into_inner) {
+            return Some(s);
+        }
         let mut guard = self.child.lock().unwrap_or_else(PoisonError::into_inner);
         let child = guard.as_mut()?;
         // Give a dying child a moment to be reaped before asking.
         for _ in 0..50 {
             if let Ok(Some(status)) = child.try_wait() {
                 *guard = None;
-                return Some(Error::Exited(self.label.clone(), status));
+                *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(2));
         }
         None
+    }
+
+    /// Why a spawned backend is gone: its exit status and the reason it
+    /// gave on stderr (a confined backend names the system call it was
+    /// stopped at). `None` while it runs.
+    pub fn end_reason(&self) -> Option<String> {
+        let status = self.exit_status()?;
+        let said = self.stderr.as_ref().and_then(|t| {
+            // The stderr thread may still be copying the last line.
+            for _ in 0..50 {
+                if let Some(r) = t.reason() {
+                    return Some(r);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            None
+        });
+        Some(match said {
+            Some(r) => format!("backend ended ({status}): {r}"),
+            None => format!("backend ended ({status})"),
+        })
     }
 
     /// The negotiated version and features.
@@ -437,6 +490,7 @@ impl Connection {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     *guard = None;
+                    *self.ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(status);
                     return Some(status);
                 }
                 Ok(None) if Instant::now() < deadline => {

@@ -47,8 +47,19 @@ impl Health {
 
     /// Marks the device failed; the first call logs `why`, later calls do nothing.
     pub fn fail(&self, why: &dyn std::error::Error) {
+        self.fail_ended(why, None);
+    }
+
+    /// Like [`Health::fail`], with how the backend process ended (if it
+    /// has) put first: `backend ended (signal: 31 (SIGSYS)): PROGRAM:
+    /// error: sandbox: blocked system call openat (257); WHY`.
+    pub fn fail_ended(&self, why: &dyn std::error::Error, ended: Option<String>) {
         if !self.failed.swap(true, Ordering::AcqRel) {
-            let text = outboard_protocol::error_chain(why);
+            let chain = outboard_protocol::error_chain(why);
+            let text = match ended {
+                Some(e) => format!("{e}; {chain}"),
+                None => chain,
+            };
             error!("device {} failed: {text}", self.name);
             *self.reason.lock().unwrap_or_else(PoisonError::into_inner) = Some(text);
         }

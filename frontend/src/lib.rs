@@ -49,6 +49,7 @@ pub mod launch;
 pub mod memory;
 pub mod registrar;
 pub mod remote;
+pub mod stderr;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 #[cfg(feature = "vm-device")]

@@ -177,7 +177,13 @@ impl RemoteRegion {
         }
         let result = exchange(&sock, &cmd, self.timeout);
         if let Err(e) = &result {
-            self.health.fail(e);
+            // A backend that died says why (its exit status, a sandbox
+            // violation); a timeout leaves it running.
+            let ended = match e {
+                AccessError::Timeout => None,
+                _ => self.control.upgrade().and_then(|c| c.end_reason()),
+            };
+            self.health.fail_ended(e, ended);
         }
         result
     }

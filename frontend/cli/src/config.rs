@@ -20,6 +20,8 @@
 //! name = "scratch"
 //! socket = "/run/scratch.sock" # or: connect to a backend listening here
 //! posted_writes = false        # optional, default true
+//! sandbox = false              # optional, default true: confine a spawned
+//!                              # backend (false: --no-sandbox, for debugging)
 //! [[device.region]]
 //! index = 0
 //! addr = 0xd0000000            # optional; default: backend's preference, else next free
@@ -84,6 +86,7 @@ struct DeviceEntry {
     #[serde(default)]
     args: Vec<String>,
     posted_writes: Option<bool>,
+    sandbox: Option<bool>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
     #[serde(default)]
@@ -171,6 +174,7 @@ impl Config {
                 source,
                 regions,
                 posted_writes: d.posted_writes.unwrap_or(true),
+                sandbox: d.sandbox.unwrap_or(true),
             });
         }
         Ok(Config {

@@ -44,29 +44,7 @@ enum Command {
         timeout_ms: u64,
     },
     /// Attach the configured devices and run a test-guest script against them.
-    Run {
-        /// TOML configuration listing the devices.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Spawn a backend: program name or path, then its arguments, space-separated.
-        #[arg(long = "device", value_name = "PROGRAM [ARGS]")]
-        devices: Vec<String>,
-        /// Connect to a backend listening on this socket path.
-        #[arg(long = "connect", value_name = "PATH")]
-        sockets: Vec<PathBuf>,
-        /// Attach a vhost-user backend: device type (blk, rng, console) and socket path.
-        #[arg(long = "vhost-user", value_name = "TYPE:PATH")]
-        vhost_user: Vec<String>,
-        /// Test-guest script to run (see `outboard_frontend::script`); default: standard input.
-        #[arg(long, value_name = "FILE")]
-        script: Option<PathBuf>,
-        /// Longest wait for a backend reply, in milliseconds (overrides the config).
-        #[arg(long)]
-        timeout_ms: Option<u64>,
-        /// Guest RAM shared with the backends, in MiB at guest address 0 (overrides the config).
-        #[arg(long)]
-        ram_mb: Option<u64>,
-    },
+    Run(RunArgs),
     /// Measure Outboard beside its baselines and print the table (docs/performance.md).
     Bench {
         /// A shorter run (under a minute).
@@ -94,6 +72,35 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+}
+
+/// Options of `outboard run`.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML configuration listing the devices.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Spawn a backend: program name or path, then its arguments, space-separated.
+    #[arg(long = "device", value_name = "PROGRAM [ARGS]")]
+    devices: Vec<String>,
+    /// Connect to a backend listening on this socket path.
+    #[arg(long = "connect", value_name = "PATH")]
+    sockets: Vec<PathBuf>,
+    /// Attach a vhost-user backend: device type (blk, rng, console) and socket path.
+    #[arg(long = "vhost-user", value_name = "TYPE:PATH")]
+    vhost_user: Vec<String>,
+    /// Test-guest script to run (see `outboard_frontend::script`); default: standard input.
+    #[arg(long, value_name = "FILE")]
+    script: Option<PathBuf>,
+    /// Longest wait for a backend reply, in milliseconds (overrides the config).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Guest RAM shared with the backends, in MiB at guest address 0 (overrides the config).
+    #[arg(long)]
+    ram_mb: Option<u64>,
+    /// Run spawned backends unconfined (for debugging; see docs/security.md).
+    #[arg(long)]
+    no_sandbox: bool,
 }
 
 pub(crate) fn options(timeout: Duration) -> Options {
@@ -148,17 +155,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_level);
     let result = match cli.command {
         Command::Demo { timeout_ms } => demo::run(options(Duration::from_millis(timeout_ms))),
-        Command::Run {
-            config,
-            devices,
-            sockets,
-            vhost_user,
-            script,
-            timeout_ms,
-            ram_mb,
-        } => run(
-            config, devices, sockets, vhost_user, script, timeout_ms, ram_mb,
-        ),
+        Command::Run(args) => run(args),
         Command::Bench { quick, json } => bench::run(options(Duration::from_secs(10)), quick, json),
         Command::BenchEcho { path, epoll } => bench::echo(&path, epoll),
         Command::Backend { .. } => Ok(()),
@@ -174,15 +171,17 @@ fn main() -> ExitCode {
 
 type AnyError = Box<dyn std::error::Error>;
 
-fn run(
-    config: Option<PathBuf>,
-    devices: Vec<String>,
-    sockets: Vec<PathBuf>,
-    vhost_user: Vec<String>,
-    script_path: Option<PathBuf>,
-    timeout_ms: Option<u64>,
-    ram_mb: Option<u64>,
-) -> Result<(), AnyError> {
+fn run(args: RunArgs) -> Result<(), AnyError> {
+    let RunArgs {
+        config,
+        devices,
+        sockets,
+        vhost_user,
+        script: script_path,
+        timeout_ms,
+        ram_mb,
+        no_sandbox,
+    } = args;
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
         None => Config {
@@ -223,6 +222,11 @@ fn run(
     }
     if cfg.devices.is_empty() {
         return Err("no devices: give --config, --device, --connect or --vhost-user".into());
+    }
+    if no_sandbox {
+        for d in &mut cfg.devices {
+            d.sandbox = false;
+        }
     }
     let timeout = timeout_ms
         .map(Duration::from_millis)

@@ -273,7 +273,7 @@ impl RemoteDevice {
     /// Wraps a backend error; anything but a refusal also fails the device.
     fn failed(&self, e: backend::Error) -> Error {
         if !matches!(e, backend::Error::Refused { .. }) {
-            self.health.fail(&e);
+            self.health.fail_ended(&e, self.conn.end_reason());
         }
         Error::Backend(e)
     }

@@ -322,10 +322,14 @@ impl Frontend {
         let options = self.device_options(spec);
         let remote = match &spec.source {
             Source::Spawn { program, args } => {
+                let mut args = args.clone();
+                if !spec.sandbox {
+                    args.push("--no-sandbox".to_owned());
+                }
                 let cmd = self
                     .options
                     .launcher
-                    .command(program, args)
+                    .command(program, &args)
                     .map_err(|e| dev_err(name)(device::Error::Backend(e)))?;
                 let quiet = self.options.launcher.quiet_stdout;
                 RemoteDevice::spawn(name, cmd, quiet, options).map_err(dev_err(name))?
