@@ -114,18 +114,20 @@ fn feature_table_when_read_from_spec_then_matches_constants_and_offers() {
     let text = flat(text);
     let offered = values(&text, "The reference frontend offers `");
     assert_eq!(offered, vec![FEATURES_SUPPORTED], "the frontend's offer");
-    let without_memory = values(&text, "guest memory, and `");
-    assert_eq!(without_memory, vec![FEATURES_SUPPORTED & !F_MEM_TABLE]);
+    let uart = values(&text, "guest memory nor doorbells, offers `");
+    assert_eq!(
+        uart,
+        vec![FEATURES_SUPPORTED & !(F_MEM_TABLE | F_DOORBELL)],
+        "least privilege: no memory, no doorbells"
+    );
     assert_eq!(
         FEATURES_SUPPORTED & F_DIRECT_MAP,
         0,
         "bit 5 is never offered"
     );
-    // What real backends offer: the UART needs no guest memory, scratch does.
-    for (backend, expected) in [
-        ("outboard-uart", without_memory[0]),
-        ("outboard-scratch", offered[0]),
-    ] {
+    // What real backends offer: the UART needs no guest memory and has no
+    // doorbells; scratch has all three.
+    for (backend, expected) in [("outboard-uart", uart[0]), ("outboard-scratch", offered[0])] {
         let (mut child, path) = spawn_listening(backend, &[]);
         let ch = connect(&path);
         let m = call(

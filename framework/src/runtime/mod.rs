@@ -22,10 +22,12 @@ use std::os::unix::net::UnixStream;
 
 use log::warn;
 use outboard_protocol::channel::Channel;
-use outboard_protocol::control::{DeviceKind, Negotiated, FEATURES_SUPPORTED, F_MEM_TABLE};
+use outboard_protocol::control::{
+    DeviceKind, Negotiated, FEATURES_SUPPORTED, F_DOORBELL, F_IRQ, F_MEM_TABLE,
+};
 use thiserror::Error;
 
-use crate::device::{DescriptionError, Device};
+use crate::device::{DescriptionError, Device, DeviceDescription};
 use crate::events::{token, Epoll, EventOps};
 
 mod control;
@@ -107,13 +109,10 @@ impl<D: Device> Backend<D> {
         let epoll = Epoll::new().map_err(Error::Epoll)?;
         // At setup, before any confinement: the thread starts in `run`.
         let watch = peer::PeerWatch::new(control.as_fd()).map_err(Error::Watch)?;
+        let features = offered_features(&desc);
         let resources = resources::Resources::new(desc.doorbells, desc.interrupts);
-        let mut features = FEATURES_SUPPORTED;
         if desc.needs_memory {
             device.set_memory(resources.memory().clone());
-        } else {
-            // Least privilege: a device that does not need guest RAM never gets it.
-            features &= !F_MEM_TABLE;
         }
         epoll
             .add(control.as_raw_fd(), token::CONTROL)
@@ -158,6 +157,24 @@ impl<D: Device> Backend<D> {
     }
 }
 
+/// The features offered for a device: least privilege, so a device gets
+/// only the kinds of resources its description asks for. Guest RAM only if
+/// it needs memory (the UART never gets it), doorbell eventfds only if it
+/// has doorbells, interrupt eventfds only if it has interrupt lines.
+fn offered_features(desc: &DeviceDescription) -> u64 {
+    let mut features = FEATURES_SUPPORTED;
+    if !desc.needs_memory {
+        features &= !F_MEM_TABLE;
+    }
+    if desc.doorbells.is_empty() {
+        features &= !F_DOORBELL;
+    }
+    if desc.interrupts.is_empty() {
+        features &= !F_IRQ;
+    }
+    features
+}
+
 impl<D: Device> Drop for Backend<D> {
     fn drop(&mut self) {
         let rejected = self.data.rejected();
@@ -166,5 +183,31 @@ impl<D: Device> Drop for Backend<D> {
                 "{rejected} guest accesses were rejected (outside a region, wrong size or direction)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{Doorbell, Interrupt, Region};
+
+    #[test]
+    fn offered_features_when_device_lacks_memory_doorbells_or_lines_then_those_not_offered() {
+        let bare = DeviceDescription::new("bare").region(Region::mmio("r", 8));
+        assert_eq!(
+            offered_features(&bare),
+            FEATURES_SUPPORTED & !(F_MEM_TABLE | F_DOORBELL | F_IRQ)
+        );
+        let full = DeviceDescription::new("full")
+            .region(Region::mmio("r", 8))
+            .doorbell(Doorbell {
+                region: 0,
+                offset: 0,
+                size: None,
+                datamatch: None,
+            })
+            .interrupt(Interrupt { level: false })
+            .needs_memory();
+        assert_eq!(offered_features(&full), FEATURES_SUPPORTED);
     }
 }
