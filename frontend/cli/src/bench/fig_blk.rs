@@ -26,6 +26,9 @@ pub(super) struct BlkSetup {
 
 pub(super) const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
 
+/// The ioregionfd setup with the backend unconfined (`--no-sandbox`).
+const UNCONFINED: &str = "outboard-virtio-blk (ioregionfd, --no-sandbox)";
+
 /// `label`'s device on `image`, driven through `queues` queues.
 pub(super) fn blk_setup(
     label: &'static str,
@@ -46,6 +49,12 @@ pub(super) fn blk_setup(
                 "outboard-virtio-blk",
                 &["--path", &path],
             ))?;
+        }
+        UNCONFINED => {
+            fe.attach(
+                &DeviceSpec::spawn("blk", "outboard-virtio-blk", &["--path", &path])
+                    .without_sandbox(),
+            )?;
         }
         "outboard-virtio-blk --vhost-user" | "qemu-storage-daemon" => {
             let sock = temp_path(if label.starts_with("qemu") {
@@ -201,6 +210,45 @@ pub(super) fn blk_iops(
     Ok(ops as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Figure 7s: the four loads of figure 7 on a confined and an unconfined
+/// ioregionfd backend, alternating rounds; medians of each (confined,
+/// unconfined).
+fn confinement_cost(
+    plan: &Plan,
+    options: &Options,
+    image: &Path,
+) -> Result<Vec<(f64, f64)>, AnyError> {
+    let mut on = blk_setup(
+        "outboard-virtio-blk (ioregionfd)",
+        options.clone(),
+        image,
+        1,
+    )?;
+    let mut off = blk_setup(UNCONFINED, options.clone(), image, 1)?;
+    let loads = [(1, false), (1, true), (16, false), (16, true)];
+    let mut samples = vec![(Vec::new(), Vec::new()); loads.len()];
+    for round in 0..3u64 {
+        for (k, &(qd, write)) in loads.iter().enumerate() {
+            let seed = 0x5eed + round * 8 + k as u64;
+            let ops = plan.blk_ops / 2;
+            samples[k].0.push(blk_iops(&mut on, ops, qd, write, seed)?);
+            samples[k].1.push(blk_iops(&mut off, ops, qd, write, seed)?);
+        }
+    }
+    on.fe.shutdown();
+    off.fe.shutdown();
+    Ok(samples
+        .into_iter()
+        .map(|(a, b)| (median(a), median(b)))
+        .collect())
+}
+
+/// The median of `v` (0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
     let image = temp_path("blk.img");
     std::fs::File::create(&image)?.set_len(IMAGE_SECTORS * 512)?;
@@ -239,6 +287,7 @@ pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Resu
             Err(e) => println!("  (7m) {label}: skipped: {e}"),
         }
     }
+    let confinement = confinement_cost(plan, &options, &image);
     let _ = std::fs::remove_file(&image);
     let qsd = results
         .iter()
@@ -269,6 +318,23 @@ pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Resu
                 },
             });
         }
+    }
+    match confinement {
+        Ok(pairs) => {
+            for (k, (on, off)) in pairs.into_iter().enumerate() {
+                r.add(Figure {
+                    id: "7s",
+                    name: format!("virtio-blk 4K {} ioregionfd, confined", names[k]),
+                    value: on,
+                    unit: "IOPS",
+                    p99: None,
+                    baseline: Some(("the same, --no-sandbox".into(), off)),
+                    ratio: Some(on / off),
+                    target: Some(("within 5%".into(), on / off >= 0.95)),
+                });
+            }
+        }
+        Err(e) => println!("  (7s) skipped: {e}"),
     }
     for (label, v) in mq {
         let one = results.iter().find(|(l, _)| *l == label).map(|(_, q)| q[2]);
