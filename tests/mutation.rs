@@ -13,6 +13,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mutation_fake;
+mod mutation_replies;
 mod mutation_support;
 
 use mutation_support::{
