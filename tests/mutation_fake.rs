@@ -17,9 +17,9 @@ use std::thread::{self, JoinHandle};
 
 use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{
-    DeviceInfo, DeviceKind, DoorbellInfo, Header, Hello, IrqInfo, Payload, RegionIndex,
-    RegionInfo, Request, Status, StatusReply, FEATURES_SUPPORTED, FLAG_ERROR, FLAG_NEED_REPLY,
-    FLAG_REPLY, MAX_FDS, MAX_PAYLOAD, REGION_READ, REGION_WRITE,
+    DeviceInfo, DeviceKind, DoorbellInfo, Header, Hello, IrqInfo, Payload, RegionIndex, RegionInfo,
+    Request, Status, StatusReply, FEATURES_SUPPORTED, FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY,
+    MAX_FDS, MAX_PAYLOAD, REGION_READ, REGION_WRITE,
 };
 use outboard_protocol::ioregionfd::{Cmd, Op, Resp, CMD_SIZE, RESP_SIZE};
 use outboard_tests::{socket_path, Rand};
@@ -157,7 +157,13 @@ fn next(plan: &Plan) -> Option<u64> {
     plan.lock().unwrap().pop_front().flatten()
 }
 
-fn serve_control(ch: Channel, plan: &Plan, data: &Plan, log: &Sender<Sent>, dlog: &Sender<DataSent>) {
+fn serve_control(
+    ch: Channel,
+    plan: &Plan,
+    data: &Plan,
+    log: &Sender<Sent>,
+    dlog: &Sender<DataSent>,
+) {
     while let Ok(m) = ch.recv() {
         let mut reply = faithful(m.header.request, &m.payload);
         if let Some(seed) = next(plan) {
@@ -276,10 +282,18 @@ pub fn mutate_reply(r: &mut Rand, m: &mut Reply) {
             9 => {
                 // A garbage status, with or without ERROR.
                 let status = below(r, 20) as u32;
-                let reserved = if below(r, 4) == 0 { r.next_u64() as u32 } else { 0 };
+                let reserved = if below(r, 4) == 0 {
+                    r.next_u64() as u32
+                } else {
+                    0
+                };
                 m.payload = [status.to_le_bytes(), reserved.to_le_bytes()].concat();
                 m.set_size(8);
-                let f = if below(r, 2) == 0 { flags(m) ^ FLAG_ERROR } else { flags(m) };
+                let f = if below(r, 2) == 0 {
+                    flags(m) ^ FLAG_ERROR
+                } else {
+                    flags(m)
+                };
                 m.header[4..8].copy_from_slice(&f.to_le_bytes());
             }
             _ => m.cut = Some(1 + below(r, 12 + len - 1) as usize),
