@@ -8,11 +8,14 @@
 //! that nothing hangs (a generous per-reply bound, a hang detector only).
 //!
 //! `OUTBOARD_MUTATION_ITERS` sets the iterations per backend (default
-//! [`DEFAULT_ITERS`]); `OUTBOARD_MUTATION_SEED` the seed. A failure names
+//! [`DEFAULT_ITERS`]; the frontend half makes 25 calls per iteration, see
+//! tests/mutation_replies.rs); `OUTBOARD_MUTATION_SEED` the seed. A failure names
 //! the seed, backend and iteration, so it reproduces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mutation_fake;
+mod mutation_replies;
 mod mutation_support;
 
 use mutation_support::{

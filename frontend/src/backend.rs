@@ -76,6 +76,9 @@ pub enum Error {
         /// Flags in the reply header.
         flags: u32,
     },
+    /// error reply to {0:?} carries status Ok
+    #[error("error reply to {0:?} carries status Ok")]
+    ErrorWithOk(Request),
     /// reply to {0:?} carried file descriptors
     #[error("reply to {0:?} carried file descriptors")]
     UnexpectedFds(Request),
@@ -348,6 +351,10 @@ impl Connection {
             let status = StatusReply::decode(&msg.payload)
                 .map_err(|source| Error::BadReply { request, source })?
                 .status;
+            // An error that reports success is no refusal but a malformed reply.
+            if status == Status::Ok {
+                return Err(Error::ErrorWithOk(request));
+            }
             return Err(Error::Refused { request, status });
         }
         Ok(msg.payload)

@@ -51,6 +51,17 @@ pub enum AccessError {
     /// garbled response
     #[error("garbled response")]
     Garbled(#[source] ioregionfd::Error),
+    /// read response data {data:#x} has bits above the {size}-byte access
+    #[error("read response data {data:#x} has bits above the {size}-byte access")]
+    Overwide {
+        /// The data the backend sent.
+        data: u64,
+        /// Access width in bytes.
+        size: u64,
+    },
+    /// write response carries data {0:#x}, not zero
+    #[error("write response carries data {0:#x}, not zero")]
+    WriteData(u64),
     /// data socket I/O failed
     #[error("data socket I/O failed")]
     Io(#[source] io::Error),

@@ -8,8 +8,9 @@
 //! writes and later reads share the stream, so a read observes every write
 //! sent before it.
 //!
-//! Any transport failure (EOF, a short or garbled response, an I/O error or
-//! no answer within the timeout) marks the whole device failed through its
+//! Any transport failure (EOF, a short or garbled response, a response whose
+//! data does not fit the access, an I/O error or no answer within the
+//! timeout) marks the whole device failed through its
 //! shared [`Health`]: the access completes with an error (the bus turns it
 //! into all-ones), one error is logged, and every later access to any region
 //! of the device fails fast without touching the socket.
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use outboard_protocol::ioregionfd::{Cmd, Resp, RESP_SIZE};
+use outboard_protocol::ioregionfd::{Cmd, Op, Resp, RESP_SIZE};
 use outboard_protocol::wait::{self, Deadline};
 use outboard_protocol::{Access, AccessSize};
 
@@ -187,6 +188,24 @@ impl RemoteRegion {
         }
         result
     }
+
+    /// Checks a response's data against its command (docs/protocol.md,
+    /// section 7.2): a read's value fits the access width, a write's is
+    /// zero. Anything else is a protocol violation that fails the device,
+    /// never a value the bus would silently truncate.
+    fn accept(&self, cmd: &Cmd, data: u64) -> Result<u64, AccessError> {
+        let e = match cmd.op {
+            Op::Read if data == cmd.size.truncate(data) => return Ok(data),
+            Op::Write if data == 0 => return Ok(0),
+            Op::Read => AccessError::Overwide {
+                data,
+                size: cmd.size.bytes(),
+            },
+            Op::Write => AccessError::WriteData(data),
+        };
+        self.health.fail(&e);
+        Err(e)
+    }
 }
 
 /// Sends `cmd` and reads its response, all within one `timeout` for the
@@ -256,11 +275,9 @@ fn send_all(sock: &UnixStream, buf: &[u8], deadline: &Deadline) -> Result<bool, 
 impl BusDevice for RemoteRegion {
     fn read(&self, access: Access) -> Result<u64, AccessError> {
         self.check(access.size, self.perms.read)?;
-        self.transact(Cmd::read(
-            self.token(access.vcpu),
-            access.offset,
-            access.size,
-        ))
+        let cmd = Cmd::read(self.token(access.vcpu), access.offset, access.size);
+        let data = self.transact(cmd)?;
+        self.accept(&cmd, data)
     }
 
     fn write(&self, access: Access, value: u64) -> Result<(), AccessError> {
@@ -280,14 +297,9 @@ impl BusDevice for RemoteRegion {
         if self.fast_mmio {
             return Err(AccessError::Denied);
         }
-        self.transact(Cmd::write(
-            self.token(access.vcpu),
-            offset,
-            size,
-            value,
-            self.posted,
-        ))
-        .map(|_| ())
+        let cmd = Cmd::write(self.token(access.vcpu), offset, size, value, self.posted);
+        let data = self.transact(cmd)?;
+        self.accept(&cmd, data).map(|_| ())
     }
 
     fn quiesce(&self) {
@@ -307,7 +319,7 @@ impl BusDevice for RemoteRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outboard_protocol::ioregionfd::{Op, CMD_SIZE};
+    use outboard_protocol::ioregionfd::CMD_SIZE;
     use outboard_protocol::Resp;
     use std::io::Write;
 
@@ -496,5 +508,57 @@ mod tests {
         let done = rx.recv_timeout(Duration::from_secs(10));
         assert_eq!(done, Ok(true), "a full counter is a ring still pending");
         assert_eq!(bell.read().unwrap_or(0), u64::MAX - 1);
+    }
+
+    /// Plays a backend that answers one command with `data`.
+    fn answer_once(mut theirs: UnixStream, data: u64) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut b = [0u8; CMD_SIZE];
+            let _ = theirs.read_exact(&mut b);
+            let _ = theirs.write_all(&Resp { data }.encode());
+            // Keep the socket open until the frontend has read the response.
+            let _ = theirs.read(&mut b);
+        })
+    }
+
+    #[test]
+    fn read_when_response_has_bits_above_the_access_size_then_overwide_and_device_failed() {
+        for (size, data) in [
+            (AccessSize::B1, 0x100),
+            (AccessSize::B2, 0x1_0000),
+            (AccessSize::B4, 0x8000_0000_0000_0000),
+        ] {
+            let (r, theirs) = region(RW, 5000);
+            let backend = answer_once(theirs, data);
+            let a = Access::new(0, 0, size);
+            match r.read(a) {
+                Err(AccessError::Overwide { data: d, size: s }) => {
+                    assert_eq!((d, s), (data, size.bytes()))
+                }
+                other => panic!("{size:?}: {other:?}"),
+            }
+            assert!(r.health().is_failed());
+            assert!(matches!(r.read(a), Err(AccessError::DeviceFailed(_))));
+            drop(r);
+            let _ = backend.join();
+        }
+        // The widest value that fits is fine.
+        let (r, theirs) = region(RW, 5000);
+        let backend = answer_once(theirs, 0xffff);
+        assert_eq!(r.read(Access::new(0, 0, AccessSize::B2)).ok(), Some(0xffff));
+        assert!(!r.health().is_failed());
+        drop(r);
+        let _ = backend.join();
+    }
+
+    #[test]
+    fn write_when_response_carries_data_then_write_data_and_device_failed() {
+        let (r, theirs) = region(RW, 5000);
+        let backend = answer_once(theirs, 1);
+        let a = Access::new(0, 0, AccessSize::B8);
+        assert!(matches!(r.write(a, 7), Err(AccessError::WriteData(1))));
+        assert!(r.health().is_failed());
+        drop(r);
+        let _ = backend.join();
     }
 }
