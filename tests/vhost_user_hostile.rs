@@ -114,7 +114,8 @@ fn memfd() -> OwnedFd {
     // SAFETY: memfd_create just returned this fd to us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on an fd we own.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as libc::off_t) }, 0);
+    let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as libc::off_t) };
+    assert_eq!(rc, 0);
     fd
 }
 
@@ -145,7 +146,7 @@ fn too_many_fds(count: usize) {
     let e = EventFd::new(0).unwrap();
     // A GET_FEATURES whose 12-byte payload is another GET_FEATURES header.
     let smuggled = message(GET_FEATURES, &[]);
-    send(&mut s, GET_FEATURES, &smuggled, &vec![e.as_raw_fd(); count]);
+    send(&s, GET_FEATURES, &smuggled, &vec![e.as_raw_fd(); count]);
     let (answered, error) = rest(&mut s);
     assert!(
         answered.is_empty(),
@@ -178,13 +179,13 @@ fn vhost_user_when_kick_replaced_and_old_one_rung_then_still_serving_and_exits_o
         EventFd::new(0).unwrap(),
     );
     start_queue(&mut s, &mem, &kick, &call);
-    send(&mut s, SET_VRING_KICK, &u64s(&[0]), &[kick2.as_raw_fd()]);
+    send(&s, SET_VRING_KICK, &u64s(&[0]), &[kick2.as_raw_fd()]);
     features(&mut s);
     // The old kick fd is still in the vring thread's epoll set; ringing it
     // makes the thread read the new one, which holds nothing.
     kick.write(1).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    send(&mut s, GET_VRING_BASE, &vring_state(0, 0), &[]);
+    send(&s, GET_VRING_BASE, &vring_state(0, 0), &[]);
     let (code, p) = reply(&mut s).expect("GET_VRING_BASE answered (no hang)");
     assert_eq!((code, p), (GET_VRING_BASE, vring_state(0, 0)));
     drop(s);
@@ -202,12 +203,13 @@ fn vhost_user_when_frontend_leaves_while_a_vring_thread_is_stuck_then_process_ex
         EventFd::new(0).unwrap(),
     );
     start_queue(&mut s, &mem, &kick, &call);
-    send(&mut s, SET_VRING_KICK, &u64s(&[0]), &[kick2.as_raw_fd()]);
+    send(&s, SET_VRING_KICK, &u64s(&[0]), &[kick2.as_raw_fd()]);
     features(&mut s);
     // The description is shared: clearing O_NONBLOCK here clears it for
     // the backend too, so the vring thread blocks reading kick2.
     // SAFETY: F_SETFL on an fd we own.
-    assert_eq!(unsafe { libc::fcntl(kick2.as_raw_fd(), libc::F_SETFL, 0) }, 0);
+    let rc = unsafe { libc::fcntl(kick2.as_raw_fd(), libc::F_SETFL, 0) };
+    assert_eq!(rc, 0);
     kick.write(1).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     drop(s);

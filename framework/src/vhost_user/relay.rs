@@ -410,32 +410,33 @@ mod tests {
 
     #[test]
     fn recv_when_more_fds_than_the_crate_takes_then_all_seen() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let e = EventFd::new(0).unwrap();
-        let raw = vec![e.as_raw_fd(); 40];
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let e = EventFd::new(0).unwrap_or_else(|e| panic!("{e}"));
+        let raw = [e.as_raw_fd(); 40];
         // Sent in one go, the way a hostile frontend would.
         let mut msg = header(1, 12);
         msg.extend(header(1, 0));
         send_raw(&a, &msg, &raw);
         let mut fds = Vec::new();
         let mut buf = [0u8; HEADER_SIZE];
-        assert!(recv_exact(b.as_fd(), &mut buf, &mut fds, true).unwrap());
+        assert!(recv_exact(b.as_fd(), &mut buf, &mut fds, true).unwrap_or_else(|e| panic!("{e}")));
         assert_eq!(fds.len(), 40);
     }
 
     #[test]
     fn relay_when_kick_then_nonblocking_and_forwarded_with_its_fd() {
-        let (fe, ours) = UnixStream::pair().unwrap();
-        let (to_crate, crate_end) = UnixStream::pair().unwrap();
-        let e = EventFd::new(0).unwrap();
+        let (fe, ours) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (to_crate, crate_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let e = EventFd::new(0).unwrap_or_else(|e| panic!("{e}"));
         let mut msg = header(rules::SET_VRING_KICK, 8);
         msg.extend(0u64.to_le_bytes());
         send_raw(&fe, &msg, &[e.as_raw_fd()]);
         drop(fe);
-        requests(&ours, &to_crate).unwrap();
+        requests(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
         let mut fds = Vec::new();
         let mut buf = [0u8; HEADER_SIZE + 8];
-        assert!(recv_exact(crate_end.as_fd(), &mut buf, &mut fds, true).unwrap());
+        assert!(recv_exact(crate_end.as_fd(), &mut buf, &mut fds, true)
+            .unwrap_or_else(|e| panic!("{e}")));
         assert_eq!(buf.to_vec(), msg);
         assert_eq!(fds.len(), 1);
         // SAFETY: F_GETFL reads flags of a valid fd.
@@ -449,26 +450,32 @@ mod tests {
 
     #[test]
     fn relay_when_33_fds_then_refused_and_nothing_forwarded() {
-        let (fe, ours) = UnixStream::pair().unwrap();
-        let (to_crate, mut crate_end) = UnixStream::pair().unwrap();
-        let e = EventFd::new(0).unwrap();
+        let (fe, ours) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (to_crate, mut crate_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let e = EventFd::new(0).unwrap_or_else(|e| panic!("{e}"));
         let mut msg = header(5, 12);
         msg.extend(header(1, 0));
-        send_raw(&fe, &msg, &vec![e.as_raw_fd(); 33]);
-        let err = requests(&ours, &to_crate).unwrap_err();
+        send_raw(&fe, &msg, &[e.as_raw_fd(); 33]);
+        let Err(err) = requests(&ours, &to_crate) else {
+            panic!("accepted")
+        };
         assert!(
             outboard_protocol::error_chain(&err).contains("33 fds"),
             "{err}"
         );
         drop(to_crate);
         let mut rest = Vec::new();
-        crate_end.read_to_end(&mut rest).unwrap();
+        crate_end
+            .read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(rest.is_empty());
     }
 
     fn send_raw(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        let n = s.send_with_fds(&[bytes], fds).unwrap();
+        let n = s
+            .send_with_fds(&[bytes], fds)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(n, bytes.len());
     }
 }
