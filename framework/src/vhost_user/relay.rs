@@ -471,6 +471,26 @@ mod tests {
         assert!(rest.is_empty());
     }
 
+    #[test]
+    fn relay_when_backend_req_fd_then_passed_on_blocking_as_it_is() {
+        let (fe, ours) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (to_crate, crate_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (channel, _peer) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let msg = header(21, 0);
+        send_raw(&fe, &msg, &[channel.as_raw_fd()]);
+        drop(fe);
+        requests(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
+        let mut fds = Vec::new();
+        let mut buf = [0u8; HEADER_SIZE];
+        assert!(recv_exact(crate_end.as_fd(), &mut buf, &mut fds, true)
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(buf.to_vec(), msg);
+        assert_eq!(fds.len(), 1, "the backend's channel reaches the crate");
+        // SAFETY: F_GETFL reads flags of a valid fd.
+        let flags = unsafe { libc::fcntl(channel.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "not an eventfd: left alone");
+    }
+
     fn send_raw(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) {
         use vmm_sys_util::sock_ctrl_msg::ScmSocket;
         let n = s
