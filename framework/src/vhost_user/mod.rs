@@ -331,7 +331,8 @@ pub fn serve<D: VirtioDevice + Send + 'static>(device: D, path: &Path) -> Result
 ///
 /// Once the frontend's connection closes, the process ends within
 /// [`relay::GRACE`] even if the crate's threads are stuck (exit status
-/// [`relay::EXIT_STUCK`], with a message on stderr).
+/// [`relay::EXIT_STUCK`], with a message on stderr); returning from here in
+/// time disarms that.
 pub fn serve_confined<D, F, E>(device: D, path: &Path, confine: F) -> Result<(), Error>
 where
     D: VirtioDevice + Send + 'static,
@@ -371,7 +372,7 @@ where
             .init(&ops)
             .map_err(Error::DeviceInit)?;
     }
-    let relay = relay::Relay::start(frontend, relay_end, program).map_err(Error::Relay)?;
+    let mut relay = relay::Relay::start(frontend, relay_end, program).map_err(Error::Relay)?;
     let offered = backend.features();
     let result = daemon
         .start(&mut listener)
@@ -402,6 +403,7 @@ where
     // Dropping the daemon joins the vring threads; if one is stuck, the
     // relay's supervisor ends the process.
     drop(daemon);
+    relay.disarm();
     verdict.and(result)
 }
 
@@ -437,5 +439,94 @@ impl<D: VirtioDevice + Send + 'static> Watch for Listeners<D> {
     fn remove(&self, fd: RawFd, id: u32) -> io::Result<()> {
         let (handler, data) = self.listener(id)?;
         handler.unregister_listener(fd, EventSet::IN, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{Memory, QueueError};
+    use std::os::unix::net::UnixStream;
+
+    struct Nop;
+
+    impl VirtioDevice for Nop {
+        fn name(&self) -> &str {
+            "vu-nop"
+        }
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn reset(&mut self) {}
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _mem: &Memory,
+        ) -> Result<bool, QueueError> {
+            Ok(false)
+        }
+    }
+
+    /// Names of this process's threads.
+    fn thread_names() -> Vec<String> {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap_or_else(|e| panic!("{e}"));
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn serve_confined_when_frontend_connects_then_confine_runs_before_any_thread() {
+        let dir = std::env::temp_dir().join(format!("outboard-vu-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("confine.sock");
+        let p = path.clone();
+        let client = std::thread::spawn(move || {
+            for _ in 0..500 {
+                // Connect and hang up at once.
+                if UnixStream::connect(&p).is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("no listener at {}", p.display());
+        });
+        let mut seen = None;
+        let result = serve_confined(Nop, &path, || {
+            seen = Some(thread_names());
+            // The frontend hangs up as soon as serving starts.
+            Ok::<(), Infallible>(())
+        });
+        client.join().unwrap_or_else(|_| panic!("client panicked"));
+        assert!(result.is_ok(), "{result:?}");
+        let seen = seen.unwrap_or_else(|| panic!("confine never ran"));
+        for ours in [
+            "vring_worker",
+            "vu-relay",
+            "vu-replies",
+            "vu-supervisor",
+            "vu-nop",
+        ] {
+            assert!(
+                !seen.iter().any(|n| n == ours),
+                "{ours} before confine: {seen:?}"
+            );
+        }
+        assert!(
+            !path.exists(),
+            "the socket is removed once the frontend is in"
+        );
+        // Serving returned in time: the supervisor must not end this process.
+        std::thread::sleep(relay::GRACE + std::time::Duration::from_millis(300));
+        let _ = std::fs::remove_dir(&dir);
     }
 }

@@ -29,6 +29,7 @@ use std::mem::size_of;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -84,7 +85,8 @@ pub enum Error {
 /// A running relay.
 #[derive(Debug)]
 pub(super) struct Relay {
-    inbound: JoinHandle<Result<(), Error>>,
+    inbound: Option<JoinHandle<Result<(), Error>>>,
+    armed: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -96,6 +98,8 @@ impl Relay {
         program: String,
     ) -> Result<Self, Error> {
         let verdict: Arc<Mutex<Option<String>>> = Arc::default();
+        let armed = Arc::new(AtomicBool::new(true));
+        let a = Arc::clone(&armed);
         let watched = frontend.try_clone().map_err(Error::Clone)?;
         let (front_out, back_in) = (
             frontend.try_clone().map_err(Error::Clone)?,
@@ -104,7 +108,7 @@ impl Relay {
         let v = Arc::clone(&verdict);
         thread::Builder::new()
             .name("vu-supervisor".into())
-            .spawn(move || supervise(&watched, &program, &v))
+            .spawn(move || supervise(&watched, &program, &v, &a))
             .map_err(Error::Spawn)?;
         thread::Builder::new()
             .name("vu-replies".into())
@@ -125,13 +129,25 @@ impl Relay {
                 result
             })
             .map_err(Error::Spawn)?;
-        Ok(Relay { inbound })
+        Ok(Relay {
+            inbound: Some(inbound),
+            armed,
+        })
     }
 
     /// Waits for the frontend-to-crate direction to end; its error (a
     /// refusal) is the session's.
-    pub fn finish(self) -> Result<(), Error> {
-        self.inbound.join().map_err(|_| Error::Panicked)?
+    pub fn finish(&mut self) -> Result<(), Error> {
+        match self.inbound.take() {
+            Some(h) => h.join().map_err(|_| Error::Panicked)?,
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the supervisor the session has wound down: it no longer ends
+    /// the process.
+    pub fn disarm(self) {
+        self.armed.store(false, Ordering::SeqCst);
     }
 }
 
@@ -195,8 +211,13 @@ fn replies(mut backend: UnixStream, mut frontend: UnixStream) {
 }
 
 /// Ends the process [`GRACE`] after the frontend's connection is closed,
-/// unless it has ended by itself by then.
-fn supervise(frontend: &UnixStream, program: &str, verdict: &Mutex<Option<String>>) {
+/// unless the session has wound down by then (`armed` cleared).
+fn supervise(
+    frontend: &UnixStream,
+    program: &str,
+    verdict: &Mutex<Option<String>>,
+    armed: &AtomicBool,
+) {
     let mut p = libc::pollfd {
         fd: frontend.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -214,6 +235,9 @@ fn supervise(frontend: &UnixStream, program: &str, verdict: &Mutex<Option<String
         }
     }
     thread::sleep(GRACE);
+    if !armed.load(Ordering::SeqCst) {
+        return;
+    }
     let reason = verdict
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
