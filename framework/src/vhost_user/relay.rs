@@ -87,6 +87,7 @@ pub enum Error {
 pub(super) struct Relay {
     inbound: Option<JoinHandle<Result<(), Error>>>,
     armed: Arc<AtomicBool>,
+    frontend: UnixStream,
 }
 
 impl Relay {
@@ -101,6 +102,7 @@ impl Relay {
         let armed = Arc::new(AtomicBool::new(true));
         let a = Arc::clone(&armed);
         let watched = frontend.try_clone().map_err(Error::Clone)?;
+        let ours = frontend.try_clone().map_err(Error::Clone)?;
         let (front_out, back_in) = (
             frontend.try_clone().map_err(Error::Clone)?,
             backend.try_clone().map_err(Error::Clone)?,
@@ -132,12 +134,15 @@ impl Relay {
         Ok(Relay {
             inbound: Some(inbound),
             armed,
+            frontend: ours,
         })
     }
 
-    /// Waits for the frontend-to-crate direction to end; its error (a
-    /// refusal) is the session's.
+    /// Ends the relay (the crate is done with the session: the frontend
+    /// is hung up on if it is still there) and returns its error (a
+    /// refusal), which is the session's.
     pub fn finish(&mut self) -> Result<(), Error> {
+        let _ = self.frontend.shutdown(Shutdown::Both);
         match self.inbound.take() {
             Some(h) => h.join().map_err(|_| Error::Panicked)?,
             None => Ok(()),
