@@ -14,7 +14,22 @@
 //! vhost-user has no DEVICE_NEEDS_RESET without the STATUS protocol
 //! feature, so a queue the device cannot process is logged and left alone
 //! (the frontend's driver times out on it) rather than ending the session.
+//!
+//! The crate never talks to the frontend directly: Outboard accepts the
+//! frontend itself and relays its messages through a validating front door
+//! ([`relay`]) that refuses what the crate mishandles (more fds than a
+//! request takes, unknown requests, oversized payloads), makes vring
+//! eventfds nonblocking, and ends the process once the frontend is gone
+//! even if a crate thread is stuck. `docs/vhost-user-notes.md` lists what
+//! is contained this way and what is left.
 
+mod link;
+pub mod relay;
+mod rules;
+
+pub use rules::Refusal;
+
+use std::convert::Infallible;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -48,6 +63,15 @@ pub enum Error {
     /// the device cannot start
     #[error("the device cannot start")]
     DeviceInit(#[source] io::Error),
+    /// setting up the session's sockets failed
+    #[error("vhost-user setup failed")]
+    Setup(#[source] link::Error),
+    /// the confinement hook failed
+    #[error("cannot confine the backend")]
+    Confine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// the relay refused a message or failed
+    #[error("vhost-user relay")]
+    Relay(#[source] relay::Error),
 }
 
 type Shared<D> = Arc<Adapter<D>>;
@@ -288,10 +312,53 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
 }
 
 /// Serves `device` to the first vhost-user frontend that connects at
-/// `path`; returns when it disconnects.
+/// `path`; returns when it disconnects. Unconfined: see [`serve_confined`].
 pub fn serve<D: VirtioDevice + Send + 'static>(device: D, path: &Path) -> Result<(), Error> {
+    serve_confined(device, path, || Ok::<(), Infallible>(()))
+}
+
+/// Serves `device` to the first vhost-user frontend that connects at
+/// `path`, through the validating relay (see [`relay`]); returns when the
+/// frontend disconnects, or with [`Error::Relay`] when one of its messages
+/// was refused.
+///
+/// `confine` is the sandbox hook. It runs while the process is still
+/// single-threaded, after the frontend is accepted and the internal
+/// connection made, and before any thread starts (vring workers, the
+/// daemon's request thread, the relay). From then on the process opens no
+/// file and creates, binds or connects no socket; see
+/// `docs/vhost-user-notes.md` for the system calls it still makes.
+///
+/// Once the frontend's connection closes, the process ends within
+/// [`relay::GRACE`] even if the crate's threads are stuck (exit status
+/// [`relay::EXIT_STUCK`], with a message on stderr); returning from here in
+/// time disarms that.
+pub fn serve_confined<D, F, E>(device: D, path: &Path, confine: F) -> Result<(), Error>
+where
+    D: VirtioDevice + Send + 'static,
+    F: FnOnce() -> Result<(), E>,
+    E: std::error::Error + Send + Sync + 'static,
+{
     let name = device.name().to_owned();
+    let program = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| name.clone());
     let backend: Shared<D> = Arc::new(Adapter::new(device)?);
+    info!("{name}: serving vhost-user on {}", path.display());
+    let frontend = link::accept_first(path).map_err(Error::Setup)?;
+    let link::Link {
+        mut listener,
+        relay: relay_end,
+    } = link::Link::new().map_err(Error::Setup)?;
+
+    confine().map_err(|e| Error::Confine(Box::new(e)))?;
+    // Confined from here on: threads may start, nothing may be opened.
+
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let mut daemon = VhostUserDaemon::new(name.clone(), Arc::clone(&backend), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
@@ -305,19 +372,39 @@ pub fn serve<D: VirtioDevice + Send + 'static>(device: D, path: &Path) -> Result
             .init(&ops)
             .map_err(Error::DeviceInit)?;
     }
-    info!("{name}: serving vhost-user on {}", path.display());
+    let mut relay = relay::Relay::start(frontend, relay_end, program).map_err(Error::Relay)?;
     let offered = backend.features();
-    let result = daemon.serve(path).map_err(|e| match e {
-        vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::InvalidParam) => {
-            Error::Daemon(format!(
-                "{e}: the frontend sent a request with invalid parameters, such as \
-                 SET_FEATURES with bits outside the offered {offered:#x}"
-            ))
-        }
-        e => Error::Daemon(e.to_string()),
-    });
+    let result = daemon
+        .start(&mut listener)
+        .and_then(|()| daemon.wait())
+        .or_else(|e| match e {
+            vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            ) => Ok(()),
+            e => Err(e),
+        })
+        .map_err(|e| match e {
+            vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::InvalidParam) => {
+                Error::Daemon(format!(
+                    "{e}: the frontend sent a request with invalid parameters, such as \
+                     SET_FEATURES with bits outside the offered {offered:#x}"
+                ))
+            }
+            e => Error::Daemon(e.to_string()),
+        });
+    drop(listener);
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    // The relay's verdict (a refused message) comes first: the crate only
+    // saw the connection close.
+    let verdict = relay.finish().map_err(Error::Relay);
     info!("{name}: vhost-user frontend disconnected");
-    result
+    // Dropping the daemon joins the vring threads; if one is stuck, the
+    // relay's supervisor ends the process.
+    drop(daemon);
+    relay.disarm();
+    verdict.and(result)
 }
 
 /// A device's [`EventOps`] over the daemon's epoll handler: device id `n`
@@ -352,5 +439,94 @@ impl<D: VirtioDevice + Send + 'static> Watch for Listeners<D> {
     fn remove(&self, fd: RawFd, id: u32) -> io::Result<()> {
         let (handler, data) = self.listener(id)?;
         handler.unregister_listener(fd, EventSet::IN, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::{Memory, QueueError};
+    use std::os::unix::net::UnixStream;
+
+    struct Nop;
+
+    impl VirtioDevice for Nop {
+        fn name(&self) -> &str {
+            "vu-nop"
+        }
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16]
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn reset(&mut self) {}
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queue: &mut Queue,
+            _mem: &Memory,
+        ) -> Result<bool, QueueError> {
+            Ok(false)
+        }
+    }
+
+    /// Names of this process's threads.
+    fn thread_names() -> Vec<String> {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap_or_else(|e| panic!("{e}"));
+        tasks
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn serve_confined_when_frontend_connects_then_confine_runs_before_any_thread() {
+        let dir = std::env::temp_dir().join(format!("outboard-vu-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("confine.sock");
+        let p = path.clone();
+        let client = std::thread::spawn(move || {
+            for _ in 0..500 {
+                // Connect and hang up at once.
+                if UnixStream::connect(&p).is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("no listener at {}", p.display());
+        });
+        let mut seen = None;
+        let result = serve_confined(Nop, &path, || {
+            seen = Some(thread_names());
+            // The frontend hangs up as soon as serving starts.
+            Ok::<(), Infallible>(())
+        });
+        client.join().unwrap_or_else(|_| panic!("client panicked"));
+        assert!(result.is_ok(), "{result:?}");
+        let seen = seen.unwrap_or_else(|| panic!("confine never ran"));
+        for ours in [
+            "vring_worker",
+            "vu-relay",
+            "vu-replies",
+            "vu-supervisor",
+            "vu-nop",
+        ] {
+            assert!(
+                !seen.iter().any(|n| n == ours),
+                "{ours} before confine: {seen:?}"
+            );
+        }
+        assert!(
+            !path.exists(),
+            "the socket is removed once the frontend is in"
+        );
+        // Serving returned in time: the supervisor must not end this process.
+        std::thread::sleep(relay::GRACE + std::time::Duration::from_millis(300));
+        let _ = std::fs::remove_dir(&dir);
     }
 }
