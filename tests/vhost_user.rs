@@ -58,10 +58,20 @@ fn qemu_storage_daemon_when_1000_random_4k_ios_then_image_matches() {
 fn outboard_blk_over_vhost_user_when_1000_random_4k_ios_then_image_matches() {
     let sectors = 8192;
     let image = temp_image("vu-ob", sectors);
-    let (_b, sock) =
-        outboard_vhost_user("outboard-virtio-blk", &["--path", image.to_str().unwrap()]);
+    // Confined, as a vhost-user backend started by hand can be.
+    let (b, sock) = outboard_vhost_user(
+        "outboard-virtio-blk",
+        &["--path", image.to_str().unwrap(), "--sandbox"],
+    );
     let mut g = guest(T);
     g.attach_vhost("ob", &sock, "blk");
+    let status = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", b.0.id())).unwrap();
+    let backend = status
+        .split_whitespace()
+        .next()
+        .expect("the confined backend");
+    let status = std::fs::read_to_string(format!("/proc/{backend}/status")).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "{status}");
     let d = g.driver("ob", blk::F_FLUSH);
     let mut c = BlkClient::new(d, &mut g.alloc, 4096).unwrap();
     assert_eq!(c.capacity().unwrap(), sectors);
@@ -75,7 +85,7 @@ fn outboard_blk_over_vhost_user_when_1000_random_4k_ios_then_image_matches() {
 
 #[test]
 fn outboard_rng_over_vhost_user_when_read_then_random_bytes() {
-    let (_b, sock) = outboard_vhost_user("outboard-virtio-rng", &[]);
+    let (_b, sock) = outboard_vhost_user("outboard-virtio-rng", &["--sandbox"]);
     let mut g = guest(T);
     g.attach_vhost("rng", &sock, "rng");
     let mut d = g.driver("rng", 0);
@@ -99,6 +109,7 @@ fn outboard_console_over_vhost_user_when_both_directions_then_arrive() {
             out.to_str().unwrap(),
             "--input-socket",
             input.to_str().unwrap(),
+            "--sandbox",
         ],
     );
     let mut g = guest(T);

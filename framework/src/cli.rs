@@ -239,14 +239,38 @@ where
     init_logging(program, cli.backend.log_level);
     let device = make(cli.device).map_err(|e| Error::Device(e.into()));
     match (&cli.vhost.vhost_user, device) {
-        (Some(path), Ok(device)) => match crate::vhost_user::serve(device, path) {
-            Ok(()) => ExitCode::from(EXIT_OK),
-            Err(e) => {
-                eprintln!("{program}: error: {}", error_chain(&e));
-                ExitCode::from(EXIT_PROTOCOL)
-            }
-        },
+        (Some(path), Ok(device)) => {
+            let sandboxed = cli.backend.sandboxed();
+            // The vhost-user backend crate accepts its (already waiting)
+            // internal connection after confinement.
+            let mut syscalls = device.syscalls().to_vec();
+            syscalls.push(libc::SYS_accept4);
+            let confined = || {
+                if sandboxed {
+                    confine(program, Policy { syscalls })
+                } else {
+                    Ok(())
+                }
+            };
+            serve_vhost_user(program, device, path, confined)
+        }
         (_, device) => finish(program, &cli.backend, device.map(VirtioMmio::new)),
+    }
+}
+
+#[cfg(feature = "vhost-user")]
+fn serve_vhost_user<V: VirtioDevice + Send + Sync + 'static>(
+    program: &str,
+    device: V,
+    path: &std::path::Path,
+    confine: impl FnOnce() -> Result<(), Error>,
+) -> ExitCode {
+    match crate::vhost_user::serve_confined(device, path, confine) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("{program}: error: {}", error_chain(&e));
+            ExitCode::from(EXIT_PROTOCOL)
+        }
     }
 }
 
