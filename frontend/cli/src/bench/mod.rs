@@ -363,9 +363,25 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         let t = Instant::now();
         mmio.try_write(sync_base + scratch::BANK, AccessSize::B4, 1)?;
         write_ns.push(t.elapsed().as_nanos() as u64);
-        let t = Instant::now();
-        mmio.try_read(open_base + scratch::REG_ID, AccessSize::B4)?;
-        open_ns.push(t.elapsed().as_nanos() as u64);
+    }
+    // 2s: confined and unconfined reads back to back, which one goes first
+    // alternating, so that neither pays for a neighbour's wake-up.
+    let mut confined_ns = Vec::new();
+    for i in 0..plan.latency_iters {
+        for at in if i % 2 == 0 {
+            [base, open_base]
+        } else {
+            [open_base, base]
+        } {
+            let t = Instant::now();
+            mmio.try_read(at + scratch::REG_ID, AccessSize::B4)?;
+            let ns = t.elapsed().as_nanos() as u64;
+            if at == base {
+                confined_ns.push(ns);
+            } else {
+                open_ns.push(ns);
+            }
+        }
     }
     let (raw_med, raw_p99) = stats(raw_ns);
     r.add(Figure {
@@ -400,16 +416,17 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         ratio: Some(read_med / raw_med),
         target: Some(("<= 1.15x raw".into(), read_med <= 1.15 * raw_med)),
     });
-    let (open_med, open_p99) = stats(open_ns);
+    let (open_med, _) = stats(open_ns);
+    let (confined_med, confined_p99) = stats(confined_ns);
     r.add(Figure {
         id: "2s",
-        name: "MMIO read round trip, confined (2r) vs --no-sandbox".into(),
-        value: read_med,
+        name: "MMIO read round trip, confined vs --no-sandbox, alternating".into(),
+        value: confined_med,
         unit: "ns",
-        p99: Some(open_p99),
+        p99: Some(confined_p99),
         baseline: Some(("the same, --no-sandbox".into(), open_med)),
-        ratio: Some(read_med / open_med),
-        target: Some(("within 5%".into(), read_med <= 1.05 * open_med)),
+        ratio: Some(confined_med / open_med),
+        target: Some(("within 5%".into(), confined_med <= 1.05 * open_med)),
     });
     let (write_med, write_p99) = stats(write_ns);
     r.add(Figure {
