@@ -13,7 +13,7 @@ use super::{syscalls, Error, Policy, Report};
 
 /// System calls every backend may make with any arguments: I/O on fds it
 /// holds, epoll, memory management, threads' housekeeping, time, signals.
-/// A few more are allowed with restricted arguments (see [`rules`]):
+/// A few more are allowed with restricted arguments (docs/security.md):
 /// `clone` (threads only), `mmap`/`mprotect` (never executable), `ioctl`
 /// (FIONBIO, FIONREAD, FIOCLEX), `fcntl` (flags and seals), `prctl`
 /// (thread names), `tgkill` (this process only).
