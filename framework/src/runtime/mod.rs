@@ -43,6 +43,7 @@ mod testutil;
 
 pub use control::Error as ControlError;
 pub use data::{Error as DataError, BATCH_BYTES};
+pub(crate) use peer::pidfd_open;
 pub use peer::{Error as WatchError, GRACE};
 #[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;

@@ -203,7 +203,11 @@ fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
     // Before Linux 6.5: the peer's pid, then a pidfd for it. The pid could
     // have been reused if the frontend died in between; it is taken at once.
-    let pid = peer_pid(sock)?;
+    pidfd_open(peer_pid(sock)?)
+}
+
+/// A pidfd for process `pid` (`pidfd_open`, close-on-exec).
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags, no pointers.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {

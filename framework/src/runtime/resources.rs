@@ -242,15 +242,15 @@ pub(crate) fn page_size() -> u64 {
         .unwrap_or(4096)
 }
 
-/// The device and inode numbers of `fd`.
-fn identity(fd: &impl AsRawFd) -> Option<(u64, u64)> {
+/// The device and inode numbers of `fd` (`fstat`).
+pub(super) fn identity(fd: &impl AsRawFd) -> io::Result<(u64, u64)> {
     // SAFETY: stat is plain data; fstat writes only the struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat on an fd we hold, writing the struct above.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
-    Some((st.st_dev, st.st_ino))
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// True when `fd` is an eventfd. Checked without /proc, which a confined
@@ -262,8 +262,9 @@ fn is_eventfd(fd: &OwnedFd) -> bool {
     let Ok(probe) = EventFd::new(libc::EFD_NONBLOCK) else {
         return false;
     };
-    if identity(fd).is_none() || identity(fd) != identity(&probe) {
-        return false;
+    match (identity(fd), identity(&probe)) {
+        (Ok(ours), Ok(eventfd)) if ours == eventfd => {}
+        _ => return false,
     }
     let zero = 0u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a live array to an fd we own.

@@ -212,14 +212,7 @@ fn connected(fd: BorrowedFd<'_>) -> Result<(), Error> {
 
 /// The inode of `fd` (`fstat`).
 fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut st = MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: `st` is a live, writable stat buffer; the fd stays open.
-    let rc = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstat succeeded, so it filled `st`.
-    Ok(unsafe { st.assume_init() }.st_ino)
+    super::resources::identity(&fd).map(|(_, ino)| ino)
 }
 
 /// Asks sock_diag for the peer of Unix socket `ino`: `Ok(None)` when it has

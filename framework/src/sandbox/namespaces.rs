@@ -2,6 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use super::{privileges, seccomp, Error, Report};
@@ -196,25 +197,18 @@ pub(super) fn fork_supervised() -> Result<(), Error> {
     let me = unsafe { libc::getpid() };
     // A pidfd of the parent, for the child to see whether it died before
     // PR_SET_PDEATHSIG took effect (getppid is 0 across the namespace).
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let parent = unsafe { libc::syscall(libc::SYS_pidfd_open, me, 0) } as libc::c_int;
-    if parent < 0 {
-        return Err(Error::Fork(io::Error::last_os_error()));
-    }
+    let parent = crate::runtime::pidfd_open(me).map_err(Error::Fork)?;
     use std::io::Write;
     let _ = io::stdout().flush();
     // SAFETY: the process is single-threaded (checked by the caller), so
     // the child is a complete copy with no lock held by a vanished thread.
     let child = unsafe { libc::fork() };
     if child < 0 {
-        let e = io::Error::last_os_error();
-        // SAFETY: closing the pidfd this function opened.
-        unsafe { libc::close(parent) };
-        return Err(Error::Fork(e));
+        return Err(Error::Fork(io::Error::last_os_error()));
     }
     if child == 0 {
         // SAFETY: prctl with integer arguments; poll on a one-element array
-        // that lives across the call; close of our own pidfd.
+        // that lives across the call.
         unsafe {
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -227,7 +221,7 @@ pub(super) fn fork_supervised() -> Result<(), Error> {
                 libc::_exit(1);
             }
             let mut p = libc::pollfd {
-                fd: parent,
+                fd: parent.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -235,12 +229,10 @@ pub(super) fn fork_supervised() -> Result<(), Error> {
                 // The supervisor is already gone.
                 libc::_exit(1);
             }
-            libc::close(parent);
         }
         return Ok(());
     }
-    // SAFETY: closing the pidfd this function opened.
-    unsafe { libc::close(parent) };
+    drop(parent);
     supervise(child)
 }
 

@@ -134,6 +134,22 @@ fn prctl(option: libc::c_int, arg: libc::c_ulong) -> io::Result<()> {
     Ok(())
 }
 
+/// One step of dropping privileges.
+type Step = fn() -> io::Result<()>;
+
+/// The steps of [`drop_all`] after the bounding set, each named for its error.
+const DROP_STEPS: [(&str, Step); 4] = [
+    ("ambient capabilities", || {
+        prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        )
+    }),
+    ("capset", clear_capabilities),
+    ("no_new_privs", || prctl(libc::PR_SET_NO_NEW_PRIVS, 1)),
+    ("dumpable", || prctl(libc::PR_SET_DUMPABLE, 0)),
+];
+
 /// Drops every capability in every set, forbids gaining privileges by
 /// exec, and makes the process undumpable (no ptrace by same-uid peers,
 /// /proc/PID owned by root). In a user namespace of its own, also bounds
@@ -142,14 +158,9 @@ pub(super) fn drop_all(own_user: bool, report: &mut Report) -> Result<(), Error>
     // Without CAP_SETPCAP the bounding set cannot shrink; the empty
     // permitted set below is what counts then.
     let _ = drop_bounding_set();
-    prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    )
-    .map_err(|e| Error::Privileges("ambient capabilities", e))?;
-    clear_capabilities().map_err(|e| Error::Privileges("capset", e))?;
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(|e| Error::Privileges("no_new_privs", e))?;
-    prctl(libc::PR_SET_DUMPABLE, 0).map_err(|e| Error::Privileges("dumpable", e))?;
+    for (what, step) in DROP_STEPS {
+        step().map_err(|e| Error::Privileges(what, e))?;
+    }
     report.applied("no capabilities, no_new_privs, not dumpable");
     if own_user {
         setrlimit(libc::RLIMIT_NPROC, MAX_THREADS).map_err(|e| Error::Rlimit("RLIMIT_NPROC", e))?;
@@ -215,16 +226,13 @@ pub(super) fn restore_parent_death(was: ParentDeath) -> Result<(), Error> {
     Ok(())
 }
 
-/// [`drop_all`] for the supervisor, which has nothing to report to.
+/// [`drop_all`] for the supervisor, which has nothing to report to: every
+/// step is tried whatever the others did.
 pub(super) fn drop_quietly() {
     let _ = drop_bounding_set();
-    let _ = prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    );
-    let _ = clear_capabilities();
-    let _ = prctl(libc::PR_SET_NO_NEW_PRIVS, 1);
-    let _ = prctl(libc::PR_SET_DUMPABLE, 0);
+    for (_, step) in DROP_STEPS {
+        let _ = step();
+    }
 }
 
 #[cfg(test)]

@@ -258,12 +258,6 @@ fn confinement_cost(
         .collect())
 }
 
-/// The median of `v` (0 when empty).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
 pub(super) fn blk_figures(r: &mut Report, plan: &Plan, options: Options) -> Result<(), AnyError> {
     let image = temp_path("blk.img");
     std::fs::File::create(&image)?.set_len(IMAGE_SECTORS * 512)?;

@@ -144,6 +144,12 @@ pub(super) fn fmt_num(v: f64) -> String {
 }
 
 /// Median and 99th percentile of nanosecond samples.
+/// The median of `v` (0 when empty).
+pub(super) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 pub(super) fn stats(mut ns: Vec<u64>) -> (f64, f64) {
     if ns.is_empty() {
         return (0.0, 0.0);
@@ -455,9 +461,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         confined.push(posted(base)?);
         open.push(posted(open_base)?);
     }
-    confined.sort_by(f64::total_cmp);
-    open.sort_by(f64::total_cmp);
-    let (posted_rate, open_rate) = (confined[1], open[1]);
+    let (posted_rate, open_rate) = (median(confined), median(open));
     let sync_rate = 1e9 / write_med;
     r.add(Figure {
         id: "3",
