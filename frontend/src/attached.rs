@@ -11,6 +11,7 @@ use outboard_protocol::control::{DeviceInfo, RegionInfo};
 use crate::device::{AttachedDoorbell, PlacedRegion, RemoteDevice};
 use crate::irq::IrqLine;
 use crate::launch::{Launcher, Source};
+use crate::restart::RestartPolicy;
 #[cfg(feature = "vhost-user")]
 use crate::vhost_user::VhostUserDevice;
 
@@ -39,6 +40,8 @@ pub struct DeviceSpec {
     /// Confine a spawned backend (the default). `false` passes
     /// `--no-sandbox`, for debugging; see docs/security.md.
     pub sandbox: bool,
+    /// What happens when the backend dies (default: the device fails).
+    pub restart: RestartPolicy,
 }
 
 impl DeviceSpec {
@@ -53,6 +56,7 @@ impl DeviceSpec {
             regions: Vec::new(),
             posted_writes: true,
             sandbox: true,
+            restart: RestartPolicy::default(),
         }
     }
 
@@ -66,6 +70,7 @@ impl DeviceSpec {
             regions: Vec::new(),
             posted_writes: true,
             sandbox: true,
+            restart: RestartPolicy::default(),
         }
     }
 
@@ -81,12 +86,19 @@ impl DeviceSpec {
             regions: Vec::new(),
             posted_writes: false,
             sandbox: true,
+            restart: RestartPolicy::default(),
         }
     }
 
     /// Runs a spawned backend unconfined (`--no-sandbox`), for debugging.
     pub fn without_sandbox(mut self) -> Self {
         self.sandbox = false;
+        self
+    }
+
+    /// Replaces a dead backend as `policy` says (see [`crate::restart`]).
+    pub fn restart(mut self, policy: RestartPolicy) -> Self {
+        self.restart = policy;
         self
     }
 

@@ -49,6 +49,7 @@ pub mod launch;
 pub mod memory;
 pub mod registrar;
 pub mod remote;
+pub mod restart;
 pub mod stderr;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
@@ -63,3 +64,4 @@ pub use frontend::{Error, Frontend};
 pub use outboard_protocol::{error_chain, Access, AccessSize, Space};
 pub use registrar::{IoEvent, Registrar};
 pub use remote::RemoteRegion;
+pub use restart::{RestartMode, RestartPolicy};

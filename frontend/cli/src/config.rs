@@ -22,6 +22,11 @@
 //! posted_writes = false        # optional, default true
 //! sandbox = false              # optional, default true: confine a spawned
 //!                              # backend (false: --no-sandbox, for debugging)
+//! restart = "on-failure"       # optional, default "never": replace a dead
+//!                              # backend under the running guest
+//! restart_backoff_ms = 10      # optional: wait before a restart (doubles
+//!                              # for quick deaths in a row, at most 5 s)
+//! restart_limit = 1000         # optional: most restarts, then the device fails
 //! [[device.region]]
 //! index = 0
 //! addr = 0xd0000000            # optional; default: backend's preference, else next free
@@ -39,7 +44,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use outboard_frontend::launch::Source;
-use outboard_frontend::{DeviceSpec, Placement};
+use outboard_frontend::{DeviceSpec, Placement, RestartPolicy};
 
 /// Errors reading a configuration.
 #[derive(Debug, Error)]
@@ -62,6 +67,9 @@ pub enum Error {
     /// device name {0} used twice
     #[error("device name {0} used twice")]
     DuplicateName(String),
+    /// device {0}: bad restart policy
+    #[error("device {0}: bad restart policy")]
+    Restart(String, #[source] outboard_frontend::restart::Error),
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +95,9 @@ struct DeviceEntry {
     args: Vec<String>,
     posted_writes: Option<bool>,
     sandbox: Option<bool>,
+    restart: Option<String>,
+    restart_backoff_ms: Option<u64>,
+    restart_limit: Option<u32>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
     #[serde(default)]
@@ -169,12 +180,25 @@ impl Config {
                     skip: r.skip,
                 });
             }
+            let mut restart = RestartPolicy::default();
+            if let Some(mode) = &d.restart {
+                restart.mode = mode
+                    .parse()
+                    .map_err(|e| Error::Restart(d.name.clone(), e))?;
+            }
+            if let Some(ms) = d.restart_backoff_ms {
+                restart.backoff = Duration::from_millis(ms);
+            }
+            if let Some(limit) = d.restart_limit {
+                restart.limit = limit;
+            }
             devices.push(DeviceSpec {
                 name: d.name,
                 source,
                 regions,
                 posted_writes: d.posted_writes.unwrap_or(true),
                 sandbox: d.sandbox.unwrap_or(true),
+                restart,
             });
         }
         Ok(Config {
@@ -263,6 +287,23 @@ mod tests {
         assert!(matches!(
             Config::parse(dup_region),
             Err(Error::DuplicateRegion(_, 1))
+        ));
+    }
+
+    #[test]
+    fn parse_when_restart_given_then_policy_else_never_and_bad_mode_refused() {
+        let c = Config::parse(
+            "[[device]]\nname='d'\nbackend='x'\nrestart='on-failure'\nrestart_backoff_ms=50\nrestart_limit=3\n",
+        )
+        .unwrap();
+        let p = c.devices[0].restart;
+        assert_eq!(p.mode, outboard_frontend::RestartMode::OnFailure);
+        assert_eq!((p.backoff, p.limit), (Duration::from_millis(50), 3));
+        let c = Config::parse("[[device]]\nname='d'\nbackend='x'\n").unwrap();
+        assert_eq!(c.devices[0].restart, RestartPolicy::default());
+        assert!(matches!(
+            Config::parse("[[device]]\nname='d'\nbackend='x'\nrestart='always'\n"),
+            Err(Error::Restart(_, _))
         ));
     }
 }
