@@ -22,7 +22,8 @@ use outboard::{
     Access, AccessSize, Device, DeviceDescription, DeviceKind, EventOps, Interrupt, InterruptLine,
     Region,
 };
-use vm_superio::serial::NoEvents;
+use outboard::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::input::{self, Input};
@@ -86,7 +87,14 @@ pub struct Uart {
     serial: Option<Uart16550>,
     irq: IrqLine,
     input: Input,
+    /// Counts accesses, resets, input and restores: every one may change
+    /// the registers or the FIFO ([`Device::state_generation`]).
+    generation: u64,
 }
+
+/// Format version of the UART's saved state: the 16550's nine registers
+/// and the receive FIFO (vm-superio's `SerialState`).
+pub const STATE_VERSION: u32 = 1;
 
 impl std::fmt::Debug for Uart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,6 +112,7 @@ impl Uart {
             serial: Some(Serial::new(irq.clone(), out)),
             irq,
             input,
+            generation: 0,
         }
     }
 
@@ -143,6 +152,7 @@ impl Device for Uart {
     }
 
     fn read(&mut self, access: Access) -> u64 {
+        self.generation += 1;
         let Some(s) = self.serial.as_mut() else {
             return u64::MAX;
         };
@@ -156,6 +166,7 @@ impl Device for Uart {
     }
 
     fn write(&mut self, access: Access, value: u64) {
+        self.generation += 1;
         let offset = access.offset;
         if let Some(s) = self.serial.as_mut() {
             if let Err(e) = s.write(offset as u8, value as u8) {
@@ -165,6 +176,7 @@ impl Device for Uart {
     }
 
     fn reset(&mut self) {
+        self.generation += 1;
         if let Some(old) = self.serial.take() {
             self.serial = Some(Serial::new(self.irq.clone(), old.into_writer()));
         }
@@ -181,6 +193,7 @@ impl Device for Uart {
         let room = self.room().min(CHUNK);
         let n = self.input.on_event(id, &mut buf[..room]);
         if n > 0 {
+            self.generation += 1;
             if let Some(s) = self.serial.as_mut() {
                 if let Err(e) = s.enqueue_raw_bytes(&buf[..n]) {
                     warn!("uart input: {e}");
@@ -196,6 +209,74 @@ impl Device for Uart {
         if index == 0 {
             self.irq.connect(line);
         }
+    }
+
+    fn save(&self) -> Option<DeviceState> {
+        let st = self.serial.as_ref()?.state();
+        let mut w = Writer::default();
+        w.u8(st.baud_divisor_low)
+            .u8(st.baud_divisor_high)
+            .u8(st.interrupt_enable)
+            .u8(st.interrupt_identification)
+            .u8(st.line_control)
+            .u8(st.line_status)
+            .u8(st.modem_control)
+            .u8(st.modem_status)
+            .u8(st.scratch)
+            .blob(&st.in_buffer);
+        Some(DeviceState {
+            version: STATE_VERSION,
+            bytes: w.bytes,
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        if state.version != STATE_VERSION {
+            return Err(StateError::Version {
+                found: state.version,
+                supported: STATE_VERSION,
+            });
+        }
+        let mut r = Reader::new(&state.bytes);
+        let mut b = || r.u8().map_err(StateError::Area);
+        let st = SerialState {
+            baud_divisor_low: b()?,
+            baud_divisor_high: b()?,
+            interrupt_enable: b()?,
+            interrupt_identification: b()?,
+            line_control: b()?,
+            line_status: b()?,
+            modem_control: b()?,
+            modem_status: b()?,
+            scratch: b()?,
+            in_buffer: read_blob(&mut r)?.to_vec(),
+        };
+        r.end().map_err(StateError::Area)?;
+        if st.in_buffer.len() > CHUNK {
+            return Err(StateError::Invalid("receive FIFO over 64 bytes"));
+        }
+        let Some(old) = self.serial.take() else {
+            return Err(StateError::Invalid("the UART is gone"));
+        };
+        let out = old.into_writer();
+        // from_state raises the interrupt the restored registers call for.
+        let serial = match Serial::from_state(&st, self.irq.clone(), NoEvents, out) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("uart restore: {e}");
+                return Err(StateError::Invalid("receive FIFO over 64 bytes"));
+            }
+        };
+        self.serial = Some(serial);
+        if self.room() == 0 {
+            self.input.pause();
+        }
+        self.generation += 1;
+        Ok(())
+    }
+
+    fn state_generation(&self) -> u64 {
+        self.generation
     }
 }
 

@@ -375,6 +375,29 @@ pub trait Device {
         let _ = mem;
     }
 
+    /// The device's state for a restart or live upgrade (see
+    /// [`crate::state`]), or `None` (the default) for a device whose
+    /// restart is a fresh instance. Called after every access or event
+    /// that moved [`Device::state_generation`], before the access is
+    /// answered: keep it small.
+    fn save(&self) -> Option<crate::state::DeviceState> {
+        None
+    }
+
+    /// Takes over state saved by [`Device::save`] (of this device, maybe
+    /// by an older binary: check the version). Called after the memory
+    /// table, doorbells, interrupt lines and regions were set again.
+    fn restore(&mut self, state: &crate::state::DeviceState) -> Result<(), crate::state::Error> {
+        let _ = state;
+        Err(crate::state::Error::Unsupported)
+    }
+
+    /// A number that changes whenever the state [`Device::save`] returns
+    /// does (a counter is enough); the runtime commits state only then.
+    fn state_generation(&self) -> u64 {
+        0
+    }
+
     /// System calls (`libc::SYS_*`) the device makes while serving, beyond
     /// the framework's own ([`crate::sandbox::BASE_SYSCALLS`]): the
     /// confined backend's seccomp allowlist adds these and nothing else.

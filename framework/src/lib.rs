@@ -58,6 +58,7 @@ pub mod events;
 pub mod inprocess;
 pub mod runtime;
 pub mod sandbox;
+pub mod state;
 #[cfg(feature = "vhost-user")]
 pub mod vhost_user;
 pub mod virtio;

@@ -23,6 +23,7 @@ pub mod access;
 pub mod channel;
 pub mod control;
 pub mod ioregionfd;
+pub mod state;
 pub mod wait;
 
 pub use access::{Access, Space};

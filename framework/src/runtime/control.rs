@@ -126,7 +126,8 @@ impl<D: Device> Backend<D> {
             Err(e) => return Err(Error::Channel(e).into()),
         };
         // Every access the frontend sent before this request takes effect first.
-        self.data.drain_all(&mut self.device, &self.epoll)?;
+        self.data
+            .drain_all(&mut self.device, &self.epoll, self.state.as_mut())?;
         let request = msg.header.request;
         let need_reply = msg.header.need_reply();
         let sent = match self.handle_request(msg) {
@@ -273,6 +274,25 @@ impl<D: Device> Backend<D> {
             }
             Request::SetIrq => self.set_irq(&payload, fds),
             Request::SetDirectMap => Err(Status::Unsupported.into()),
+            Request::SetStateArea => {
+                let fd = fds.pop().ok_or(Status::BadFdCount)?;
+                let (keeper, had) =
+                    crate::state::Keeper::new(fd, &self.name, self.kind.0).map_err(state_refused)?;
+                info!(
+                    "state area set{}",
+                    if had { " (holds a record)" } else { "" }
+                );
+                self.state = Some(keeper);
+                Ok(Reply::Ack)
+            }
+            Request::RestoreState => {
+                let keeper = self.state.as_mut().ok_or_else(|| {
+                    state_refused(crate::state::Error::NoArea)
+                })?;
+                keeper.restore(&mut self.device).map_err(state_refused)?;
+                info!("state restored");
+                Ok(Reply::Ack)
+            }
         }
     }
 
@@ -313,6 +333,17 @@ impl<D: Device> Backend<D> {
             .map_err(refused)?;
         self.device.connect_interrupt(index, line);
         Ok(Reply::Ack)
+    }
+}
+
+/// Logs why a state request was refused: a bad area is BadFd, anything
+/// else (no record, another device's, a version the device cannot read,
+/// corrupt bytes) DeviceError.
+fn state_refused(e: crate::state::Error) -> Refusal {
+    warn!("{}", outboard_protocol::error_chain(&e));
+    match e {
+        crate::state::Error::BadArea | crate::state::Error::Map(_) => Status::BadFd.into(),
+        _ => Status::DeviceError.into(),
     }
 }
 

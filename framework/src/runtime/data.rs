@@ -17,6 +17,7 @@ use outboard_protocol::ioregionfd::{self, Cmd, Op, Resp, CMD_SIZE};
 use outboard_protocol::Access;
 use thiserror::Error;
 
+use crate::state::Keeper;
 use crate::device::{Device, Region};
 use crate::events::Epoll;
 
@@ -119,9 +120,10 @@ impl DataPlane {
         &mut self,
         device: &mut D,
         epoll: &Epoll,
+        mut keeper: Option<&mut Keeper>,
     ) -> Result<(), Error> {
         for slot in 0..self.sockets.len() {
-            while !self.serve(slot, device, epoll)? {}
+            while !self.serve(slot, device, epoll, keeper.as_deref_mut())? {}
         }
         Ok(())
     }
@@ -129,11 +131,15 @@ impl DataPlane {
     /// Serves queued commands of the socket in `slot`; `Ok(true)` once it is
     /// drained (or gone), `Ok(false)` if it still had data after a fair
     /// share of reads.
+    ///
+    /// With a state area, the device's state is committed before the
+    /// responses go out, so an answered access is never lost by a restart.
     pub(crate) fn serve<D: Device + ?Sized>(
         &mut self,
         slot: usize,
         device: &mut D,
         epoll: &Epoll,
+        mut keeper: Option<&mut Keeper>,
     ) -> Result<bool, Error> {
         for _ in 0..MAX_READS_PER_WAKE {
             let Some(ds) = self.sockets.get_mut(slot).and_then(Option::as_mut) else {
@@ -165,6 +171,9 @@ impl DataPlane {
             ds.buf.copy_within(whole..ds.len, 0);
             ds.len -= whole;
             result?;
+            if let Some(k) = keeper.as_deref_mut() {
+                k.keep(device);
+            }
             if !self.responses.is_empty() {
                 let sent = (&ds.sock).write_all(&self.responses);
                 self.responses.clear();
@@ -317,7 +326,7 @@ pub(super) mod tests {
                 .map(|()| ours)
         }
         pub(in crate::runtime) fn serve(&mut self) -> Result<(), Error> {
-            self.plane.drain_all(&mut self.dev, &self.epoll)
+            self.plane.drain_all(&mut self.dev, &self.epoll, None)
         }
     }
 

@@ -60,7 +60,9 @@ impl<D: Device> Backend<D> {
         let index = (tok & !token::KIND_MASK) as usize;
         match tok & token::KIND_MASK {
             token::DATA => {
-                self.data.serve(index, &mut self.device, &self.epoll)?;
+                self.data
+                    .serve(index, &mut self.device, &self.epoll, self.state.as_mut())?;
+                return Ok(Flow::Continue);
             }
             token::DEVICE => {
                 let ops = self.ops.clone();
@@ -76,9 +78,22 @@ impl<D: Device> Backend<D> {
                     self.device.resample(index);
                 }
             }
-            _ => return self.serve_control(),
+            _ => {
+                let flow = self.serve_control()?;
+                self.keep_state();
+                return Ok(flow);
+            }
         }
+        self.keep_state();
         Ok(Flow::Continue)
+    }
+
+    /// Commits the device's state if it changed (after doorbells, device
+    /// events and control requests; data accesses commit before answering).
+    fn keep_state(&mut self) {
+        if let Some(k) = self.state.as_mut() {
+            k.keep(&self.device);
+        }
     }
 }
 

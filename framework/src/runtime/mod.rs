@@ -23,7 +23,7 @@ use std::os::unix::net::UnixStream;
 use log::warn;
 use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{
-    DeviceKind, Negotiated, FEATURES_SUPPORTED, F_DOORBELL, F_IRQ, F_MEM_TABLE,
+    DeviceKind, Negotiated, FEATURES_SUPPORTED, F_DOORBELL, F_IRQ, F_MEM_TABLE, F_STATE,
 };
 use thiserror::Error;
 
@@ -47,6 +47,7 @@ pub(crate) use peer::pidfd_open;
 pub use peer::{Error as WatchError, GRACE};
 #[cfg(feature = "cli")]
 pub(crate) use resources::is_stream_socket;
+pub(crate) use resources::shrink_sealed;
 pub use sockcheck::Error as DataSocketError;
 
 /// Errors that stop the backend from starting or end its event loop.
@@ -98,6 +99,8 @@ pub struct Backend<D: Device> {
     resources: resources::Resources,
     /// Taken out while [`Backend::run`] runs its thread.
     watch: Option<peer::PeerWatch>,
+    /// The state area, once SET_STATE_AREA gave one.
+    state: Option<crate::state::Keeper>,
 }
 
 impl<D: Device> Backend<D> {
@@ -110,7 +113,11 @@ impl<D: Device> Backend<D> {
         let epoll = Epoll::new().map_err(Error::Epoll)?;
         // At setup, before any confinement: the thread starts in `run`.
         let watch = peer::PeerWatch::new(control.as_fd()).map_err(Error::Watch)?;
-        let features = offered_features(&desc);
+        let mut features = offered_features(&desc);
+        if device.save().is_none() {
+            // Nothing to keep: a restart is a fresh instance.
+            features &= !F_STATE;
+        }
         let resources = resources::Resources::new(desc.doorbells, desc.interrupts);
         if desc.needs_memory {
             device.set_memory(resources.memory().clone());
@@ -134,6 +141,7 @@ impl<D: Device> Backend<D> {
             data,
             resources,
             watch: Some(watch),
+            state: None,
         })
     }
 

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use log::warn;
 use outboard_protocol::control::DeviceKind;
 use outboard_protocol::AccessSize;
-use outboard_virtio_mmio::virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
-use outboard_virtio_mmio::virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-use outboard_virtio_mmio::{MmioTransport, QueueConfig, TransportDevice, MMIO_SIZE};
+use outboard_virtio_mmio::virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use outboard_virtio_mmio::virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_QUEUE_NOTIFY,
+};
+use outboard_virtio_mmio::{MmioTransport, QueueConfig, Registers, TransportDevice, MMIO_SIZE};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -20,13 +24,20 @@ use crate::device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
 use crate::events::EventOps;
+use crate::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
 use outboard_protocol::Access;
 
 /// A [`VirtioDevice`] behind the virtio-mmio transport.
 pub struct VirtioMmio<D: VirtioDevice> {
     transport: MmioTransport,
     side: DeviceSide<D>,
+    /// Counts register writes, resets and restores: the transport's part
+    /// of [`Device::state_generation`].
+    generation: u64,
 }
+
+/// Format version of [`VirtioMmio`]'s saved state.
+pub const STATE_VERSION: u32 = 1;
 
 /// What the transport drives: the device logic, its queues (built from the
 /// driver's layout at DRIVER_OK), guest memory and the interrupt line
@@ -36,6 +47,9 @@ struct DeviceSide<D> {
     queues: Vec<Slot>,
     memory: Option<GuestMemory>,
     signals: Arc<Signals>,
+    /// Set while a restore activates the queues: each starts at the used
+    /// index in guest memory instead of 0.
+    resuming: bool,
 }
 
 /// One activated queue: served in the event loop, or on its own thread.
@@ -99,11 +113,29 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
 
     fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), QueueError> {
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let built = queues
+        let mut built = queues
             .iter()
             .enumerate()
             .map(|(i, c)| build_queue(i, c, event_idx))
             .collect::<Result<Vec<_>, _>>()?;
+        if self.resuming {
+            // Every chain the driver made available and the device had not
+            // completed is served again: the used index is where the
+            // previous instance stopped, because each queue completes its
+            // chains in the order it pops them (docs/architecture.md, "Restart").
+            let mem = self
+                .memory
+                .as_ref()
+                .map(GuestAddressSpace::memory)
+                .ok_or(QueueError::Chain("no guest memory to resume queues in"))?;
+            for q in built.iter_mut().filter(|q| q.ready()) {
+                let used = q
+                    .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(QueueError::Queue)?;
+                q.set_next_avail(used.0);
+                q.set_next_used(used.0);
+            }
+        }
         self.queues.clear();
         self.device.activate(features);
         // Threads pay off only when queues can run in parallel; a single
@@ -191,10 +223,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             queues: Vec::new(),
             memory: None,
             signals: Arc::default(),
+            resuming: false,
         };
         VirtioMmio {
             transport: MmioTransport::new(&side),
             side,
+            generation: 0,
         }
     }
 
@@ -246,6 +280,7 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
     }
 
     fn write(&mut self, access: Access, value: u64) {
+        self.generation += 1;
         let was_active = self.transport.is_active(&self.side);
         self.transport
             .write(&mut self.side, access.offset, access.size.bytes(), value);
@@ -259,7 +294,113 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
     }
 
     fn reset(&mut self) {
+        self.generation += 1;
         self.transport.reset(&mut self.side);
+    }
+
+    fn save(&self) -> Option<DeviceState> {
+        let r = self.transport.registers();
+        let mut status = r.status;
+        if self.side.signals.failed() {
+            status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        }
+        let mut w = Writer::default();
+        w.u32(status)
+            .u32(r.device_features_sel)
+            .u32(r.driver_features_sel)
+            .u64(r.driver_features)
+            .u32(r.queue_sel)
+            .u32(r.config_generation)
+            .u16(r.queues.len() as u16);
+        for q in &r.queues {
+            w.u16(q.max_size)
+                .u16(q.size)
+                .u8(u8::from(q.ready))
+                .u64(q.desc)
+                .u64(q.avail)
+                .u64(q.used);
+        }
+        w.blob(&self.side.device.save_state());
+        Some(DeviceState {
+            version: STATE_VERSION,
+            bytes: w.bytes,
+        })
+    }
+
+    fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
+        if state.version != STATE_VERSION {
+            return Err(StateError::Version {
+                found: state.version,
+                supported: STATE_VERSION,
+            });
+        }
+        let mut r = Reader::new(&state.bytes);
+        let area = StateError::Area;
+        let status = r.u32().map_err(area)?;
+        let device_features_sel = r.u32().map_err(area)?;
+        let driver_features_sel = r.u32().map_err(area)?;
+        let driver_features = r.u64().map_err(area)?;
+        let queue_sel = r.u32().map_err(area)?;
+        let config_generation = r.u32().map_err(area)?;
+        let n = r.u16().map_err(area)?;
+        let mut queues = Vec::with_capacity(usize::from(n).min(1024));
+        for _ in 0..n {
+            queues.push(QueueConfig {
+                max_size: r.u16().map_err(area)?,
+                size: r.u16().map_err(area)?,
+                ready: r.u8().map_err(area)? != 0,
+                desc: r.u64().map_err(area)?,
+                avail: r.u64().map_err(area)?,
+                used: r.u64().map_err(area)?,
+            });
+        }
+        let device_state = read_blob(&mut r)?;
+        r.end().map_err(area)?;
+        // Back to the power-on state first: no queue of this instance runs
+        // on the old layout.
+        self.transport.reset(&mut self.side);
+        self.transport
+            .set_registers(Registers {
+                queues: queues.clone(),
+                device_features_sel,
+                driver_features_sel,
+                driver_features,
+                queue_sel,
+                status,
+                config_generation,
+            })
+            .map_err(StateError::Invalid)?;
+        self.side.device.restore_state(device_state)?;
+        self.generation += 1;
+        if status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
+            return Ok(());
+        }
+        if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.side.resuming = true;
+            let activated = self.side.activate(driver_features, &queues);
+            self.side.resuming = false;
+            if let Err(e) = activated {
+                warn!(
+                    "{}: cannot resume the queues: {}",
+                    self.side.device.name(),
+                    outboard_protocol::error_chain(&e)
+                );
+                self.transport.set_needs_reset(&mut self.side);
+                return Ok(());
+            }
+            // Interrupts the previous instance raised may not have reached
+            // the driver: one more is harmless. Then serve what queued up.
+            self.transport.raise(&mut self.side, VIRTIO_MMIO_INT_VRING);
+            for q in 0..queues.len() {
+                self.kick(q);
+            }
+        }
+        Ok(())
+    }
+
+    fn state_generation(&self) -> u64 {
+        self.generation
+            .wrapping_add(self.side.device.state_generation())
     }
 
     fn init(&mut self, ops: &EventOps) -> io::Result<()> {

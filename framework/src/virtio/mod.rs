@@ -90,6 +90,29 @@ pub trait VirtioDevice {
         &[]
     }
 
+    /// The device's own state beyond the transport's (console buffers, say)
+    /// for a restart or live upgrade; empty (the default) when it has none.
+    /// See [`crate::Device::save`].
+    fn save_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Takes over what [`VirtioDevice::save_state`] returned, after the
+    /// transport's registers; the default accepts only an empty state.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), crate::state::Error> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::state::Error::Invalid("device state where none is kept"))
+        }
+    }
+
+    /// Changes whenever [`VirtioDevice::save_state`] would return something
+    /// new (a counter is enough).
+    fn state_generation(&self) -> u64 {
+        0
+    }
+
     /// Writes configuration space; most devices ignore it.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);

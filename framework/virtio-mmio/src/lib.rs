@@ -61,7 +61,7 @@ mod transport;
 mod testdev;
 
 pub use device::{QueueConfig, TransportDevice, MAX_QUEUE_SIZE};
-pub use transport::MmioTransport;
+pub use transport::{MmioTransport, Registers};
 pub use virtio_bindings;
 
 /// Size of a virtio-mmio window: registers below 0x100, configuration space above.

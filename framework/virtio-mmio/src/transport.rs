@@ -401,3 +401,65 @@ mod tests {
         );
     }
 }
+
+/// The driver-visible register state of an [`MmioTransport`], for saving a
+/// device and restoring it in another process (InterruptStatus is left
+/// out: a restored device raises a used-buffer interrupt instead, which a
+/// driver must tolerate as spurious).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registers {
+    /// Every queue's layout.
+    pub queues: Vec<QueueConfig>,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// DriverFeatures, both halves.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Status.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+}
+
+impl MmioTransport {
+    /// The register state.
+    pub fn registers(&self) -> Registers {
+        Registers {
+            queues: self.queues.clone(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+        }
+    }
+
+    /// Takes over saved register state without calling the device (the
+    /// caller activates it). Refused, leaving the transport unchanged,
+    /// when the queues do not match this device's: their number, their
+    /// maximum sizes, or a size the device would not have accepted.
+    pub fn set_registers(&mut self, r: Registers) -> Result<(), &'static str> {
+        if r.queues.len() != self.queues.len() {
+            return Err("another number of queues");
+        }
+        for (q, max) in r.queues.iter().zip(&self.max_sizes) {
+            let mine = QueueConfig::new(*max);
+            if q.max_size != mine.max_size || !mine.accepts_size(u32::from(q.size)) {
+                return Err("a queue size this device does not accept");
+            }
+        }
+        self.queues = r.queues;
+        self.device_features_sel = r.device_features_sel;
+        self.driver_features_sel = r.driver_features_sel;
+        self.driver_features = r.driver_features;
+        self.queue_sel = r.queue_sel;
+        self.status = r.status;
+        self.config_generation = r.config_generation;
+        self.interrupt_status = 0;
+        Ok(())
+    }
+}

@@ -2,7 +2,7 @@
 
 use super::{
     le_u32, Error, Hello, ObjectIndex, Payload, RegionIndex, SetIrq, SetRegion, FLAGS_KNOWN,
-    FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_DIRECT_MAP, F_DOORBELL, F_IRQ,
+    FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_DIRECT_MAP, F_DOORBELL, F_IRQ, F_STATE,
     F_MEM_TABLE, HEADER_SIZE, HEADER_VERSION, MAX_FDS, MAX_PAYLOAD,
 };
 #[cfg(doc)]
@@ -10,7 +10,7 @@ use super::{DeviceInfo, DoorbellInfo, IrqInfo, MemTable, RegionInfo, StatusReply
 
 /// Request codes. Code 11 is reserved for a later protocol feature and is
 /// answered with [`Status::Unsupported`]; codes 8, 9, 10, 12 and 13 need
-/// their feature negotiated.
+/// their feature negotiated, as do 14 and 15 ([`F_STATE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Request {
@@ -41,6 +41,12 @@ pub enum Request {
     GetDoorbellInfo = 12,
     /// One interrupt line's description: payload [`ObjectIndex`], reply [`IrqInfo`].
     GetIrqInfo = 13,
+    /// The state area: no payload, one memfd sealed against shrinking, 4 KiB
+    /// to 16 MiB (needs [`F_STATE`]; see [`crate::state`]).
+    SetStateArea = 14,
+    /// Restore the device from the state area's newest record; no payload
+    /// (needs [`F_STATE`]).
+    RestoreState = 15,
 }
 
 impl Request {
@@ -60,6 +66,8 @@ impl Request {
             11 => Request::SetDirectMap,
             12 => Request::GetDoorbellInfo,
             13 => Request::GetIrqInfo,
+            14 => Request::SetStateArea,
+            15 => Request::RestoreState,
             other => return Err(Error::UnknownRequest(other)),
         })
     }
@@ -67,7 +75,7 @@ impl Request {
     /// Fewest and most fds the request carries in this protocol version.
     pub fn fd_range(self) -> (usize, usize) {
         match self {
-            Request::SetRegion | Request::SetDoorbell => (1, 1),
+            Request::SetRegion | Request::SetDoorbell | Request::SetStateArea => (1, 1),
             Request::SetIrq => (1, 2),
             Request::SetMemTable => (1, MAX_FDS),
             _ => (0, 0),
@@ -97,6 +105,7 @@ impl Request {
             Request::SetDoorbell | Request::GetDoorbellInfo => Some(F_DOORBELL),
             Request::SetIrq | Request::GetIrqInfo => Some(F_IRQ),
             Request::SetDirectMap => Some(F_DIRECT_MAP),
+            Request::SetStateArea | Request::RestoreState => Some(F_STATE),
             _ => None,
         }
     }

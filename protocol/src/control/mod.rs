@@ -66,9 +66,12 @@ pub const F_DIRECT_MAP: u64 = 1 << 5;
 /// backend learns which vCPU made an access without any change to the
 /// 32-byte ioregionfd command.
 pub const F_VCPU_TOKENS: u64 = 1 << 6;
+/// Feature: the state area and state transfer (SET_STATE_AREA,
+/// RESTORE_STATE, SAVE_STATE), for restarts and live upgrades.
+pub const F_STATE: u64 = 1 << 7;
 /// Every feature this implementation can negotiate today.
 pub const FEATURES_SUPPORTED: u64 =
-    F_POSTED_WRITES | F_FAST_MMIO | F_MEM_TABLE | F_DOORBELL | F_IRQ | F_VCPU_TOKENS;
+    F_POSTED_WRITES | F_FAST_MMIO | F_MEM_TABLE | F_DOORBELL | F_IRQ | F_VCPU_TOKENS | F_STATE;
 
 /// Errors from decoding control messages.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
