@@ -18,11 +18,11 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{error, warn};
+use outboard::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
 use outboard::{
     Access, AccessSize, Device, DeviceDescription, DeviceKind, EventOps, Interrupt, InterruptLine,
     Region,
 };
-use outboard::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 

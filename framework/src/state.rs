@@ -172,6 +172,10 @@ pub struct Keeper {
     name: String,
     kind: u32,
     committed: Option<u64>,
+    /// False while the area holds a previous instance's record that
+    /// RESTORE_STATE (or RESET, which discards it) has not dealt with:
+    /// committing this instance's power-on state would overwrite it.
+    armed: bool,
 }
 
 impl Keeper {
@@ -186,6 +190,7 @@ impl Keeper {
                 name: name.to_owned(),
                 kind,
                 committed: None,
+                armed: !had,
             },
             had,
         ))
@@ -195,6 +200,9 @@ impl Keeper {
     /// commit. A failure is logged (the device goes on serving; only a
     /// later restart would miss the change).
     pub fn keep<D: Device + ?Sized>(&mut self, device: &D) {
+        if !self.armed {
+            return;
+        }
         let generation = device.state_generation();
         if self.committed == Some(generation) {
             return;
@@ -216,9 +224,28 @@ impl Keeper {
         }
     }
 
-    /// Restores `device` from the newest record.
+    /// Starts committing even though the area held a record (after RESET:
+    /// the device starts over).
+    pub fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    /// Restores `device` from the newest record; from then on its state
+    /// is committed.
     pub fn restore<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<(), Error> {
-        let record = area::latest(self.area.bytes()).map_err(Error::Area)?;
+        let record = match area::latest(self.area.bytes()) {
+            Ok(r) => r,
+            Err(area::Error::Empty) => {
+                // The previous instance never changed state: power-on it is.
+                log::info!(
+                    "{}: the state area holds no record; starting fresh",
+                    self.name
+                );
+                self.armed = true;
+                return Ok(());
+            }
+            Err(e) => return Err(Error::Area(e)),
+        };
         let snap = Snapshot::decode(record).map_err(Error::Area)?;
         snap.check_device(&self.name, self.kind)
             .map_err(Error::Area)?;
@@ -227,6 +254,7 @@ impl Keeper {
             bytes: snap.state,
         })?;
         self.committed = Some(device.state_generation());
+        self.armed = true;
         Ok(())
     }
 }

@@ -76,6 +76,15 @@ pub enum Error {
         /// Flags in the reply header.
         flags: u32,
     },
+    /// the device cannot be restarted (it was not spawned)
+    #[error("the device cannot be restarted (it was not spawned)")]
+    NotRestartable,
+    /// the restarted backend describes another device ({0})
+    #[error("the restarted backend describes another device ({0})")]
+    OtherDevice(String),
+    /// restart limit reached; last end: {0}
+    #[error("restart limit reached; last end: {0}")]
+    RestartLimit(String),
     /// error reply to {0:?} carries status Ok
     #[error("error reply to {0:?} carries status Ok")]
     ErrorWithOk(Request),
@@ -466,6 +475,35 @@ impl Connection {
     /// Removes a region; `set` must match the placement exactly.
     pub fn remove_region(&self, set: &SetRegion) -> Result<(), Error> {
         self.call_ack(Request::RemoveRegion, &set.encode(), &[])
+    }
+
+    /// Hands over the state area (a sealed memfd; needs F_STATE).
+    pub fn set_state_area(&self, fd: RawFd) -> Result<(), Error> {
+        self.call_ack(Request::SetStateArea, &[], &[fd])
+    }
+
+    /// Restores the device from the state area's newest record (needs F_STATE).
+    pub fn restore_state(&self) -> Result<(), Error> {
+        self.call_ack(Request::RestoreState, &[], &[])
+    }
+
+    /// The control socket, to wait for its hang-up.
+    pub fn control_fd(&self) -> RawFd {
+        self.channel.socket().as_raw_fd()
+    }
+
+    /// Kills the spawned backend (SIGKILL to the process serving the
+    /// device, then to the spawned one), for a backend that hangs.
+    pub fn kill(&self) -> io::Result<()> {
+        for pid in [self.serving, self.spawned_pid()].into_iter().flatten() {
+            let pid = libc::pid_t::try_from(pid)
+                .map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+            // SAFETY: kill only sends a signal to a process we spawned (or
+            // its one child); a pid already reaped cannot be reused while
+            // this connection holds the Child, which it does until reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        Ok(())
     }
 
     /// Resets the device.

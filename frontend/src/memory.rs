@@ -196,7 +196,22 @@ fn page_size() -> u64 {
 }
 
 fn sealed_memfd(size: u64) -> Result<File, Error> {
-    let name = CString::new("outboard-guest-ram").map_err(|_| Error::Layout("name"))?;
+    named_sealed_memfd("outboard-guest-ram", size)
+}
+
+/// A memfd of `size` bytes named `name`, sealed against shrinking, growing
+/// and further sealing (the state area of [`crate::device`] restarts, say).
+pub(crate) fn sealed_area(name: &str, size: u64) -> io::Result<std::os::fd::OwnedFd> {
+    named_sealed_memfd(name, size)
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(|e| match e {
+            Error::Memfd(e) | Error::Seal(e) => e,
+            other => io::Error::other(other.to_string()),
+        })
+}
+
+fn named_sealed_memfd(name: &str, size: u64) -> Result<File, Error> {
+    let name = CString::new(name).map_err(|_| Error::Layout("name"))?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call;
     // the flags are plain integers.
     let fd =

@@ -19,7 +19,7 @@ use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,6 +29,7 @@ use outboard_protocol::{Access, AccessSize};
 
 use crate::backend::Connection;
 use crate::bus::{AccessError, BusDevice};
+use crate::device::Link;
 pub use crate::health::Health;
 
 /// What the guest may do with a region, as the backend declared it.
@@ -77,7 +78,8 @@ pub struct RemoteRegion {
     doorbells: Vec<DoorbellMatch>,
     fast_mmio: bool,
     vcpu_tokens: u32,
-    control: Weak<Connection>,
+    control: Mutex<Weak<Connection>>,
+    link: Option<Arc<Link>>,
     timeout: Duration,
 }
 
@@ -103,7 +105,8 @@ impl RemoteRegion {
             doorbells: Vec::new(),
             fast_mmio: false,
             vcpu_tokens: 0,
-            control: Weak::new(),
+            control: Mutex::new(Weak::new()),
+            link: None,
             timeout,
         })
     }
@@ -123,9 +126,36 @@ impl RemoteRegion {
     /// The device's control connection, used by [`BusDevice::quiesce`] as a
     /// barrier: the backend serves every data command queued before any
     /// control request (docs/protocol.md, section 7.5, "data before control").
-    pub fn with_control(mut self, control: Weak<Connection>) -> Self {
-        self.control = control;
+    pub fn with_control(self, control: Weak<Connection>) -> Self {
+        *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
         self
+    }
+
+    /// The device's [`Link`]: an access that fails while the link restarts
+    /// the backend waits for the new one (within the access deadline) and
+    /// is sent again.
+    pub fn with_link(mut self, link: &Arc<Link>) -> Self {
+        self.link = link.restartable().then(|| Arc::clone(link));
+        self
+    }
+
+    /// Swaps in the data socket of a restarted backend.
+    pub(crate) fn replace_socket(&self, sock: UnixStream, control: Weak<Connection>) {
+        if let Err(e) = sock
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| sock.set_write_timeout(Some(self.timeout)))
+        {
+            log::warn!("{}: data socket timeouts: {e}", self.health.name());
+        }
+        *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = sock;
+        *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
+    }
+
+    fn control(&self) -> Option<Arc<Connection>> {
+        self.control
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade()
     }
 
     /// The token for an access by `vcpu` (the base token when unknown or out of range).
@@ -171,6 +201,9 @@ impl RemoteRegion {
 
     /// Sends one command and, if it has the resp bit, waits for the response.
     fn transact(&self, cmd: Cmd) -> Result<u64, AccessError> {
+        if let Some(link) = &self.link {
+            return self.transact_restartable(link, cmd);
+        }
         let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
         // Re-check under the lock: another thread may have failed the device.
         if self.health.is_failed() {
@@ -182,11 +215,43 @@ impl RemoteRegion {
             // violation); a timeout leaves it running.
             let ended = match e {
                 AccessError::Timeout => None,
-                _ => self.control.upgrade().and_then(|c| c.end_reason()),
+                _ => self.control().and_then(|c| c.end_reason()),
             };
             self.health.fail_ended(e, ended);
         }
         result
+    }
+
+    /// [`RemoteRegion::transact`] under a restart policy: an access that
+    /// fails because the backend died (or hung: it is killed) waits for
+    /// the restarted backend, within one deadline for the whole access,
+    /// and is sent to it again. What that means for each kind of access
+    /// is in docs/architecture.md ("Restart").
+    fn transact_restartable(&self, link: &Link, cmd: Cmd) -> Result<u64, AccessError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let generation = link.generation();
+            let result = {
+                let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+                if self.health.is_failed() {
+                    return Err(AccessError::DeviceFailed(self.health.name().to_owned()));
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                exchange(&sock, &cmd, left.max(Duration::from_millis(1)))
+            };
+            let e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if matches!(e, AccessError::Timeout) {
+                link.kill_hung(generation);
+            }
+            if !link.await_restart(generation, deadline) {
+                let ended = self.control().and_then(|c| c.end_reason());
+                self.health.fail_ended(&e, ended);
+                return Err(e);
+            }
+        }
     }
 
     /// Checks a response's data against its command (docs/protocol.md,
@@ -308,9 +373,14 @@ impl BusDevice for RemoteRegion {
         }
         // Hold the socket so no access of ours slips in behind the barrier.
         let _sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(conn) = self.control.upgrade() {
+        if let Some(conn) = self.control() {
             if let Err(e) = conn.barrier() {
-                self.health.fail(&e);
+                if self.link.is_some() {
+                    // The backend died: its restart serves what came next.
+                    log::debug!("{}: barrier: {e}", self.health.name());
+                } else {
+                    self.health.fail(&e);
+                }
             }
         }
     }

@@ -378,7 +378,10 @@ mod tests {
         let mut bad = s.encode();
         bad[4] = 7;
         assert_eq!(Snapshot::decode(&bad), Err(Error::Format(7)));
-        assert!(matches!(Snapshot::decode(&bad[..10]), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            Snapshot::decode(&bad[..10]),
+            Err(Error::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -214,6 +214,10 @@ impl<D: Device> Backend<D> {
             Request::Reset => {
                 info!("reset");
                 self.device.reset();
+                if let Some(k) = self.state.as_mut() {
+                    // A reset device starts over: its state is kept from now on.
+                    k.arm();
+                }
                 Ok(Reply::Ack)
             }
             Request::Shutdown => {
@@ -276,8 +280,8 @@ impl<D: Device> Backend<D> {
             Request::SetDirectMap => Err(Status::Unsupported.into()),
             Request::SetStateArea => {
                 let fd = fds.pop().ok_or(Status::BadFdCount)?;
-                let (keeper, had) =
-                    crate::state::Keeper::new(fd, &self.name, self.kind.0).map_err(state_refused)?;
+                let (keeper, had) = crate::state::Keeper::new(fd, &self.name, self.kind.0)
+                    .map_err(state_refused)?;
                 info!(
                     "state area set{}",
                     if had { " (holds a record)" } else { "" }
@@ -286,9 +290,10 @@ impl<D: Device> Backend<D> {
                 Ok(Reply::Ack)
             }
             Request::RestoreState => {
-                let keeper = self.state.as_mut().ok_or_else(|| {
-                    state_refused(crate::state::Error::NoArea)
-                })?;
+                let keeper = self
+                    .state
+                    .as_mut()
+                    .ok_or_else(|| state_refused(crate::state::Error::NoArea))?;
                 keeper.restore(&mut self.device).map_err(state_refused)?;
                 info!("state restored");
                 Ok(Reply::Ack)

@@ -17,9 +17,9 @@ use outboard_protocol::ioregionfd::{self, Cmd, Op, Resp, CMD_SIZE};
 use outboard_protocol::Access;
 use thiserror::Error;
 
-use crate::state::Keeper;
 use crate::device::{Device, Region};
 use crate::events::Epoll;
+use crate::state::Keeper;
 
 /// Bytes read from a data socket per `recv`: 512 commands.
 pub const BATCH_BYTES: usize = 512 * CMD_SIZE;

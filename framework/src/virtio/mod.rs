@@ -103,7 +103,9 @@ pub trait VirtioDevice {
         if state.is_empty() {
             Ok(())
         } else {
-            Err(crate::state::Error::Invalid("device state where none is kept"))
+            Err(crate::state::Error::Invalid(
+                "device state where none is kept",
+            ))
         }
     }
 

@@ -46,7 +46,10 @@ use crate::memory;
 use crate::registrar::Registrar;
 use crate::remote::{DoorbellMatch, Permissions, RemoteRegion};
 
+pub mod link;
 mod types;
+
+pub use link::{Link, Spawner};
 
 use types::space_of;
 pub use types::{AttachedDoorbell, DeviceOptions, PlacedRegion};
@@ -105,6 +108,9 @@ pub enum Error {
     /// the registrar refused a doorbell
     #[error("the registrar refused a doorbell")]
     Registrar(#[source] std::io::Error),
+    /// cannot set up restarts
+    #[error("cannot set up restarts")]
+    StateArea(#[source] std::io::Error),
     /// guest memory cannot be shared
     #[error("guest memory cannot be shared")]
     Memory(#[source] memory::Error),
@@ -113,7 +119,7 @@ pub enum Error {
 /// One negotiated Outboard backend.
 #[derive(Debug)]
 pub struct RemoteDevice {
-    conn: Arc<Connection>,
+    link: Arc<Link>,
     info: DeviceInfo,
     regions: Vec<RegionInfo>,
     doorbells: Vec<AttachedDoorbell>,
@@ -136,6 +142,20 @@ impl RemoteDevice {
         Self::describe(name, conn, options)
     }
 
+    /// Spawns the command `spawner` builds and runs the handshake; under
+    /// an `on-failure` restart policy ([`DeviceOptions::restart`]) a dead
+    /// backend is replaced by spawning it again (see [`link`]).
+    pub fn spawn_restartable(
+        name: &str,
+        spawner: Spawner,
+        quiet_stdout: bool,
+        options: DeviceOptions,
+    ) -> Result<Self, Error> {
+        let cmd = spawner().map_err(Error::Backend)?;
+        let conn = Connection::spawn(cmd, quiet_stdout, options.timeout).map_err(Error::Backend)?;
+        Self::describe_with(name, conn, options, Some(spawner), quiet_stdout)
+    }
+
     /// Connects to a backend listening at `path` and runs the handshake.
     pub fn connect(name: &str, path: &Path, options: DeviceOptions) -> Result<Self, Error> {
         let conn = Connection::connect(path, options.timeout).map_err(Error::Backend)?;
@@ -144,6 +164,16 @@ impl RemoteDevice {
 
     /// Reads every description from a negotiated connection.
     pub fn describe(name: &str, conn: Connection, options: DeviceOptions) -> Result<Self, Error> {
+        Self::describe_with(name, conn, options, None, false)
+    }
+
+    fn describe_with(
+        name: &str,
+        conn: Connection,
+        options: DeviceOptions,
+        spawner: Option<Spawner>,
+        quiet: bool,
+    ) -> Result<Self, Error> {
         let be = Error::Backend;
         let info = conn.device_info().map_err(be)?;
         let features = conn.negotiated().features;
@@ -186,14 +216,31 @@ impl RemoteDevice {
             info.kind.0,
             regions.len()
         );
+        let health = Health::new(name);
+        let link = Link::new(
+            conn,
+            spawner,
+            quiet,
+            options.restart,
+            options.timeout,
+            Arc::clone(&health),
+            info.clone(),
+            regions.clone(),
+        );
+        // The state area goes first: the backend keeps its state from the
+        // start, so a restart at any moment finds a record.
+        if let Some(area) = link.make_state_area().map_err(Error::StateArea)? {
+            link.conn().set_state_area(area.0).map_err(be)?;
+        }
+        link.watch().map_err(Error::StateArea)?;
         Ok(RemoteDevice {
-            conn: Arc::new(conn),
+            link,
             placed: regions.iter().map(|_| None).collect(),
             info,
             regions,
             doorbells,
             irqs,
-            health: Health::new(name),
+            health,
             options,
             next_user_data: 1,
         })
@@ -236,12 +283,17 @@ impl RemoteDevice {
 
     /// The spawned backend's pid.
     pub fn pid(&self) -> Option<u32> {
-        self.conn.pid()
+        self.link.conn().pid()
     }
 
     /// Negotiated feature bits.
     pub fn features(&self) -> u64 {
-        self.conn.negotiated().features
+        self.link.conn().negotiated().features
+    }
+
+    /// The device's link: its current connection and restart state.
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// True when the backend wants guest memory (negotiated F_MEM_TABLE).
@@ -263,17 +315,17 @@ impl RemoteDevice {
             .collect()
     }
 
-    fn live(&self) -> Result<&Connection, Error> {
+    fn live(&self) -> Result<Arc<Connection>, Error> {
         if self.health.is_failed() {
             return Err(Error::Failed);
         }
-        Ok(&self.conn)
+        Ok(self.link.conn())
     }
 
     /// Wraps a backend error; anything but a refusal also fails the device.
     fn failed(&self, e: backend::Error) -> Error {
         if !matches!(e, backend::Error::Refused { .. }) {
-            self.health.fail_ended(&e, self.conn.end_reason());
+            self.health.fail_ended(&e, self.link.conn().end_reason());
         }
         Error::Backend(e)
     }
@@ -285,7 +337,9 @@ impl RemoteDevice {
         }
         self.live()?
             .set_mem_table(table, fds)
-            .map_err(|e| self.failed(e))
+            .map_err(|e| self.failed(e))?;
+        self.link.remember_mem(table, fds);
+        Ok(())
     }
 
     /// Shares any file-backed guest memory, if the backend wants memory.
@@ -309,6 +363,7 @@ impl RemoteDevice {
         self.live()?
             .set_doorbell(index, fd.as_raw_fd())
             .map_err(|e| self.failed(e))?;
+        self.link.remember_doorbell(index, &fd);
         self.doorbells[index as usize].eventfd = Some(fd);
         Ok(())
     }
@@ -326,7 +381,9 @@ impl RemoteDevice {
         }
         self.live()?
             .set_irq(index, fd.as_raw_fd(), resample.map(AsRawFd::as_raw_fd))
-            .map_err(|e| self.failed(e))
+            .map_err(|e| self.failed(e))?;
+        self.link.remember_irq(index, fd, resample);
+        Ok(())
     }
 
     /// Places region `index` at `addr`: SET_REGION with a fresh data socket.
@@ -374,16 +431,18 @@ impl RemoteDevice {
         let region = match self.region_device(&placed, ours, features) {
             Ok(r) => r,
             Err(e) => {
-                let _ = self.conn.remove_region(&placed.set_region());
+                let _ = self.link.conn().remove_region(&placed.set_region());
                 return Err(e);
             }
         };
+        let region = Arc::new(region);
         if let Some(reg) = registrar {
             if let Err(e) = self.register(reg, &placed, true) {
-                let _ = self.conn.remove_region(&placed.set_region());
+                let _ = self.link.conn().remove_region(&placed.set_region());
                 return Err(e);
             }
         }
+        self.link.remember_region(placed.set_region(), &region);
         info!(
             "{}: region {index} ({}) at {} {addr:#x}+{:#x}{}",
             self.name(),
@@ -393,7 +452,7 @@ impl RemoteDevice {
             if posted { ", posted writes" } else { "" }
         );
         self.placed[index as usize] = Some(placed);
-        Ok(Arc::new(region))
+        Ok(region)
     }
 
     fn region_device(
@@ -434,7 +493,8 @@ impl RemoteDevice {
         .with_posted_writes(placed.posted)
         .with_vcpu_tokens(placed.vcpu_tokens)
         .with_doorbells(doorbells, fast_mmio)
-        .with_control(Arc::downgrade(&self.conn)))
+        .with_control(Arc::downgrade(&self.link.conn()))
+        .with_link(&self.link))
     }
 
     /// Registers (or unregisters) the connected doorbells of a placed region.
@@ -498,6 +558,7 @@ impl RemoteDevice {
             self.register(reg, &placed, false)?;
         }
         self.placed[index as usize] = None;
+        self.link.forget_region(index);
         self.live()?
             .remove_region(&placed.set_region())
             .map_err(|e| self.failed(e))?;
@@ -530,6 +591,14 @@ impl RemoteDevice {
     /// Asks the backend to exit and returns a spawned backend's exit status
     /// (killed after `grace`).
     pub fn shutdown(&self, grace: Duration) -> Option<ExitStatus> {
-        self.conn.shutdown(grace)
+        self.link.close();
+        self.link.conn().shutdown(grace)
+    }
+}
+
+impl Drop for RemoteDevice {
+    fn drop(&mut self) {
+        // No restart for a device that is going away.
+        self.link.close();
     }
 }

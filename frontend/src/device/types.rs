@@ -22,6 +22,8 @@ pub struct DeviceOptions {
     pub posted_writes: bool,
     /// vCPUs whose accesses carry their own token ([`F_VCPU_TOKENS`](outboard_protocol::control::F_VCPU_TOKENS)).
     pub vcpu_tokens: u32,
+    /// What happens when the backend dies (only spawned backends restart).
+    pub restart: crate::restart::RestartPolicy,
 }
 
 impl Default for DeviceOptions {
@@ -30,6 +32,7 @@ impl Default for DeviceOptions {
             timeout: Duration::from_secs(1),
             posted_writes: true,
             vcpu_tokens: 8,
+            restart: crate::restart::RestartPolicy::default(),
         }
     }
 }

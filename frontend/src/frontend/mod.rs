@@ -308,6 +308,7 @@ impl Frontend {
             timeout: self.options.timeout,
             posted_writes: spec.posted_writes,
             vcpu_tokens: self.options.vcpu_tokens,
+            restart: spec.restart,
         }
     }
 
@@ -326,13 +327,14 @@ impl Frontend {
                 if !spec.sandbox {
                     args.push("--no-sandbox".to_owned());
                 }
-                let cmd = self
-                    .options
-                    .launcher
-                    .command(program, &args)
-                    .map_err(|e| dev_err(name)(device::Error::Backend(e)))?;
                 let quiet = self.options.launcher.quiet_stdout;
-                RemoteDevice::spawn(name, cmd, quiet, options).map_err(dev_err(name))?
+                let launcher = self.options.launcher.clone();
+                let program = program.clone();
+                // The same program with the same arguments, each time the
+                // device's backend is (re)started.
+                let spawner: device::Spawner = Box::new(move || launcher.command(&program, &args));
+                RemoteDevice::spawn_restartable(name, spawner, quiet, options)
+                    .map_err(dev_err(name))?
             }
             Source::Connect { socket } => {
                 RemoteDevice::connect(name, socket, options).map_err(dev_err(name))?

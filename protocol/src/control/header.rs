@@ -2,8 +2,8 @@
 
 use super::{
     le_u32, Error, Hello, ObjectIndex, Payload, RegionIndex, SetIrq, SetRegion, FLAGS_KNOWN,
-    FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_DIRECT_MAP, F_DOORBELL, F_IRQ, F_STATE,
-    F_MEM_TABLE, HEADER_SIZE, HEADER_VERSION, MAX_FDS, MAX_PAYLOAD,
+    FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_DIRECT_MAP, F_DOORBELL, F_IRQ,
+    F_MEM_TABLE, F_STATE, HEADER_SIZE, HEADER_VERSION, MAX_FDS, MAX_PAYLOAD,
 };
 #[cfg(doc)]
 use super::{DeviceInfo, DoorbellInfo, IrqInfo, MemTable, RegionInfo, StatusReply, IRQ_RESAMPLE};

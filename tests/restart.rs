@@ -1,0 +1,285 @@
+//! Devices that survive their backend: a spawned backend under an
+//! `on-failure` restart policy is SIGKILLed at random moments while the
+//! test guest keeps requests in flight; the frontend replaces it under the
+//! running guest (same fds, same regions, state restored from the state
+//! area) and nothing the guest sees goes wrong.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outboard_frontend::{AccessSize, DeviceSpec, RestartMode, RestartPolicy};
+use outboard_testkit::guest::{blk, Buffer, DriverOptions, F_EVENT_IDX, F_INDIRECT_DESC};
+use outboard_tests::{guest, temp_image, Rand, HANG_GUARD};
+use vm_memory::{Bytes, GuestAddress};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Restart at once, however often: the test kills on purpose.
+fn eager() -> RestartPolicy {
+    RestartPolicy {
+        mode: RestartMode::OnFailure,
+        backoff: Duration::ZERO,
+        limit: 10_000,
+    }
+}
+
+/// SIGKILLs the device's serving process `kills` times, each a random
+/// 0-15 ms after the previous restart completed.
+fn killer(
+    link: Arc<outboard_frontend::device::Link>,
+    kills: u32,
+    seed: u64,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    std::thread::spawn(move || {
+        let mut r = Rand(seed);
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_micros(r.next_u64() % 15_000));
+            let generation = link.generation();
+            let pid = link.conn().pid().expect("serving pid");
+            // SAFETY: (test) a signal to the backend this frontend spawned.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + HANG_GUARD;
+            while link.generation() == generation {
+                assert!(Instant::now() < deadline, "no restart after killing {pid}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        done.store(true, Ordering::Release);
+        link.restarts()
+    })
+}
+
+struct Slot {
+    hdr: u64,
+    data: u64,
+    st: u64,
+    /// In flight: (head, block, is a write).
+    busy: Option<(u16, u64, bool)>,
+}
+
+fn blk_under_kills(sandbox: bool) {
+    const SECTORS: u64 = 8192; // 4 MiB: 1024 blocks of 4 KiB
+    const QD: usize = 16;
+    const KILLS: u32 = 100;
+    let img = temp_image(
+        if sandbox {
+            "restart-blk"
+        } else {
+            "restart-blk-open"
+        },
+        SECTORS,
+    );
+    let mut g = guest(T);
+    let mut spec = DeviceSpec::spawn(
+        "blk",
+        "outboard-virtio-blk",
+        &["--path", img.to_str().unwrap()],
+    )
+    .restart(eager());
+    if !sandbox {
+        spec = spec.without_sandbox();
+    }
+    g.fe.attach(&spec).unwrap();
+    let mut d = g.driver_with(
+        "blk",
+        DriverOptions::new(blk::F_FLUSH | F_EVENT_IDX | F_INDIRECT_DESC, 64),
+    );
+    d.set_timeout(HANG_GUARD);
+    let link = Arc::clone(g.fe.device("blk").unwrap().remote().unwrap().link());
+    let first_pid = link.conn().pid().unwrap();
+    let mut slots: Vec<Slot> = (0..QD)
+        .map(|_| Slot {
+            hdr: g.alloc.alloc(16, 16).unwrap(),
+            data: g.alloc.alloc(4096, 4096).unwrap(),
+            st: g.alloc.alloc(1, 1).unwrap(),
+            busy: None,
+        })
+        .collect();
+    let ram = Arc::clone(d.ram());
+    let mem = ram.memory();
+    let mut model = vec![0u8; (SECTORS * 512) as usize];
+    let mut rand = Rand(0x5eed_1234);
+    let mut in_flight: HashSet<u64> = HashSet::new();
+    let done = Arc::new(AtomicBool::new(false));
+    let kill = killer(Arc::clone(&link), KILLS, 0xdead_beef, Arc::clone(&done));
+    let (mut reads, mut writes) = (0u64, 0u64);
+    let mut after_done = 0;
+    loop {
+        // Every idle slot gets a new request on a block no request in
+        // flight touches, so the model is exact whatever the order.
+        let stop = done.load(Ordering::Acquire) && after_done >= 2 * QD;
+        if !stop {
+            for s in slots.iter_mut().filter(|s| s.busy.is_none()) {
+                let block = loop {
+                    let b = rand.next_u64() % (SECTORS / 8);
+                    if in_flight.insert(b) {
+                        break b;
+                    }
+                };
+                let write = rand.next_u64().is_multiple_of(2);
+                let mut h = [0u8; 16];
+                let kind = if write { blk::T_OUT } else { blk::T_IN };
+                h[0..4].copy_from_slice(&kind.to_le_bytes());
+                h[8..16].copy_from_slice(&(block * 8).to_le_bytes());
+                mem.write_slice(&h, GuestAddress(s.hdr)).unwrap();
+                mem.write_obj(0xffu8, GuestAddress(s.st)).unwrap();
+                if write {
+                    let data: Vec<u8> = (0..4096).map(|_| rand.next_u64() as u8).collect();
+                    mem.write_slice(&data, GuestAddress(s.data)).unwrap();
+                    let at = (block * 4096) as usize;
+                    model[at..at + 4096].copy_from_slice(&data);
+                }
+                let bufs = [
+                    Buffer::readable(s.hdr, 16),
+                    Buffer {
+                        addr: s.data,
+                        len: 4096,
+                        device_writes: !write,
+                    },
+                    Buffer::writable(s.st, 1),
+                ];
+                let head = d.submit(0, &bufs).unwrap();
+                s.busy = Some((head, block, write));
+            }
+            d.notify(0).unwrap();
+        }
+        // The oldest request completes first (one queue, served in order).
+        let Some(oldest) = slots.iter().filter_map(|s| s.busy.map(|b| b.0)).next() else {
+            break;
+        };
+        d.wait(0, oldest).unwrap();
+        let mut completed = vec![oldest];
+        for s in &slots {
+            if let Some((head, _, _)) = s.busy {
+                if head != oldest && d.poll(0, head).unwrap().is_some() {
+                    completed.push(head);
+                }
+            }
+        }
+        for s in slots.iter_mut() {
+            let Some((head, block, write)) = s.busy else {
+                continue;
+            };
+            if !completed.contains(&head) {
+                continue;
+            }
+            let st: u8 = mem.read_obj(GuestAddress(s.st)).unwrap();
+            assert_eq!(st, blk::S_OK, "status of the request on block {block}");
+            if write {
+                writes += 1;
+            } else {
+                let mut got = vec![0u8; 4096];
+                mem.read_slice(&mut got, GuestAddress(s.data)).unwrap();
+                let at = (block * 4096) as usize;
+                assert!(got[..] == model[at..at + 4096], "read of block {block}");
+                reads += 1;
+            }
+            in_flight.remove(&block);
+            s.busy = None;
+            if done.load(Ordering::Acquire) {
+                after_done += 1;
+            }
+        }
+    }
+    let restarts = kill.join().unwrap();
+    assert_eq!(restarts, KILLS, "one restart per kill");
+    assert_ne!(link.conn().pid().unwrap(), first_pid);
+    assert!(!g.fe.device("blk").unwrap().is_failed());
+    // A flush through the last backend, then the file is the model.
+    let flush_hdr = slots[0].hdr;
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&blk::T_FLUSH.to_le_bytes());
+    mem.write_slice(&h, GuestAddress(flush_hdr)).unwrap();
+    d.request(
+        0,
+        &[
+            Buffer::readable(flush_hdr, 16),
+            Buffer::writable(slots[0].st, 1),
+        ],
+    )
+    .unwrap();
+    assert!(
+        std::fs::read(&img).unwrap() == model,
+        "image matches the model after {reads} reads and {writes} writes"
+    );
+    assert!(
+        reads + writes > u64::from(KILLS),
+        "{reads} reads, {writes} writes"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
+#[test]
+fn blk_when_backend_killed_100_times_under_16_requests_in_flight_then_each_completes_once_and_image_matches(
+) {
+    blk_under_kills(true);
+}
+
+#[test]
+fn blk_when_unconfined_backend_killed_100_times_then_each_completes_once_and_image_matches() {
+    blk_under_kills(false);
+}
+
+#[test]
+fn uart_when_backend_killed_then_registers_preserved() {
+    let mut g = guest(T);
+    g.fe.attach(
+        &DeviceSpec::spawn("com1", "outboard-uart", &["--output", "/dev/null"]).restart(eager()),
+    )
+    .unwrap();
+    let base = g.fe.device("com1").unwrap().placed(0).unwrap().addr;
+    let link = Arc::clone(g.fe.device("com1").unwrap().remote().unwrap().link());
+    let pio = g.fe.pio().clone();
+    let w = |off: u64, v: u64| pio.try_write(base + off, AccessSize::B1, v).unwrap();
+    // Divisor latch 0x0c03 (DLAB), then 8N1 with a break bit off, scratch,
+    // modem control with loop-back off, interrupt enable.
+    w(3, 0x80);
+    w(0, 0x03);
+    w(1, 0x0c);
+    w(3, 0x1b);
+    w(7, 0x5a);
+    w(4, 0x0b);
+    w(1, 0x01);
+    // Writes are posted: a read makes sure the backend served them (a
+    // posted write still in the socket when the backend dies is lost).
+    assert_eq!(pio.try_read(base + 7, AccessSize::B1).unwrap(), 0x5a);
+    let generation = link.generation();
+    let pid = link.conn().pid().unwrap();
+    // SAFETY: (test) a signal to the backend this frontend spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // The first access after the kill waits for the new backend.
+    let r = |off: u64| pio.try_read(base + off, AccessSize::B1).unwrap();
+    assert_eq!(r(7), 0x5a, "scratch");
+    assert!(link.generation() > generation, "restarted");
+    assert_ne!(link.conn().pid().unwrap(), pid);
+    assert_eq!(r(3), 0x1b, "line control");
+    assert_eq!(r(4), 0x0b, "modem control");
+    assert_eq!(r(1), 0x01, "interrupt enable");
+    w(3, 0x9b);
+    assert_eq!((r(0), r(1)), (0x03, 0x0c), "divisor latch");
+    w(3, 0x1b);
+    assert!(!g.fe.device("com1").unwrap().is_failed());
+}
+
+#[test]
+fn restart_when_policy_never_then_device_fails_as_before() {
+    let mut g = guest(T);
+    g.fe.attach(&DeviceSpec::spawn(
+        "com1",
+        "outboard-uart",
+        &["--output", "/dev/null"],
+    ))
+    .unwrap();
+    let base = g.fe.device("com1").unwrap().placed(0).unwrap().addr;
+    let pid = g.fe.device("com1").unwrap().pid().unwrap();
+    // SAFETY: (test) a signal to the backend this frontend spawned.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let pio = g.fe.pio().clone();
+    assert!(pio.try_read(base + 7, AccessSize::B1).is_err());
+    assert!(g.fe.device("com1").unwrap().is_failed());
+}
