@@ -14,7 +14,8 @@ use outboard_frontend::DeviceSpec;
 use outboard_protocol::channel::{Channel, Error as ChannelError};
 use outboard_protocol::control::{
     DeviceInfo, Header, Hello, Payload, Request, SetRegion, Status, FEATURES_SUPPORTED,
-    F_DIRECT_MAP, F_DOORBELL, F_FAST_MMIO, F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, F_VCPU_TOKENS,
+    F_DIRECT_MAP, F_DOORBELL, F_FAST_MMIO, F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, F_STATE,
+    F_VCPU_TOKENS,
 };
 use outboard_protocol::ioregionfd::{Cmd, CMD_SIZE};
 use outboard_tests::{
@@ -95,6 +96,7 @@ fn feature_table_when_read_from_spec_then_matches_constants_and_offers() {
             "F_IRQ" => F_IRQ,
             "F_DIRECT_MAP" => F_DIRECT_MAP,
             "F_VCPU_TOKENS" => F_VCPU_TOKENS,
+            "F_STATE" => F_STATE,
             "reserved" => {
                 reserved = Some(row[0].to_owned());
                 continue;
@@ -127,7 +129,11 @@ fn feature_table_when_read_from_spec_then_matches_constants_and_offers() {
     );
     // What real backends offer: the UART needs no guest memory and has no
     // doorbells; scratch has all three.
-    for (backend, expected) in [("outboard-uart", uart[0]), ("outboard-scratch", offered[0])] {
+    // Scratch keeps no state: no F_STATE.
+    for (backend, expected) in [
+        ("outboard-uart", uart[0]),
+        ("outboard-scratch", offered[0] & !F_STATE),
+    ] {
         let (mut child, path) = spawn_listening(backend, &[]);
         let ch = connect(&path);
         let m = call(

@@ -363,7 +363,7 @@ mod tests {
     use super::*;
     use crate::runtime::testutil::{backend, hello, reply, send, status, TestDevice};
     use outboard_protocol::control::{
-        ObjectIndex, FEATURES_SUPPORTED, FLAG_NEED_REPLY, F_MEM_TABLE, HEADER_VERSION,
+        ObjectIndex, FEATURES_SUPPORTED, FLAG_NEED_REPLY, F_MEM_TABLE, F_STATE, HEADER_VERSION,
     };
 
     fn header(request: u32, flags: u32) -> Header {
@@ -420,15 +420,22 @@ mod tests {
     fn hello_when_device_needs_no_memory_then_mem_table_not_offered() {
         let (mut b, ch) = backend(TestDevice::default());
         let theirs = hello(&mut b, &ch);
-        assert_eq!(theirs.features, FEATURES_SUPPORTED & !F_MEM_TABLE);
+        // The test device keeps no state: no state area either.
+        assert_eq!(
+            theirs.features,
+            FEATURES_SUPPORTED & !(F_MEM_TABLE | F_STATE)
+        );
         assert!(!b.device().got_memory);
         let (mut b, ch) = backend(TestDevice {
             needs_memory: true,
             ..TestDevice::default()
         });
-        assert_eq!(hello(&mut b, &ch).features, FEATURES_SUPPORTED);
+        assert_eq!(hello(&mut b, &ch).features, FEATURES_SUPPORTED & !F_STATE);
         assert!(b.device().got_memory);
-        assert_eq!(b.negotiated().map(|n| n.features), Some(FEATURES_SUPPORTED));
+        assert_eq!(
+            b.negotiated().map(|n| n.features),
+            Some(FEATURES_SUPPORTED & !F_STATE)
+        );
     }
 
     #[test]
@@ -459,7 +466,7 @@ mod tests {
         assert_eq!(status(&m), Status::Unsupported);
         assert_eq!(
             b.negotiated().map(|n| n.features),
-            Some(FEATURES_SUPPORTED & !F_MEM_TABLE)
+            Some(FEATURES_SUPPORTED & !(F_MEM_TABLE | F_STATE))
         );
     }
 
