@@ -320,7 +320,7 @@ mod tests {
         let mut a = area();
         assert_eq!(open(&mut a), Ok(false));
         assert_eq!(latest(&a), Err(Error::Empty));
-        assert_eq!(open(&mut vec![0u8; 100]), Err(Error::AreaSize(100)));
+        assert_eq!(open(&mut [0u8; 100]), Err(Error::AreaSize(100)));
     }
 
     #[test]
