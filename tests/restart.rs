@@ -27,18 +27,32 @@ fn eager() -> RestartPolicy {
     }
 }
 
-/// SIGKILLs the device's serving process `kills` times, each a random
-/// 0-15 ms after the previous restart completed.
-fn killer(
+/// How the backend is replaced under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    /// SIGKILL the serving process; the restart policy replaces it.
+    Kill,
+    /// Live upgrade to the same binary.
+    Upgrade,
+}
+
+/// Replaces the device's backend `times` times, each a random 0-15 ms
+/// after the previous replacement completed; returns restarts + upgrades.
+fn disrupter(
     link: Arc<outboard_frontend::device::Link>,
-    kills: u32,
+    how: Disruption,
+    times: u32,
     seed: u64,
     done: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<u32> {
     std::thread::spawn(move || {
         let mut r = Rand(seed);
-        for _ in 0..kills {
+        for _ in 0..times {
             std::thread::sleep(Duration::from_micros(r.next_u64() % 15_000));
+            if how == Disruption::Upgrade {
+                link.upgrade(None).unwrap();
+                continue;
+            }
             let generation = link.generation();
             let pid = link.conn().pid().expect("serving pid");
             // SAFETY: (test) a signal to the backend this frontend spawned.
@@ -50,7 +64,7 @@ fn killer(
             }
         }
         done.store(true, Ordering::Release);
-        link.restarts()
+        link.restarts() + link.upgrades()
     })
 }
 
@@ -62,18 +76,11 @@ struct Slot {
     busy: Option<(u16, u64, bool)>,
 }
 
-fn blk_under_kills(sandbox: bool) {
+fn blk_under(how: Disruption, times: u32, sandbox: bool) {
     const SECTORS: u64 = 8192; // 4 MiB: 1024 blocks of 4 KiB
     const QD: usize = 16;
-    const KILLS: u32 = 100;
-    let img = temp_image(
-        if sandbox {
-            "restart-blk"
-        } else {
-            "restart-blk-open"
-        },
-        SECTORS,
-    );
+    // One image per test: tests run in parallel in one process.
+    let img = temp_image(&format!("restart-blk-{how:?}-{sandbox}"), SECTORS);
     let mut g = guest(T);
     let mut spec = DeviceSpec::spawn(
         "blk",
@@ -106,7 +113,13 @@ fn blk_under_kills(sandbox: bool) {
     let mut rand = Rand(0x5eed_1234);
     let mut in_flight: HashSet<u64> = HashSet::new();
     let done = Arc::new(AtomicBool::new(false));
-    let kill = killer(Arc::clone(&link), KILLS, 0xdead_beef, Arc::clone(&done));
+    let kill = disrupter(
+        Arc::clone(&link),
+        how,
+        times,
+        0xdead_beef,
+        Arc::clone(&done),
+    );
     let (mut reads, mut writes) = (0u64, 0u64);
     let mut after_done = 0;
     loop {
@@ -187,7 +200,7 @@ fn blk_under_kills(sandbox: bool) {
         }
     }
     let restarts = kill.join().unwrap();
-    assert_eq!(restarts, KILLS, "one restart per kill");
+    assert_eq!(restarts, times, "one replacement each time");
     assert_ne!(link.conn().pid().unwrap(), first_pid);
     assert!(!g.fe.device("blk").unwrap().is_failed());
     // A flush through the last backend, then the file is the model.
@@ -203,12 +216,16 @@ fn blk_under_kills(sandbox: bool) {
         ],
     )
     .unwrap();
+    let disk = std::fs::read(&img).unwrap();
+    let differ: Vec<usize> = (0..disk.len() / 4096)
+        .filter(|b| disk[b * 4096..(b + 1) * 4096] != model[b * 4096..(b + 1) * 4096])
+        .collect();
     assert!(
-        std::fs::read(&img).unwrap() == model,
-        "image matches the model after {reads} reads and {writes} writes"
+        differ.is_empty(),
+        "after {reads} reads and {writes} writes, blocks {differ:?} differ from the model"
     );
     assert!(
-        reads + writes > u64::from(KILLS),
+        reads + writes > u64::from(times),
         "{reads} reads, {writes} writes"
     );
     let _ = std::fs::remove_file(&img);
@@ -217,12 +234,44 @@ fn blk_under_kills(sandbox: bool) {
 #[test]
 fn blk_when_backend_killed_100_times_under_16_requests_in_flight_then_each_completes_once_and_image_matches(
 ) {
-    blk_under_kills(true);
+    blk_under(Disruption::Kill, 100, true);
 }
 
 #[test]
 fn blk_when_unconfined_backend_killed_100_times_then_each_completes_once_and_image_matches() {
-    blk_under_kills(false);
+    blk_under(Disruption::Kill, 100, false);
+}
+
+#[test]
+fn blk_when_live_upgraded_30_times_under_16_requests_in_flight_then_no_error_and_image_matches() {
+    blk_under(Disruption::Upgrade, 30, true);
+}
+
+#[test]
+fn uart_when_live_upgraded_then_registers_and_posted_writes_kept() {
+    let mut g = guest(T);
+    g.fe.attach(&DeviceSpec::spawn(
+        "com1",
+        "outboard-uart",
+        &["--output", "/dev/null"],
+    ))
+    .unwrap();
+    let base = g.fe.device("com1").unwrap().placed(0).unwrap().addr;
+    let pio = g.fe.pio().clone();
+    let pid = g.fe.device("com1").unwrap().pid().unwrap();
+    // Posted writes right before the upgrade: the old backend serves them
+    // before it saves its state, so none is lost.
+    pio.try_write(base + 7, AccessSize::B1, 0xa5).unwrap();
+    pio.try_write(base + 3, AccessSize::B1, 0x03).unwrap();
+    let held = g.fe.upgrade("com1", None).unwrap();
+    assert!(held < HANG_GUARD);
+    assert_ne!(g.fe.device("com1").unwrap().pid().unwrap(), pid);
+    assert_eq!(pio.try_read(base + 7, AccessSize::B1).unwrap(), 0xa5);
+    assert_eq!(pio.try_read(base + 3, AccessSize::B1).unwrap(), 0x03);
+    // The old backend exited cleanly.
+    assert!(!outboard_tests::alive(pid));
+    // A program that is not a UART is refused and the UART keeps serving.
+    assert!(g.fe.upgrade("com1", Some("outboard-scratch")).is_err());
 }
 
 #[test]

@@ -392,6 +392,11 @@ pub trait Device {
         Err(crate::state::Error::Unsupported)
     }
 
+    /// Stop all work of the device's own (queue threads, timers): a live
+    /// upgrade is about to save the state and hand the device to another
+    /// process. Only [`Device::save`] is called afterwards.
+    fn pause(&mut self) {}
+
     /// A number that changes whenever the state [`Device::save`] returns
     /// does (a counter is enough); the runtime commits state only then.
     fn state_generation(&self) -> u64 {

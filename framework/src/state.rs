@@ -224,6 +224,24 @@ impl Keeper {
         }
     }
 
+    /// Commits the device's state now, whatever its generation; for
+    /// SAVE_STATE.
+    pub fn save<D: Device + ?Sized>(&mut self, device: &D) -> Result<(), Error> {
+        self.armed = true;
+        self.committed = None;
+        let state = device.save().ok_or(Error::Unsupported)?;
+        let record = Snapshot {
+            kind: self.kind,
+            name: self.name.clone(),
+            version: state.version,
+            state: state.bytes,
+        }
+        .encode();
+        area::commit(self.area.bytes(), &record).map_err(Error::Area)?;
+        self.committed = Some(device.state_generation());
+        Ok(())
+    }
+
     /// Starts committing even though the area held a record (after RESET:
     /// the device starts over).
     pub fn arm(&mut self) {

@@ -144,6 +144,8 @@ impl Default for Options {
 pub struct OutboardDevice {
     pub(crate) remote: RemoteDevice,
     pub(crate) irqs: Vec<IrqLine>,
+    /// A spawned backend's arguments, for a live upgrade to another binary.
+    pub(crate) args: Option<Vec<String>>,
 }
 
 /// A vhost-user backend behind the frontend's virtio-mmio transport.

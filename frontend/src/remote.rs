@@ -151,6 +151,29 @@ impl RemoteRegion {
         *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
     }
 
+    /// Holds the region's socket: no access goes out until the guard drops
+    /// (a live upgrade holds every region of the device).
+    pub(crate) fn lock_socket(&self) -> std::sync::MutexGuard<'_, UnixStream> {
+        self.sock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`RemoteRegion::replace_socket`] through a guard already held.
+    pub(crate) fn swap_locked(
+        &self,
+        guard: &mut std::sync::MutexGuard<'_, UnixStream>,
+        sock: UnixStream,
+        control: Weak<Connection>,
+    ) {
+        if let Err(e) = sock
+            .set_read_timeout(Some(self.timeout))
+            .and_then(|()| sock.set_write_timeout(Some(self.timeout)))
+        {
+            log::warn!("{}: data socket timeouts: {e}", self.health.name());
+        }
+        **guard = sock;
+        *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
+    }
+
     fn control(&self) -> Option<Arc<Connection>> {
         self.control
             .lock()

@@ -295,7 +295,21 @@ impl<D: Device> Backend<D> {
                     .as_mut()
                     .ok_or_else(|| state_refused(crate::state::Error::NoArea))?;
                 keeper.restore(&mut self.device).map_err(state_refused)?;
+                // A paused backend whose successor failed to start resumes.
+                self.paused = false;
                 info!("state restored");
+                Ok(Reply::Ack)
+            }
+            Request::SaveState => {
+                let keeper = self
+                    .state
+                    .as_mut()
+                    .ok_or_else(|| state_refused(crate::state::Error::NoArea))?;
+                // Queued data commands were served before this request.
+                self.device.pause();
+                self.paused = true;
+                keeper.save(&self.device).map_err(state_refused)?;
+                info!("paused and state saved; serving control requests only");
                 Ok(Reply::Ack)
             }
         }

@@ -43,6 +43,9 @@ impl<D: Device> Backend<D> {
     }
 
     fn poll(&mut self, timeout_ms: i32) -> Result<Flow, Error> {
+        if self.paused {
+            return self.poll_control(timeout_ms);
+        }
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
         let n = self
             .epoll
@@ -54,6 +57,29 @@ impl<D: Device> Backend<D> {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// After SAVE_STATE: waits on the control socket alone, so doorbells,
+    /// data and device fds stay untouched for the next instance.
+    fn poll_control(&mut self, timeout_ms: i32) -> Result<Flow, Error> {
+        let mut p = libc::pollfd {
+            fd: self.control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the call only.
+        let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(Flow::Continue);
+            }
+            return Err(Error::Epoll(e));
+        }
+        if n == 0 {
+            return Ok(Flow::Continue);
+        }
+        self.serve_control()
     }
 
     fn dispatch(&mut self, tok: u64) -> Result<Flow, Error> {

@@ -101,6 +101,8 @@ pub struct Backend<D: Device> {
     watch: Option<peer::PeerWatch>,
     /// The state area, once SET_STATE_AREA gave one.
     state: Option<crate::state::Keeper>,
+    /// After SAVE_STATE: only the control socket is served.
+    paused: bool,
 }
 
 impl<D: Device> Backend<D> {
@@ -142,6 +144,7 @@ impl<D: Device> Backend<D> {
             resources,
             watch: Some(watch),
             state: None,
+            paused: false,
         })
     }
 

@@ -53,6 +53,8 @@ struct Progress {
     generation: u64,
     /// Restarts done.
     restarts: u32,
+    /// Live upgrades done.
+    upgrades: u32,
     /// No more restarts: the device failed for good or is going away.
     over: bool,
 }
@@ -63,7 +65,7 @@ pub struct Link {
     progress: Mutex<Progress>,
     changed: Condvar,
     recipe: Mutex<Recipe>,
-    spawner: Option<Spawner>,
+    spawner: Mutex<Option<Arc<Spawner>>>,
     quiet: bool,
     policy: RestartPolicy,
     timeout: Duration,
@@ -109,7 +111,7 @@ impl Link {
             progress: Mutex::default(),
             changed: Condvar::new(),
             recipe: Mutex::default(),
-            spawner,
+            spawner: Mutex::new(spawner.map(Arc::new)),
             quiet,
             policy,
             timeout,
@@ -126,7 +128,13 @@ impl Link {
 
     /// True when a dead backend is replaced.
     pub fn restartable(&self) -> bool {
-        self.spawner.is_some() && self.policy.allows(0)
+        lock(&self.spawner).is_some() && self.policy.allows(0)
+    }
+
+    /// True when the backend can be replaced at all (it was spawned): by a
+    /// restart under the policy, or by a live upgrade.
+    pub fn replaceable(&self) -> bool {
+        lock(&self.spawner).is_some()
     }
 
     /// Restarts so far.
@@ -142,7 +150,7 @@ impl Link {
     /// Creates the state area, if the backend negotiated F_STATE; returns
     /// its fd for SET_STATE_AREA.
     pub(crate) fn make_state_area(&self) -> std::io::Result<Option<RawFdHolder>> {
-        if !self.restartable() || self.conn().negotiated().features & F_STATE == 0 {
+        if !self.replaceable() || self.conn().negotiated().features & F_STATE == 0 {
             return Ok(None);
         }
         let fd = crate::memory::sealed_area("outboard-state", STATE_AREA_SIZE as u64)?;
@@ -152,7 +160,7 @@ impl Link {
     }
 
     pub(crate) fn remember_mem(&self, table: &MemTable, fds: &[std::os::fd::RawFd]) {
-        if !self.restartable() {
+        if !self.replaceable() {
             return;
         }
         let dups: Result<Vec<OwnedFd>, _> = fds
@@ -176,7 +184,7 @@ impl Link {
     }
 
     pub(crate) fn remember_irq(&self, index: u32, fd: &EventFd, resample: Option<&EventFd>) {
-        if !self.restartable() {
+        if !self.replaceable() {
             return;
         }
         // SAFETY: both eventfds are open for the duration of the call.
@@ -267,10 +275,29 @@ impl Link {
 
     /// One restart: a new backend, everything handed again, state restored.
     fn restart_once(&self) -> Result<(), backend::Error> {
-        let spawner = self
-            .spawner
-            .as_ref()
+        let spawner = lock(&self.spawner)
+            .clone()
             .ok_or(backend::Error::NotRestartable)?;
+        let (conn, swaps) = self.start_instance(&spawner)?;
+        let conn = Arc::new(conn);
+        for (region, sock) in swaps {
+            region.replace_socket(sock, Arc::downgrade(&conn));
+        }
+        let old = std::mem::replace(&mut *lock(&self.conn), conn);
+        // The old backend is dead; reaping it must not hold anything up.
+        drop(old);
+        Ok(())
+    }
+
+    /// Spawns a backend with `spawner` and hands it everything the
+    /// previous one had: the state area, the memory table, the same
+    /// doorbell and interrupt eventfds, every placed region (fresh data
+    /// sockets, returned for the caller to swap in) and RESTORE_STATE.
+    #[allow(clippy::type_complexity)]
+    fn start_instance(
+        &self,
+        spawner: &Spawner,
+    ) -> Result<(Connection, Vec<(Arc<RemoteRegion>, UnixStream)>), backend::Error> {
         let conn = Connection::spawn(spawner()?, self.quiet, self.timeout)?;
         let info = conn.device_info()?;
         let regions = (0..info.num_regions)
@@ -311,15 +338,78 @@ impl Link {
         if state && recipe.state_area.is_some() {
             conn.restore_state()?;
         }
-        drop(recipe);
+        Ok((conn, swaps))
+    }
+
+    /// Live upgrade: replaces the running backend with one started by
+    /// `spawner` (a new binary, or the same one when `None`), which also
+    /// serves later restarts. Holds every region of the device for the
+    /// whole switch, so no access is lost or reordered: the old backend
+    /// serves what was queued, pauses (SAVE_STATE) and commits its state;
+    /// the new one gets everything, restores and serves; then the old one
+    /// is shut down. Returns the blackout: how long accesses were held.
+    /// On failure the old backend resumes nothing (it is paused): the
+    /// device then restarts under its policy, or fails.
+    pub fn upgrade(&self, spawner: Option<Spawner>) -> Result<Duration, backend::Error> {
+        let spawner = match spawner {
+            Some(s) => Arc::new(s),
+            None => lock(&self.spawner)
+                .clone()
+                .ok_or(backend::Error::NotRestartable)?,
+        };
+        let regions: Vec<Arc<RemoteRegion>> = lock(&self.recipe)
+            .regions
+            .iter()
+            .filter_map(|(_, r)| r.upgrade())
+            .collect();
+        let old = self.conn();
+        let t = Instant::now();
+        // Accesses wait here until the new backend has its sockets.
+        let mut held: Vec<_> = regions.iter().map(|r| r.lock_socket()).collect();
+        let stateful = old.negotiated().features & F_STATE != 0;
+        if stateful {
+            old.save_state()?;
+        }
+        let (conn, swaps) = match self.start_instance(&spawner) {
+            Ok(started) => started,
+            Err(e) => {
+                // The old backend takes its saved state back and serves on.
+                if stateful {
+                    if let Err(e) = old.restore_state() {
+                        warn!("{}: the old backend cannot resume: {e}", self.health.name());
+                    }
+                }
+                return Err(e);
+            }
+        };
         let conn = Arc::new(conn);
         for (region, sock) in swaps {
-            region.replace_socket(sock, Arc::downgrade(&conn));
+            match regions.iter().position(|r| Arc::ptr_eq(r, &region)) {
+                Some(i) => region.swap_locked(&mut held[i], sock, Arc::downgrade(&conn)),
+                None => region.replace_socket(sock, Arc::downgrade(&conn)),
+            }
         }
-        let old = std::mem::replace(&mut *lock(&self.conn), conn);
-        // The old backend is dead; reaping it must not hold anything up.
-        drop(old);
-        Ok(())
+        *lock(&self.conn) = Arc::clone(&conn);
+        *lock(&self.spawner) = Some(spawner);
+        {
+            let mut p = lock(&self.progress);
+            p.generation += 1;
+            p.upgrades += 1;
+        }
+        drop(held);
+        let blackout = t.elapsed();
+        self.changed.notify_all();
+        info!(
+            "{}: backend upgraded; accesses held {blackout:?}",
+            self.health.name()
+        );
+        old.shutdown(self.timeout);
+        Ok(blackout)
+    }
+
+    /// Live upgrades so far.
+    pub fn upgrades(&self) -> u32 {
+        lock(&self.progress).upgrades
     }
 }
 
@@ -354,6 +444,10 @@ fn watch(weak: Weak<Link>) {
         let started = Instant::now();
         if !wait_dead(&link, &conn) {
             return;
+        }
+        if !Arc::ptr_eq(&conn, &link.conn()) {
+            // A live upgrade replaced this backend: not a death.
+            continue;
         }
         let why = conn
             .end_reason()

@@ -14,6 +14,7 @@
 
 use std::process::ExitStatus;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::info;
 use outboard_protocol::control::IRQ_LEVEL;
@@ -40,6 +41,9 @@ pub use crate::attached::Options;
 /// Errors from attaching, configuring or removing devices.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// device {0} is not a spawned Outboard backend: it cannot be upgraded
+    #[error("device {0} is not a spawned Outboard backend: it cannot be upgraded")]
+    NotUpgradable(String),
     /// device {name}
     #[error("device {name}")]
     Device {
@@ -312,6 +316,30 @@ impl Frontend {
         }
     }
 
+    /// Live upgrade of device `name`: replaces its running backend with
+    /// `program` (a name or path, with the device's arguments) or, when
+    /// `None`, the same program, under the running guest; no access is
+    /// lost (see [`crate::device::Link::upgrade`]). Returns how long the
+    /// device's accesses were held. Only spawned Outboard backends can be
+    /// upgraded.
+    pub fn upgrade(&self, name: &str, program: Option<&str>) -> Result<Duration, Error> {
+        let Attached::Outboard(d) = self.device(name)? else {
+            return Err(Error::NotUpgradable(name.to_owned()));
+        };
+        let Some(args) = d.args.clone() else {
+            return Err(Error::NotUpgradable(name.to_owned()));
+        };
+        let spawner: Option<device::Spawner> = program.map(|p| {
+            let launcher = self.options.launcher.clone();
+            let p = p.to_owned();
+            Box::new(move || launcher.command(&p, &args)) as device::Spawner
+        });
+        d.remote
+            .link()
+            .upgrade(spawner)
+            .map_err(|e| dev_err(name)(device::Error::Backend(e)))
+    }
+
     /// Starts or connects to a backend, negotiates, connects its resources
     /// and places its regions. On any error the backend is shut down and
     /// nothing stays mapped.
@@ -321,6 +349,7 @@ impl Frontend {
         }
         let name = spec.name.as_str();
         let options = self.device_options(spec);
+        let mut spawn_args = None;
         let remote = match &spec.source {
             Source::Spawn { program, args } => {
                 let mut args = args.clone();
@@ -330,6 +359,7 @@ impl Frontend {
                 let quiet = self.options.launcher.quiet_stdout;
                 let launcher = self.options.launcher.clone();
                 let program = program.clone();
+                spawn_args = Some(args.clone());
                 // The same program with the same arguments, each time the
                 // device's backend is (re)started.
                 let spawner: device::Spawner = Box::new(move || launcher.command(&program, &args));
@@ -359,6 +389,7 @@ impl Frontend {
         let mut dev = OutboardDevice {
             remote,
             irqs: Vec::new(),
+            args: spawn_args,
         };
         let result = self
             .connect_resources(&mut dev)

@@ -10,7 +10,7 @@ use super::{DeviceInfo, DoorbellInfo, IrqInfo, MemTable, RegionInfo, StatusReply
 
 /// Request codes. Code 11 is reserved for a later protocol feature and is
 /// answered with [`Status::Unsupported`]; codes 8, 9, 10, 12 and 13 need
-/// their feature negotiated, as do 14 and 15 ([`F_STATE`]).
+/// their feature negotiated, as do 14, 15 and 16 ([`F_STATE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Request {
@@ -47,6 +47,10 @@ pub enum Request {
     /// Restore the device from the state area's newest record; no payload
     /// (needs [`F_STATE`]).
     RestoreState = 15,
+    /// Pause the device (no more doorbells, device events or queue work),
+    /// commit its state to the state area and acknowledge; from then on the
+    /// backend serves control requests only (needs [`F_STATE`]).
+    SaveState = 16,
 }
 
 impl Request {
@@ -68,6 +72,7 @@ impl Request {
             13 => Request::GetIrqInfo,
             14 => Request::SetStateArea,
             15 => Request::RestoreState,
+            16 => Request::SaveState,
             other => return Err(Error::UnknownRequest(other)),
         })
     }
@@ -105,7 +110,7 @@ impl Request {
             Request::SetDoorbell | Request::GetDoorbellInfo => Some(F_DOORBELL),
             Request::SetIrq | Request::GetIrqInfo => Some(F_IRQ),
             Request::SetDirectMap => Some(F_DIRECT_MAP),
-            Request::SetStateArea | Request::RestoreState => Some(F_STATE),
+            Request::SetStateArea | Request::RestoreState | Request::SaveState => Some(F_STATE),
             _ => None,
         }
     }
