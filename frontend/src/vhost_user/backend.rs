@@ -138,12 +138,34 @@ impl Backend {
         self.chan.link()
     }
 
+    /// Tells the link what it needs to judge a loss: guest RAM, the ready
+    /// queues the driver activated, whether there is an inflight region.
+    fn publish_rings(&self) {
+        let queues = self.active.as_ref().map_or_else(Vec::new, |a| {
+            a.queues
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.ready)
+                .map(|(q, c)| (q, c.avail, c.used))
+                .collect()
+        });
+        let inflight = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+        self.link().set_rings(|r| {
+            r.ram.clone_from(&self.ram);
+            r.queues = queues;
+            r.inflight = inflight;
+        });
+    }
+
     /// GET_FEATURES, the protocol features, SET_OWNER and (with `ram`) the
     /// memory table. Returns the number of queues.
     pub(super) fn negotiate(&mut self, ram: Option<Arc<GuestRam>>) -> Result<usize, Error> {
         let (features, protocol, queues) = self.handshake()?;
         self.features = features;
         self.protocol = protocol;
+        self.publish_rings();
         if let Some(ram) = ram {
             self.set_memory(&ram)?;
         }
@@ -195,6 +217,7 @@ impl Backend {
     /// reconnected the table is only remembered: the new connection gets it.
     pub(super) fn set_memory(&mut self, ram: &Arc<GuestRam>) -> Result<(), Error> {
         self.ram = Some(Arc::clone(ram));
+        self.publish_rings();
         self.send_memory().or_else(|e| self.deferred(e))
     }
 
@@ -310,14 +333,15 @@ impl Backend {
     }
 
     /// Queue `q`'s used index in guest memory: where a backend that
-    /// crashed left it (QEMU's virtio_queue_restore_last_avail_idx). A
-    /// split ring's used entries are exactly the requests completed, so the
-    /// backend resumes at the first one it did not complete.
+    /// crashed left it (QEMU's virtio_queue_restore_last_avail_idx). The
+    /// new backend resumes there: with the inflight region it finds the
+    /// chains the old one had taken and not completed itself; without it,
+    /// [`Link::settled`] has made sure there were none.
     fn used_index(&self, q: usize, c: &QueueConfig) -> Result<u16, Error> {
         let ram = self.ram.as_ref().ok_or(Error::NoMemory)?;
         ram.memory()
             .load(GuestAddress(c.used.wrapping_add(2)), Ordering::Acquire)
-            .map_err(|source| Error::UsedIndex { queue: q, source })
+            .map_err(|source| Error::RingIndex { queue: q, source })
     }
 
     /// Sets up and enables queue `q` with the driver's layout `c`, the
@@ -375,14 +399,22 @@ impl Backend {
         // The old connection (and its watchdog) goes now.
         self.chan = chan;
         self.started.iter_mut().for_each(|s| *s = false);
-        let (features, protocol, queues) = self.handshake()?;
-        self.check_restorable(features, protocol, queues)?;
-        self.send_memory()?;
-        self.start(true)?;
-        self.chan.set_budget(None);
-        self.chan.end_probation();
-        if !link.up(self.chan.generation()) {
-            return Err(Error::HungUp);
+        let replayed = self.replay().and_then(|()| {
+            self.chan.set_budget(None);
+            self.chan.end_probation();
+            if link.up(self.chan.generation()) {
+                Ok(())
+            } else {
+                Err(Error::HungUp)
+            }
+        });
+        if let Err(e) = replayed {
+            // The new backend may have taken chains from a queue it had
+            // been given before it went away too.
+            if self.started.iter().any(|&s| s) {
+                link.settled()?;
+            }
+            return Err(e);
         }
         for (q, _) in self.started.iter().enumerate().filter(|&(_, &s)| s) {
             if let Some(k) = self.kicks.get(q) {
@@ -397,6 +429,15 @@ impl Backend {
             }
         }
         Ok(())
+    }
+
+    /// The handshake, the memory table and the activation on a new
+    /// connection.
+    fn replay(&mut self) -> Result<(), Error> {
+        let (features, protocol, queues) = self.handshake()?;
+        self.check_restorable(features, protocol, queues)?;
+        self.send_memory()?;
+        self.start(true)
     }
 
     /// The restarted backend must offer what the driver uses: every
@@ -483,6 +524,7 @@ impl TransportDevice for Backend {
             features,
             queues: queues.to_vec(),
         });
+        self.publish_rings();
         self.start(false).or_else(|e| self.deferred(e))
     }
 
@@ -493,6 +535,7 @@ impl TransportDevice for Backend {
     fn reset(&mut self) {
         self.active = None;
         self.inflight = None;
+        self.publish_rings();
         self.reset_error = self.stop().or_else(|e| self.deferred(e)).err();
         if let Some(e) = &self.reset_error {
             warn!("{}: reset: {e}", self.name);

@@ -127,12 +127,24 @@ pub enum Error {
     /// a packed ring cannot be resumed after a crash (no used index in guest memory)
     #[error("a packed ring cannot be resumed after a crash (no used index in guest memory)")]
     PackedRing,
+    /// chains were in flight on queue {queue} (available {avail}, used {used}) and the backend keeps no inflight region (INFLIGHT_SHMFD)
+    #[error(
+        "chains were in flight on queue {queue} (available {avail}, used {used}) and the backend keeps no inflight region (INFLIGHT_SHMFD)"
+    )]
+    InFlight {
+        /// Queue index.
+        queue: usize,
+        /// The driver's available index.
+        avail: u16,
+        /// The used index.
+        used: u16,
+    },
     /// the device has queues but no guest memory
     #[error("the device has queues but no guest memory")]
     NoMemory,
-    /// cannot read queue {queue}'s used index
-    #[error("cannot read queue {queue}'s used index")]
-    UsedIndex {
+    /// cannot read queue {queue}'s ring indices
+    #[error("cannot read queue {queue}'s ring indices")]
+    RingIndex {
         /// Queue index.
         queue: usize,
         /// The guest memory error.
@@ -292,6 +304,13 @@ impl VhostUserDevice {
     /// How often the frontend reconnected to a restarted backend.
     pub fn reconnects(&self) -> u32 {
         self.link.reconnects()
+    }
+
+    /// True when the backend keeps an inflight region for the frontend
+    /// (INFLIGHT_SHMFD, negotiated only with `restart = "on-failure"`), so
+    /// a restarted one resumes even with requests in flight.
+    pub fn keeps_inflight(&self) -> bool {
+        self.link.inflight()
     }
 
     /// True while the frontend is reconnecting to a lost backend.

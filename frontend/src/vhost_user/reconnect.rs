@@ -20,15 +20,19 @@
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use super::{Error, Inner};
 use crate::health::Health;
 use crate::irq::IrqLine;
+use crate::memory::GuestRam;
 use crate::restart::{RestartMode, RestartPolicy};
 
 /// A restart that lives shorter than this counts as a quick death: the
@@ -61,6 +65,18 @@ struct State {
     reconnects: u32,
 }
 
+/// The rings a lost backend was serving, as [`Link::settled`] needs them.
+#[derive(Debug, Default)]
+pub(super) struct Rings {
+    /// Guest RAM.
+    pub(super) ram: Option<Arc<GuestRam>>,
+    /// (queue, available ring, used ring) of every ready queue the driver
+    /// activated; empty while it has not.
+    pub(super) queues: Vec<(usize, u64, u64)>,
+    /// The backend keeps an inflight region (INFLIGHT_SHMFD).
+    pub(super) inflight: bool,
+}
+
 /// The state of a vhost-user device's connection, shared by the register
 /// path, the watchdogs and the recovery thread.
 #[derive(Debug)]
@@ -71,6 +87,7 @@ pub(super) struct Link {
     irq: IrqLine,
     state: Mutex<State>,
     changed: Condvar,
+    rings: Mutex<Rings>,
 }
 
 impl Link {
@@ -94,7 +111,41 @@ impl Link {
                 reconnects: 0,
             }),
             changed: Condvar::new(),
+            rings: Mutex::new(Rings::default()),
         })
+    }
+
+    /// Updates what [`Link::settled`] looks at.
+    pub(super) fn set_rings(&self, f: impl FnOnce(&mut Rings)) {
+        f(&mut self.rings.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// Whether a new backend can resume where a lost one stopped. With an
+    /// inflight region it can: the backend resubmits what the old one had
+    /// taken and not completed. Without one, the frontend cannot tell which
+    /// chains the old backend had taken and which of those it completed (a
+    /// backend may complete them out of order, as qemu-storage-daemon
+    /// does), so a new one resumes only from a settled ring: every chain
+    /// made available has been used. Otherwise [`Error::InFlight`]:
+    /// resuming could lose a request or complete one twice.
+    pub(super) fn settled(&self) -> Result<(), Error> {
+        let rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        if rings.inflight || rings.queues.is_empty() {
+            return Ok(());
+        }
+        let ram = rings.ram.as_ref().ok_or(Error::NoMemory)?;
+        let index = |queue: usize, ring: u64| -> Result<u16, Error> {
+            ram.memory()
+                .load(GuestAddress(ring.wrapping_add(2)), Ordering::Acquire)
+                .map_err(|source| Error::RingIndex { queue, source })
+        };
+        for &(queue, avail, used) in &rings.queues {
+            let (avail, used) = (index(queue, avail)?, index(queue, used)?);
+            if avail != used {
+                return Err(Error::InFlight { queue, avail, used });
+            }
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -139,10 +190,17 @@ impl Link {
         match s.phase {
             Phase::Up if self.restarts() => {
                 warn!(
-                    "device {}: vhost-user backend lost ({}); reconnecting",
+                    "device {}: vhost-user backend lost ({})",
                     self.name,
                     outboard_protocol::error_chain(why)
                 );
+                // At once, before the guest makes more chains available.
+                if let Err(e) = self.settled() {
+                    drop(s);
+                    self.fail(&e);
+                    return;
+                }
+                info!("device {}: reconnecting", self.name);
                 s.phase = Phase::Down;
                 self.changed.notify_all();
             }
@@ -200,6 +258,14 @@ impl Link {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// True when the backend keeps an inflight region (INFLIGHT_SHMFD).
+    pub(super) fn inflight(&self) -> bool {
+        self.rings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .inflight
     }
 
     /// Successful reconnections so far.
@@ -369,12 +435,30 @@ fn run(link: &Link, target: &Target) {
                     if link.closed() {
                         return;
                     }
+                    if !worth_retrying(&e) {
+                        link.fail(&e);
+                        break;
+                    }
                     quick += 1;
                     last_error = Some(e);
                 }
             }
         }
     }
+}
+
+/// False when the backend answered but cannot resume the device (another
+/// attempt would find the same backend); true when it was not there yet or
+/// went away again.
+fn worth_retrying(e: &Error) -> bool {
+    !matches!(
+        e,
+        Error::Changed(_)
+            | Error::PackedRing
+            | Error::InFlight { .. }
+            | Error::NoMemory
+            | Error::RingIndex { .. }
+    )
 }
 
 /// One attempt: connect, then replay the device's state under the
@@ -465,6 +549,36 @@ mod tests {
         l.lost(0, &Error::HungUp);
         assert!(l.begin_attempt().is_some());
         assert_eq!(l.begin_attempt(), None);
+    }
+
+    #[test]
+    fn lost_when_a_ring_is_not_settled_and_no_inflight_region_then_failed_for_good() {
+        let (l, _sink) = link(RestartPolicy::on_failure());
+        let ram = Arc::new(GuestRam::new(&[(0, 0x10000)]).unwrap_or_else(|e| panic!("{e}")));
+        // Queue 0: available ring at 0x1000, used ring at 0x2000.
+        let put = |at: u64, v: u16| {
+            ram.memory()
+                .write_obj(v, GuestAddress(at + 2))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        put(0x1000, 7);
+        put(0x2000, 7);
+        l.set_rings(|r| {
+            r.ram = Some(Arc::clone(&ram));
+            r.queues = vec![(0, 0x1000, 0x2000)];
+        });
+        assert!(l.settled().is_ok(), "every chain used");
+        put(0x1000, 9);
+        l.set_rings(|r| r.inflight = true);
+        assert!(l.settled().is_ok(), "the backend resubmits from its region");
+        l.set_rings(|r| r.inflight = false);
+        l.lost(0, &Error::HungUp);
+        assert!(!l.is_down());
+        let why = l.health().reason().unwrap_or_default();
+        assert!(
+            why.contains("in flight on queue 0 (available 9, used 7)"),
+            "{why}"
+        );
     }
 
     #[test]
