@@ -10,15 +10,18 @@
 //! into vhost-user messages with the vhost crate's frontend API:
 //!
 //! * at attach: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (REPLY_ACK, CONFIG,
-//!   MQ, RESET_DEVICE where offered), SET_OWNER, SET_MEM_TABLE with the same
-//!   memfds every Outboard backend gets;
+//!   MQ, RESET_DEVICE where offered, and INFLIGHT_SHMFD under a restart
+//!   policy), SET_OWNER, SET_MEM_TABLE with the same memfds every Outboard
+//!   backend gets;
 //! * configuration-space reads: GET_CONFIG (zeros without the CONFIG
 //!   protocol feature);
-//! * DRIVER_OK: SET_FEATURES, then per ready queue SET_VRING_NUM, _BASE,
-//!   _ADDR (guest-physical addresses: the memory table maps them 1:1),
-//!   _CALL (the device's interrupt eventfd), _KICK (the queue's doorbell
-//!   eventfd, which QueueNotify signals) and SET_VRING_ENABLE;
-//! * Status = 0: GET_VRING_BASE per started queue (stops it) and RESET_DEVICE.
+//! * DRIVER_OK: SET_FEATURES, with INFLIGHT_SHMFD GET_INFLIGHT_FD (once per
+//!   activation) and SET_INFLIGHT_FD, then per ready queue SET_VRING_NUM,
+//!   _BASE, _ADDR (guest-physical addresses: the memory table maps them
+//!   1:1), _CALL (the device's interrupt eventfd), _KICK (the queue's
+//!   doorbell eventfd, which QueueNotify signals) and SET_VRING_ENABLE;
+//! * Status = 0: GET_VRING_BASE per started queue (stops it) and
+//!   RESET_DEVICE; the inflight region is dropped.
 //!
 //! The backend signals the interrupt line itself: InterruptStatus shows the
 //! used-buffer bit while the line's count exceeds its count at the driver's
@@ -35,16 +38,20 @@
 //! backend that hangs up (or whose socket fails a request) is reconnected
 //! instead: after the policy's backoff the frontend connects to the same
 //! socket path again, negotiates, sends the memory table and, if the driver
-//! had activated the device, its features, the inflight region
-//! (INFLIGHT_SHMFD, where the backend offers it: GET_INFLIGHT_FD once per
-//! activation, SET_INFLIGHT_FD on every connection) and every ready queue,
-//! resuming at the used index in guest memory, with the same kick and call
-//! eventfds. It then kicks every queue once. Meanwhile the registers keep
-//! working (the transport is the frontend's); a configuration read, the one
-//! access that needs the backend, waits for the reconnection within the
-//! timeout. A reply overdue past the timeout, a request the backend refuses
-//! and a backend that does not come back within the policy's limit fail
-//! the device as above. docs/architecture.md ("Restart") has the details.
+//! had activated the device, its features, the inflight region (the same
+//! one) and every ready queue, resuming at the used index in guest memory,
+//! with the same kick and call eventfds; then it kicks every queue and
+//! raises the interrupt line once. Meanwhile the registers keep working
+//! (the transport is the frontend's); a configuration read, the one access
+//! that needs the backend, waits for the reconnection within the timeout.
+//! Resuming is exact only with the inflight region or from settled rings
+//! (every chain made available already used when the loss was noticed):
+//! otherwise, and when the restarted backend lacks a feature, protocol
+//! feature or queue the device uses, when a reply is overdue, when the
+//! backend refuses a request, and when it does not come back within the
+//! policy's limit, the device fails as above, with the reason logged.
+//! docs/architecture.md ("Restart: reconnecting a vhost-user backend") has
+//! the details.
 
 mod backend;
 mod reconnect;
