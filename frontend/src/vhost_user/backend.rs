@@ -58,7 +58,8 @@ struct Active {
 
 /// The inflight region the backend handed out with GET_INFLIGHT_FD: the
 /// frontend keeps it from activation to reset and hands it to every new
-/// connection with SET_INFLIGHT_FD.
+/// connection with SET_INFLIGHT_FD. The frontend never maps or reads it:
+/// its layout is the backends' business.
 struct Inflight {
     info: VhostUserInflight,
     file: File,
@@ -320,6 +321,10 @@ impl Backend {
             let (got, file) = self
                 .chan
                 .call("GET_INFLIGHT_FD", |fe| fe.get_inflight_fd(&ask))?;
+            // SAFETY: F_SETFD only changes the flags of a descriptor `file`
+            // owns and keeps open; the region must not leak into programs
+            // the VMM starts.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
             let info =
                 VhostUserInflight::new(got.mmap_size, got.mmap_offset, num_queues, queue_size);
             self.inflight = Some(Inflight { info, file });
