@@ -6,6 +6,8 @@
 //! region the test provides) and records each one with the fd it carried.
 //! It serves no ring itself: the test plays the device in guest memory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -17,6 +19,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+// vhost-user request codes.
 pub const GET_FEATURES: u32 = 1;
 pub const SET_FEATURES: u32 = 2;
 pub const SET_OWNER: u32 = 3;
