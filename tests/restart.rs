@@ -165,7 +165,19 @@ fn blk_under(how: Disruption, times: u32, sandbox: bool) {
         let Some(oldest) = slots.iter().filter_map(|s| s.busy.map(|b| b.0)).next() else {
             break;
         };
-        d.wait(0, oldest).unwrap();
+        if let Err(e) = d.wait(0, oldest) {
+            let pid = link.conn().pid();
+            panic!(
+                "request {oldest} not completed ({e:?}): generation {}, restarts {}, \
+                 backend {pid:?} alive {:?}, avail {:?}, used {:?}, status {:?}",
+                link.generation(),
+                link.restarts(),
+                pid.map(outboard_tests::alive),
+                d.avail_idx(0),
+                d.used_idx(0),
+                d.status(),
+            );
+        }
         let mut completed = vec![oldest];
         for s in &slots {
             if let Some((head, _, _)) = s.busy {

@@ -11,7 +11,7 @@ use super::{Error, Frontend};
 use crate::attached::{Attached, DeviceSpec, VhostUserAttached};
 use crate::device::PlacedRegion;
 use crate::health::Health;
-use crate::vhost_user::{VhostUserDevice, VirtioType, MMIO_SIZE};
+use crate::vhost_user::{ConnectOptions, VhostUserDevice, VirtioType, MMIO_SIZE};
 
 impl Frontend {
     /// Attaches a vhost-user backend behind a frontend-implemented
@@ -36,10 +36,13 @@ impl Frontend {
             &name,
             socket,
             ty,
-            self.ram.as_deref(),
+            self.ram.clone(),
             line.clone(),
             Health::new(&name),
-            self.options.timeout,
+            ConnectOptions {
+                timeout: self.options.timeout,
+                restart: spec.restart,
+            },
         );
         let vdev = match connected {
             Ok(d) => Arc::new(d),

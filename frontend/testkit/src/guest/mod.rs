@@ -465,6 +465,16 @@ impl VirtioMmioDriver {
         Ok(self.queues.get(q).ok_or(Error::NoQueue(q))?.avail_idx)
     }
 
+    /// Queue `q`'s used index as the device last published it in guest RAM
+    /// (chains it used so far, counted modulo 2^16).
+    pub fn used_idx(&self, q: usize) -> Result<u16, Error> {
+        let queue = self.queues.get(q).ok_or(Error::NoQueue(q))?;
+        self.ram
+            .memory()
+            .load(GuestAddress(queue.used + 2), Ordering::Acquire)
+            .map_err(Error::Memory)
+    }
+
     /// Interrupts the device raised so far.
     pub fn interrupts(&self) -> u64 {
         self.irq.count()
@@ -524,12 +534,20 @@ impl VirtioMmioDriver {
             }
             if event_idx {
                 // Ask for an interrupt at the next used entry, then look
-                // once more: one used in between would not interrupt.
-                let seen = self.queues.get(q).ok_or(Error::NoQueue(q))?.used_seen;
-                self.set_used_event(q, seen)?;
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if let Some(len) = self.poll(q, head)? {
-                    return Ok(len);
+                // once more: one used in between would not interrupt. If
+                // that look collected other chains, `used_event` is behind
+                // again (a device that already passed it stays quiet):
+                // repeat until nothing new was used.
+                loop {
+                    let seen = self.queues.get(q).ok_or(Error::NoQueue(q))?.used_seen;
+                    self.set_used_event(q, seen)?;
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if let Some(len) = self.poll(q, head)? {
+                        return Ok(len);
+                    }
+                    if self.queues.get(q).is_some_and(|x| x.used_seen == seen) {
+                        break;
+                    }
                 }
             }
             let left = deadline
