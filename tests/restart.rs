@@ -344,3 +344,44 @@ fn restart_when_policy_never_then_device_fails_as_before() {
     assert!(pio.try_read(base + 7, AccessSize::B1).is_err());
     assert!(g.fe.device("com1").unwrap().is_failed());
 }
+
+#[test]
+fn outboard_run_when_script_kills_and_upgrades_the_uart_then_registers_survive_both() {
+    let dir = std::env::temp_dir().join(format!("outboard-restart-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("uart.toml");
+    std::fs::write(
+        &config,
+        "[[device]]\nname = \"com1\"\nbackend = \"outboard-uart\"\n\
+         args = [\"--output\", \"/dev/null\"]\nrestart = \"on-failure\"\n",
+    )
+    .unwrap();
+    let script = dir.join("script.txt");
+    std::fs::write(
+        &script,
+        "write pio 0x3ff 1 0x5a\nexpect pio 0x3ff 1 0x5a\nkill com1\n\
+         expect pio 0x3ff 1 0x5a\nupgrade com1\nexpect pio 0x3ff 1 0x5a\n\
+         write pio 0x3ff 1 0x42\nupgrade com1 outboard-uart\nexpect pio 0x3ff 1 0x42\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(outboard_tests::bin("outboard"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--script")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("com1 upgraded; accesses held").count(),
+        2,
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

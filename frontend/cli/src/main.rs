@@ -101,6 +101,10 @@ struct RunArgs {
     /// Run spawned backends unconfined (for debugging; see docs/security.md).
     #[arg(long)]
     no_sandbox: bool,
+    /// Restart policy for every spawned backend: "never" or "on-failure"
+    /// (overrides the config; see docs/architecture.md, "Restart").
+    #[arg(long, value_name = "never|on-failure")]
+    restart: Option<outboard_frontend::RestartMode>,
 }
 
 pub(crate) fn options(timeout: Duration) -> Options {
@@ -181,6 +185,7 @@ fn run(args: RunArgs) -> Result<(), AnyError> {
         timeout_ms,
         ram_mb,
         no_sandbox,
+        restart,
     } = args;
     let mut cfg = match &config {
         Some(p) => Config::load(p)?,
@@ -226,6 +231,11 @@ fn run(args: RunArgs) -> Result<(), AnyError> {
     if no_sandbox {
         for d in &mut cfg.devices {
             d.sandbox = false;
+        }
+    }
+    if let Some(mode) = restart {
+        for d in &mut cfg.devices {
+            d.restart.mode = mode;
         }
     }
     let timeout = timeout_ms

@@ -14,6 +14,8 @@
 //! reset  DEVICE
 //! place  DEVICE INDEX [ADDR]
 //! remove DEVICE INDEX ADDR
+//! upgrade DEVICE [PROGRAM]             live upgrade: the same or another backend binary
+//! kill   DEVICE                        SIGKILL the device's backend (try a restart policy)
 //! devices                              print the device and region map
 //! ```
 
@@ -233,6 +235,31 @@ fn step(fe: &mut Frontend, l: &Line<'_>, out: &mut dyn Write) -> Result<(), Erro
             let index = u32::try_from(l.num(2, "index")?).map_err(|_| l.err("index too large"))?;
             fe.remove_region(name, index, l.num(3, "address")?)
                 .map_err(device)?;
+        }
+        "upgrade" => {
+            let name = l.word(1, "device")?;
+            let program = l.words.get(2).copied();
+            let held = fe.upgrade(name, program).map_err(device)?;
+            writeln!(
+                out,
+                "{name} upgraded; accesses held {} us",
+                held.as_micros()
+            )
+            .map_err(Error::Io)?;
+        }
+        "kill" => {
+            let name = l.word(1, "device")?;
+            let pid = fe
+                .device(name)
+                .map_err(device)?
+                .pid()
+                .ok_or_else(|| l.err(format!("device {name} has no process of ours")))?;
+            let pid = libc::pid_t::try_from(pid).map_err(|_| l.err("pid out of range"))?;
+            // SAFETY: kill sends a signal to the backend this frontend
+            // spawned (its serving process); nothing else is touched.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
+                return Err(l.err(format!("kill {pid}: {}", std::io::Error::last_os_error())));
+            }
         }
         "devices" => print_map(fe, out).map_err(Error::Io)?,
         other => return Err(l.err(format!("unknown command {other:?}"))),
