@@ -321,7 +321,10 @@ mod tests {
             .collect();
         assert_eq!(
             words,
-            ["read", "write", "expect", "puts", "repeat", "reset", "place", "remove", "devices"]
+            [
+                "read", "write", "expect", "puts", "repeat", "reset", "place", "remove", "upgrade",
+                "kill", "devices"
+            ]
         );
         let mut fe = Frontend::new(crate::Options::default());
         for w in words {
