@@ -298,6 +298,19 @@ impl Link {
         &self,
         spawner: &Spawner,
     ) -> Result<(Connection, Vec<(Arc<RemoteRegion>, UnixStream)>), backend::Error> {
+        let (conn, swaps) = self.prepare_instance(spawner)?;
+        self.finish_instance(&conn)?;
+        Ok((conn, swaps))
+    }
+
+    /// The part of [`Link::start_instance`] that may run while the old
+    /// backend still serves: everything but the doorbells (which the old
+    /// one must go on reading) and RESTORE_STATE.
+    #[allow(clippy::type_complexity)]
+    fn prepare_instance(
+        &self,
+        spawner: &Spawner,
+    ) -> Result<(Connection, Vec<(Arc<RemoteRegion>, UnixStream)>), backend::Error> {
         let conn = Connection::spawn(spawner()?, self.quiet, self.timeout)?;
         let info = conn.device_info()?;
         let regions = (0..info.num_regions)
@@ -314,9 +327,6 @@ impl Link {
         if let Some((table, fds)) = &recipe.mem {
             let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
             conn.set_mem_table(table, &raw)?;
-        }
-        for (index, fd) in &recipe.doorbells {
-            conn.set_doorbell(*index, fd.as_raw_fd())?;
         }
         for (index, fd, resample) in &recipe.irqs {
             conn.set_irq(
@@ -335,10 +345,20 @@ impl Link {
             drop(theirs);
             swaps.push((region, ours));
         }
-        if state && recipe.state_area.is_some() {
+        Ok((conn, swaps))
+    }
+
+    /// The doorbells, then RESTORE_STATE: from here on the new backend
+    /// serves (a restored virtio device serves every queue at once).
+    fn finish_instance(&self, conn: &Connection) -> Result<(), backend::Error> {
+        let recipe = lock(&self.recipe);
+        for (index, fd) in &recipe.doorbells {
+            conn.set_doorbell(*index, fd.as_raw_fd())?;
+        }
+        if conn.negotiated().features & F_STATE != 0 && recipe.state_area.is_some() {
             conn.restore_state()?;
         }
-        Ok((conn, swaps))
+        Ok(())
     }
 
     /// Live upgrade: replaces the running backend with one started by
@@ -363,6 +383,9 @@ impl Link {
             .filter_map(|(_, r)| r.upgrade())
             .collect();
         let old = self.conn();
+        // The new backend starts and gets everything but the doorbells
+        // while the old one still serves.
+        let (conn, swaps) = self.prepare_instance(&spawner)?;
         let t = Instant::now();
         // Accesses wait here until the new backend has its sockets.
         let mut held: Vec<_> = regions.iter().map(|r| r.lock_socket()).collect();
@@ -370,8 +393,8 @@ impl Link {
         if stateful {
             old.save_state()?;
         }
-        let (conn, swaps) = match self.start_instance(&spawner) {
-            Ok(started) => started,
+        match self.finish_instance(&conn) {
+            Ok(()) => {}
             Err(e) => {
                 // The old backend takes its saved state back and serves on.
                 if stateful {
@@ -381,7 +404,7 @@ impl Link {
                 }
                 return Err(e);
             }
-        };
+        }
         let conn = Arc::new(conn);
         for (region, sock) in swaps {
             match regions.iter().position(|r| Arc::ptr_eq(r, &region)) {
@@ -449,10 +472,12 @@ fn watch(weak: Weak<Link>) {
             // A live upgrade replaced this backend: not a death.
             continue;
         }
-        let why = conn
-            .end_reason()
-            .unwrap_or_else(|| "control socket closed".into());
-        drop(conn);
+        // Why it ended is asked only once the new backend serves: the old
+        // one's exit status and last stderr line can take a while to come.
+        let why = || {
+            conn.end_reason()
+                .unwrap_or_else(|| "control socket closed".into())
+        };
         quick = if started.elapsed() < Duration::from_secs(1) {
             quick + 1
         } else {
@@ -469,7 +494,7 @@ fn watch(weak: Weak<Link>) {
                     link.health.name(),
                     link.policy.limit
                 );
-                link.health.fail(&backend::Error::RestartLimit(why.clone()));
+                link.health.fail(&backend::Error::RestartLimit(why()));
                 link.close();
                 return;
             }
@@ -481,14 +506,15 @@ fn watch(weak: Weak<Link>) {
             match result {
                 Ok(()) => {
                     p.generation += 1;
-                    info!(
-                        "{}: backend restarted in {:?} ({why}); restart {}",
-                        link.health.name(),
-                        t.elapsed(),
-                        p.restarts
-                    );
+                    let restarts = p.restarts;
                     drop(p);
                     link.changed.notify_all();
+                    info!(
+                        "{}: backend restarted in {:?} ({}); restart {restarts}",
+                        link.health.name(),
+                        t.elapsed(),
+                        why()
+                    );
                     break;
                 }
                 Err(e) => {

@@ -16,7 +16,7 @@ use super::*;
 /// One block-device setup under test.
 pub(super) struct BlkSetup {
     label: &'static str,
-    fe: Frontend,
+    pub(super) fe: Frontend,
     alloc: GuestAllocator,
     driver: VirtioMmioDriver,
     /// Queues the driver uses.
@@ -25,6 +25,9 @@ pub(super) struct BlkSetup {
 }
 
 pub(super) const IMAGE_SECTORS: u64 = 128 << 11; // 128 MiB
+
+/// The ioregionfd setup under `restart = "on-failure"` (no backoff).
+pub(super) const RESTARTABLE: &str = "outboard-virtio-blk (ioregionfd, restart on-failure)";
 
 /// The ioregionfd setup with the backend unconfined (`--no-sandbox`).
 const UNCONFINED: &str = "outboard-virtio-blk (ioregionfd, --no-sandbox)";
@@ -49,6 +52,16 @@ pub(super) fn blk_setup(
                 "outboard-virtio-blk",
                 &["--path", &path],
             ))?;
+        }
+        RESTARTABLE => {
+            fe.attach(
+                &DeviceSpec::spawn("blk", "outboard-virtio-blk", &["--path", &path]).restart(
+                    outboard_frontend::RestartPolicy {
+                        backoff: std::time::Duration::ZERO,
+                        ..outboard_frontend::RestartPolicy::on_failure()
+                    },
+                ),
+            )?;
         }
         UNCONFINED => {
             fe.attach(

@@ -19,11 +19,13 @@ use crate::AnyError;
 mod fig_blk;
 mod fig_kvm;
 mod fig_linux;
+mod fig_restart;
 mod fig_scale;
 
 use fig_blk::blk_figures;
 use fig_kvm::kvm_figures;
 use fig_linux::linux_figures;
+use fig_restart::restart_figures;
 use fig_scale::scale_figures;
 
 /// Sizes of one run.
@@ -563,6 +565,9 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
 
     // (7) virtio-blk 4 KiB random I/O at QD 1 and 16.
     blk_figures(&mut r, &plan, options.clone())?;
+
+    // (10) Replacing a backend under load: live upgrade and restart.
+    restart_figures(&mut r, &plan, options.clone())?;
 
     // (8) Footprint and scale.
     scale_figures(&mut r, &plan, options.clone())?;
