@@ -385,3 +385,90 @@ fn outboard_run_when_script_kills_and_upgrades_the_uart_then_registers_survive_b
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A memfd of `len` bytes, sealed against shrinking if `seal`.
+fn memfd(len: u64, seal: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: (test) a NUL-terminated name, plain flags.
+    let fd = unsafe { libc::memfd_create(c"state".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: (test) memfd_create returned it; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::fs::File::from(fd.try_clone().unwrap())
+        .set_len(len)
+        .unwrap();
+    if seal {
+        // SAFETY: (test) adds a seal to our memfd.
+        assert_eq!(
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+            0
+        );
+    }
+    fd
+}
+
+#[test]
+fn state_requests_when_area_bad_missing_or_corrupt_then_refused_and_backend_serves_on() {
+    use outboard_protocol::control::{Request, Status};
+    use outboard_tests::{call, connect, error_status, hello, spawn_listening};
+    use std::os::fd::AsRawFd;
+
+    let (mut child, path) = spawn_listening("outboard-uart", &["--output", "/dev/null"]);
+    let ch = connect(&path);
+    hello(&ch);
+    // No area yet: nothing to restore from, nothing to save into.
+    let m = call(&ch, Request::RestoreState, &[], &[]);
+    assert_eq!(error_status(&m), Some(Status::DeviceError));
+    let m = call(&ch, Request::SaveState, &[], &[]);
+    assert_eq!(error_status(&m), Some(Status::DeviceError));
+    // An area that could shrink under the backend, or is too small.
+    let unsealed = memfd(65536, false);
+    let m = call(&ch, Request::SetStateArea, &[], &[unsealed.as_raw_fd()]);
+    assert_eq!(error_status(&m), Some(Status::BadFd));
+    let small = memfd(1024, true);
+    let m = call(&ch, Request::SetStateArea, &[], &[small.as_raw_fd()]);
+    assert_eq!(error_status(&m), Some(Status::BadFd));
+    // An area whose newest record is corrupt: the slot fails its CRC, so
+    // the area reads as holding no record and the device stays fresh.
+    let area = memfd(65536, true);
+    let mut bytes = vec![0u8; 65536];
+    bytes[..8].copy_from_slice(b"OBSTATE\0");
+    bytes[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    bytes[64..72].copy_from_slice(&5u64.to_ne_bytes());
+    bytes[72..76].copy_from_slice(&4u32.to_ne_bytes());
+    bytes[76..80].copy_from_slice(&0xdead_beefu32.to_ne_bytes());
+    bytes[80..84].copy_from_slice(b"OBSN");
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::from(area.try_clone().unwrap()),
+        &bytes,
+        0,
+    )
+    .unwrap();
+    let m = call(&ch, Request::SetStateArea, &[], &[area.as_raw_fd()]);
+    assert_eq!(error_status(&m), None);
+    let m = call(&ch, Request::RestoreState, &[], &[]);
+    assert_eq!(error_status(&m), None, "no valid record: a fresh device");
+    // A valid record of another device: refused with DeviceError.
+    let record = outboard_protocol::state::Snapshot {
+        kind: 2,
+        name: "virtio-blk".into(),
+        version: 1,
+        state: vec![],
+    }
+    .encode();
+    outboard_protocol::state::commit(&mut bytes, &record).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::from(area.try_clone().unwrap()),
+        &bytes,
+        0,
+    )
+    .unwrap();
+    let m = call(&ch, Request::RestoreState, &[], &[]);
+    assert_eq!(error_status(&m), Some(Status::DeviceError));
+    // The backend serves on.
+    let m = call(&ch, Request::GetDeviceInfo, &[], &[]);
+    assert_eq!(error_status(&m), None);
+    let m = call(&ch, Request::Shutdown, &[], &[]);
+    assert_eq!(error_status(&m), None);
+    assert!(child.wait().unwrap().success());
+}

@@ -251,7 +251,10 @@ impl Keeper {
     /// Restores `device` from the newest record; from then on its state
     /// is committed.
     pub fn restore<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<(), Error> {
-        let record = match area::latest(self.area.bytes()) {
+        // A copy: the frontend maps the area too, and what is checked must
+        // be what is decoded.
+        let copy = self.area.bytes().to_vec();
+        let record = match area::latest(&copy) {
             Ok(r) => r,
             Err(area::Error::Empty) => {
                 // The previous instance never changed state: power-on it is.
@@ -280,6 +283,115 @@ impl Keeper {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
+
+    /// A memfd of `len` bytes, sealed against shrinking if `seal`.
+    fn memfd(len: u64, seal: bool) -> OwnedFd {
+        // SAFETY: a NUL-terminated name; flags are plain integers.
+        let fd = unsafe { libc::memfd_create(c"state-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0);
+        // SAFETY: memfd_create returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        File::from(fd.try_clone().unwrap()).set_len(len).unwrap();
+        if seal {
+            // SAFETY: only adds seals to the memfd we own.
+            assert_eq!(
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+                0
+            );
+        }
+        fd
+    }
+
+    /// A device with one byte of state.
+    #[derive(Default)]
+    struct Counter {
+        value: u8,
+        generation: u64,
+    }
+
+    impl Device for Counter {
+        fn describe(&self) -> crate::DeviceDescription {
+            crate::DeviceDescription::new("counter")
+        }
+        fn read(&mut self, _: crate::Access) -> u64 {
+            u64::from(self.value)
+        }
+        fn write(&mut self, _: crate::Access, v: u64) {
+            self.value = v as u8;
+            self.generation += 1;
+        }
+        fn reset(&mut self) {}
+        fn save(&self) -> Option<DeviceState> {
+            Some(DeviceState {
+                version: 3,
+                bytes: vec![self.value],
+            })
+        }
+        fn restore(&mut self, s: &DeviceState) -> Result<(), Error> {
+            if s.version != 3 {
+                return Err(Error::Version {
+                    found: s.version,
+                    supported: 3,
+                });
+            }
+            self.value = *s.bytes.first().ok_or(Error::Invalid("empty"))?;
+            Ok(())
+        }
+        fn state_generation(&self) -> u64 {
+            self.generation
+        }
+    }
+
+    #[test]
+    fn keeper_when_area_unsealed_or_too_small_then_bad_area() {
+        assert!(matches!(
+            Keeper::new(memfd(65536, false), "c", 1),
+            Err(Error::BadArea)
+        ));
+        assert!(matches!(
+            Keeper::new(memfd(1024, true), "c", 1),
+            Err(Error::BadArea)
+        ));
+    }
+
+    #[test]
+    fn keeper_when_state_changes_then_next_instance_restores_it() {
+        let area = memfd(65536, true);
+        let (mut k, had) = Keeper::new(area.try_clone().unwrap(), "c", 1).unwrap();
+        assert!(!had);
+        let mut d = Counter::default();
+        d.write(crate::Access::new(0, 0, crate::AccessSize::B1), 7);
+        k.keep(&d);
+        // The next instance: the record is there; its own power-on state
+        // is not committed over it before it restores.
+        let (mut k2, had) = Keeper::new(area.try_clone().unwrap(), "c", 1).unwrap();
+        assert!(had);
+        let fresh = Counter::default();
+        k2.keep(&fresh);
+        let mut d2 = Counter::default();
+        k2.restore(&mut d2).unwrap();
+        assert_eq!(d2.value, 7);
+    }
+
+    #[test]
+    fn keeper_when_record_is_another_devices_then_refused() {
+        let area = memfd(65536, true);
+        let (mut k, _) = Keeper::new(area.try_clone().unwrap(), "c", 1).unwrap();
+        let mut d = Counter::default();
+        d.write(crate::Access::new(0, 0, crate::AccessSize::B1), 7);
+        k.keep(&d);
+        let (mut other, _) = Keeper::new(area.try_clone().unwrap(), "d", 1).unwrap();
+        assert!(matches!(
+            other.restore(&mut Counter::default()),
+            Err(Error::Area(area::Error::OtherDevice { .. }))
+        ));
+        let (mut kind, _) = Keeper::new(area, "c", 2).unwrap();
+        assert!(matches!(
+            kind.restore(&mut Counter::default()),
+            Err(Error::Area(area::Error::OtherDevice { .. }))
+        ));
+    }
 
     #[test]
     fn writer_when_fields_written_then_reader_reads_them_back() {

@@ -176,7 +176,9 @@ pub fn latest(area: &[u8]) -> Result<&[u8], Error> {
     let (slot, _) = newest(area).ok_or(Error::Empty)?;
     let at = HEADER_SIZE + slot * slot_size(area.len());
     let len = u32_at(area, at + 8) as usize;
-    Ok(&area[at + SLOT_HEADER..at + SLOT_HEADER + len])
+    // Checked again: whoever else maps the area may have changed it.
+    area.get(at + SLOT_HEADER..at + SLOT_HEADER + len)
+        .ok_or(Error::Corrupt("record length changed under the reader"))
 }
 
 /// A device's saved state with what identifies it.
