@@ -399,10 +399,8 @@ fn memfd(len: u64, seal: bool) -> std::os::fd::OwnedFd {
         .unwrap();
     if seal {
         // SAFETY: (test) adds a seal to our memfd.
-        assert_eq!(
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-            0
-        );
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(rc, 0);
     }
     fd
 }

@@ -295,10 +295,8 @@ mod tests {
         File::from(fd.try_clone().unwrap()).set_len(len).unwrap();
         if seal {
             // SAFETY: only adds seals to the memfd we own.
-            assert_eq!(
-                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-                0
-            );
+            let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(rc, 0);
         }
         fd
     }
