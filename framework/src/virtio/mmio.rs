@@ -50,6 +50,10 @@ struct DeviceSide<D> {
     /// Set while a restore activates the queues: each starts at the used
     /// index in guest memory instead of 0.
     resuming: bool,
+    /// Per queue served in the event loop: the used index up to which the
+    /// driver has been sent a used-buffer interrupt (saved, so a restored
+    /// device raises exactly the interrupt its predecessor still owed).
+    signalled: Vec<Option<u16>>,
 }
 
 /// One activated queue: served in the event loop, or on its own thread.
@@ -86,6 +90,54 @@ fn build_queue(index: usize, c: &QueueConfig, event_idx: bool) -> Result<Queue, 
         return Err(QueueError::Layout(index));
     }
     Ok(q)
+}
+
+impl<D: VirtioDevice> DeviceSide<D> {
+    /// After a restore: whether the driver may be owed a used-buffer
+    /// interrupt the previous instance did not raise. With EVENT_IDX, when
+    /// some ready queue's used index has gone past the driver's
+    /// `used_event`, by less than the queue size (an interrupt already
+    /// raised for it is raised again,
+    /// which a driver tolerates; one it asked for further ahead is not);
+    /// without, unless every ready queue's driver set
+    /// VRING_AVAIL_F_NO_INTERRUPT. Unreadable rings count as owed.
+    fn interrupt_owed(&self, queues: &[QueueConfig], event_idx: bool) -> bool {
+        let signalled = |i: usize| self.signalled.get(i).copied().flatten();
+        let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
+            return false;
+        };
+        let read = |addr: u64| -> Option<u16> {
+            vm_memory::Bytes::read_obj::<u16>(&*mem, vm_memory::GuestAddress(addr)).ok()
+        };
+        queues
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.ready)
+            .any(|(i, c)| {
+                if event_idx {
+                    let used_event = c
+                        .avail
+                        .checked_add(4 + 2 * u64::from(c.size))
+                        .and_then(read);
+                    let used = c.used.checked_add(2).and_then(read);
+                    match (used_event, used) {
+                        // Past it by less than a ring: a used index cannot lead
+                        // what the driver last saw by more than the queue size,
+                        // so anything further is a used_event set far ahead.
+                        (Some(e), Some(u)) => {
+                            // Where the predecessor last interrupted: the
+                            // standard vring_need_event test from there, or
+                            // (not known) anything behind by less than a ring.
+                            let since = signalled(i).map_or(c.size, |old| u.wrapping_sub(old));
+                            u.wrapping_sub(e).wrapping_sub(1) < since
+                        }
+                        _ => true,
+                    }
+                } else {
+                    read(c.avail).is_none_or(|flags| flags & 1 == 0)
+                }
+            })
+    }
 }
 
 impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
@@ -137,6 +189,9 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
             }
         }
         self.queues.clear();
+        if !self.resuming {
+            self.signalled = vec![None; queues.len()];
+        }
         self.device.activate(features);
         // Threads pay off only when queues can run in parallel; a single
         // ready queue is served in the event loop without the extra hop.
@@ -167,6 +222,7 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
     fn reset(&mut self) {
         // Joins every queue thread before the device forgets its state.
         self.queues.clear();
+        self.signalled.clear();
         self.signals.clear();
         self.device.reset();
     }
@@ -190,7 +246,14 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
             return Err(QueueError::Chain("queue rings outside guest memory"));
         }
         let used = self.device.process_queue(usize::from(index), queue, &mem)?;
-        Ok(used && queue.needs_notification(&*mem).unwrap_or(true))
+        let notify = used && queue.needs_notification(&*mem).unwrap_or(true);
+        if notify {
+            let at = queue.next_used();
+            if let Some(s) = self.signalled.get_mut(usize::from(index)) {
+                *s = Some(at);
+            }
+        }
+        Ok(notify)
     }
 
     fn interrupt(&mut self, _bits: u32) {
@@ -224,6 +287,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             memory: None,
             signals: Arc::default(),
             resuming: false,
+            signalled: Vec::new(),
         };
         VirtioMmio {
             transport: MmioTransport::new(&side),
@@ -321,6 +385,11 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
                 .u64(q.used);
         }
         w.blob(&self.side.device.save_state());
+        // Where each queue last raised its interrupt (see interrupt_owed).
+        for i in 0..r.queues.len() {
+            let s = self.side.signalled.get(i).copied().flatten();
+            w.u8(u8::from(s.is_some())).u16(s.unwrap_or(0));
+        }
         Some(DeviceState {
             version: STATE_VERSION,
             bytes: w.bytes,
@@ -355,6 +424,12 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
             });
         }
         let device_state = read_blob(&mut r)?;
+        let mut signalled = Vec::with_capacity(queues.len());
+        for _ in 0..queues.len() {
+            let known = r.u8().map_err(area)? != 0;
+            let at = r.u16().map_err(area)?;
+            signalled.push(known.then_some(at));
+        }
         r.end().map_err(area)?;
         // Back to the power-on state first: no queue of this instance runs
         // on the old layout.
@@ -377,6 +452,7 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
         }
         if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.side.resuming = true;
+            self.side.signalled = signalled;
             let activated = self.side.activate(driver_features, &queues);
             self.side.resuming = false;
             if let Err(e) = activated {
@@ -388,9 +464,13 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
                 self.transport.set_needs_reset(&mut self.side);
                 return Ok(());
             }
-            // Interrupts the previous instance raised may not have reached
-            // the driver: one more is harmless. Then serve what queued up.
-            self.transport.raise(&mut self.side, VIRTIO_MMIO_INT_VRING);
+            // The previous instance may have used buffers without raising
+            // the interrupt: raise it where the driver asked for one.
+            let event_idx = driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+            if self.side.interrupt_owed(&queues, event_idx) {
+                self.transport.raise(&mut self.side, VIRTIO_MMIO_INT_VRING);
+            }
+            // Then serve what queued up while no backend ran.
             for q in 0..queues.len() {
                 self.kick(q);
             }
@@ -405,8 +485,13 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
     }
 
     fn state_generation(&self) -> u64 {
+        // Each interrupt moves a queue's signalled index: part of the state.
+        let signalled = self.side.signalled.iter().fold(0u64, |acc, s| {
+            acc.wrapping_add(u64::from(s.map_or(0, |v| v)) + 1)
+        });
         self.generation
             .wrapping_add(self.side.device.state_generation())
+            .wrapping_add(signalled << 32)
     }
 
     fn init(&mut self, ops: &EventOps) -> io::Result<()> {
