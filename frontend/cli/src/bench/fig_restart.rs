@@ -51,6 +51,50 @@ pub(super) fn restart_figures(
         attach_ns.push(t.elapsed().as_nanos() as u64);
         fe.shutdown();
     }
+    // 10k: what keeping the state costs (a commit into the state area
+    // whenever an interrupt moves a queue's signalled index), QD1, the same
+    // device with and without a restart policy, alternating who goes first.
+    let mut kept = blk_setup(RESTARTABLE, options.clone(), &image, 1)?;
+    let mut plain = blk_setup(
+        "outboard-virtio-blk (ioregionfd)",
+        options.clone(),
+        &image,
+        1,
+    )?;
+    let loads = [(false, "randread"), (true, "randwrite")];
+    let mut samples = vec![(Vec::new(), Vec::new()); loads.len()];
+    for round in 0..4u64 {
+        for (k, &(write, _)) in loads.iter().enumerate() {
+            let seed = 0xc0de + round * 4 + k as u64;
+            let ops = plan.blk_ops / 2;
+            if round % 2 == 0 {
+                samples[k].0.push(blk_iops(&mut kept, ops, 1, write, seed)?);
+                samples[k]
+                    .1
+                    .push(blk_iops(&mut plain, ops, 1, write, seed)?);
+            } else {
+                samples[k]
+                    .1
+                    .push(blk_iops(&mut plain, ops, 1, write, seed)?);
+                samples[k].0.push(blk_iops(&mut kept, ops, 1, write, seed)?);
+            }
+        }
+    }
+    kept.fe.shutdown();
+    plain.fe.shutdown();
+    for ((on, off), (_, name)) in samples.into_iter().zip(loads) {
+        let (on, off) = (median(on), median(off));
+        r.add(Figure {
+            id: "10k",
+            name: format!("virtio-blk 4K {name} QD1, state kept (restart on-failure)"),
+            value: on,
+            unit: "IOPS",
+            p99: None,
+            baseline: Some(("the same, restart never".into(), off)),
+            ratio: Some(on / off),
+            target: None,
+        });
+    }
     let mut s = blk_setup(RESTARTABLE, options, &image, 1)?;
     let dev = s.fe.device("blk")?;
     let link = Arc::clone(dev.remote().ok_or("not an Outboard device")?.link());
