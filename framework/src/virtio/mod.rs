@@ -43,6 +43,7 @@ use virtio_queue::Queue;
 
 use crate::events::EventOps;
 
+pub mod inflight;
 mod mmio;
 mod queue;
 mod worker;
