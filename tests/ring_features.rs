@@ -432,8 +432,7 @@ fn vhost_user_when_frontend_acks_unoffered_feature_then_clear_error_and_next_fro
     use vhost::vhost_user::Frontend;
     use vhost::VhostBackend;
 
-    let (mut b, sock, log) =
-        outboard_tests::outboard_vhost_user_logged("outboard-virtio-rng", &[]);
+    let (mut b, sock, log) = outboard_tests::outboard_vhost_user_logged("outboard-virtio-rng", &[]);
     let connect = || {
         let deadline = Instant::now() + HANG_GUARD;
         loop {

@@ -13,9 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use outboard_tests::{
-    outboard_vhost_user_logged, wait_exit, wait_for_text, Reaped, HANG_GUARD,
-};
+use outboard_tests::{outboard_vhost_user_logged, wait_exit, wait_for_text, Reaped, HANG_GUARD};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -192,8 +190,8 @@ fn vhost_user_when_40_fds_then_refused_the_payload_never_runs_and_the_next_front
 }
 
 #[test]
-fn vhost_user_when_kick_replaced_and_old_one_rung_then_still_serving_and_the_next_frontend_served(
-) {
+fn vhost_user_when_kick_replaced_and_old_one_rung_then_still_serving_and_the_next_frontend_served()
+{
     let (mut b, mut s) = backend("outboard-virtio-rng");
     let mem = memfd();
     let (kick, call, kick2) = (

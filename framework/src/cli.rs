@@ -257,7 +257,7 @@ where
             let confined = cli
                 .backend
                 .sandboxed()
-                .then(|| move || confine(program, Policy { syscalls }));
+                .then_some(move || confine(program, Policy { syscalls }));
             serve_vhost_user(program, device, path, confined)
         }
         (_, device) => finish(program, &cli.backend, device.map(VirtioMmio::new)),

@@ -219,7 +219,7 @@ impl Area {
                 need,
             });
         }
-        if d.mmap_offset % 4096 != 0 {
+        if !d.mmap_offset.is_multiple_of(4096) {
             return Err(Error::Offset(d.mmap_offset));
         }
         // SAFETY: F_GET_SEALS only reads the seals of an fd we own.

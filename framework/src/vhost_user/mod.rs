@@ -555,16 +555,19 @@ fn session<D: VirtioDevice + Send + 'static>(
     Ok(verdict.and(result))
 }
 
+/// A session daemon's epoll handler.
+type Handler<D> = VringEpollHandler<Arc<Adapter<D>>>;
+
 /// A device's [`EventOps`] over the daemon's epoll handler: device id `n`
 /// is listener `first + n` (the ids up to the number of queues are the
 /// daemon's own).
 struct Listeners<D: VirtioDevice + Send + 'static> {
-    handler: Weak<VringEpollHandler<Arc<Adapter<D>>>>,
+    handler: Weak<Handler<D>>,
     first: u64,
 }
 
 impl<D: VirtioDevice + Send + 'static> Listeners<D> {
-    fn listener(&self, id: u32) -> io::Result<(Arc<VringEpollHandler<Arc<Adapter<D>>>>, u64)> {
+    fn listener(&self, id: u32) -> io::Result<(Arc<Handler<D>>, u64)> {
         let handler = self
             .handler
             .upgrade()
