@@ -21,7 +21,7 @@
 //! With the INFLIGHT_SHMFD protocol feature (offered to every frontend) the
 //! heads each queue has in flight are recorded in a shared area the
 //! frontend keeps across reconnections, and a session that is handed an
-//! area a previous backend used resubmits them first ([`inflight`]).
+//! area a previous backend used resubmits them first (`inflight.rs`).
 //!
 //! vhost-user has no DEVICE_NEEDS_RESET without the STATUS protocol
 //! feature, so a queue the device cannot process is logged and left alone
