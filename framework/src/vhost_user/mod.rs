@@ -244,14 +244,17 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
         mem: &crate::virtio::Memory,
     ) {
         let name = &self.shared.name;
+        let base = queue.next_avail();
         match log.start(queue, mem) {
             Ok(Start::Fresh) => {}
-            Ok(Start::Resumed { used, heads }) if heads.is_empty() => {
-                info!("{name}: queue {index} resumes at {used}, nothing in flight");
-            }
-            Ok(Start::Resumed { used, heads }) => {
-                info!("{name}: queue {index} resumes at {used}, resubmitting heads {heads:?}")
-            }
+            Ok(Start::Resumed { used, heads }) if heads.is_empty() => info!(
+                "{name}: queue {index} resumes at {used} (SET_VRING_BASE said {base}), \
+                 nothing in flight"
+            ),
+            Ok(Start::Resumed { used, heads }) => info!(
+                "{name}: queue {index} resumes at {used} (SET_VRING_BASE said {base}), \
+                 resubmitting heads {heads:?}"
+            ),
             Ok(Start::Mismatch { used, why }) => warn!(
                 "{name}: queue {index}: the inflight area does not match the ring ({why}); \
                  cleared, serving again from {used}"
