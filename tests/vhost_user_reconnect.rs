@@ -281,9 +281,17 @@ impl Area {
 fn vhost_user_when_next_session_gets_an_area_with_a_head_in_flight_then_served_first_and_once() {
     let sectors = 64;
     let image = temp_image("vu-inflight", sectors);
+    // Confined: making the inflight memfd, sealing and mapping it, and the
+    // second session are all inside the seccomp allowlist.
     let (mut b, sock) = outboard_vhost_user(
         "outboard-virtio-blk",
-        &["--path", image.to_str().unwrap(), "--num-queues", "1"],
+        &[
+            "--path",
+            image.to_str().unwrap(),
+            "--num-queues",
+            "1",
+            "--sandbox",
+        ],
     );
 
     // Session 1: a new area from GET_INFLIGHT_FD, one write served.
