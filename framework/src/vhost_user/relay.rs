@@ -289,13 +289,6 @@ fn requests(
             rules::SET_PROTOCOL_FEATURES => {
                 negotiated = u64_at(payload) & INFLIGHT_SHMFD != 0;
             }
-            rules::SET_VRING_KICK => {
-                // A restarting vring serves what is already available.
-                if let Some(fd) = fds.first() {
-                    kick(fd.as_fd());
-                }
-                inflight.tracking.starting(usize::from(payload[0]));
-            }
             _ => {}
         }
         if rule.eventfd {
@@ -308,6 +301,17 @@ fn requests(
             for fd in &fds {
                 set_nonblocking(fd.as_fd()).map_err(Error::Nonblocking)?;
             }
+        }
+        if header.request == rules::SET_VRING_KICK {
+            // A restarting vring serves what is already available. (The
+            // eventfd is nonblocking now; a frontend that clears that
+            // again and fills the counter blocks this thread, which the
+            // supervisor covers like a stuck vring thread.)
+            if let Some(fd) = fds.first() {
+                kick(fd.as_fd());
+            }
+            let index = payload.first().copied().unwrap_or(0);
+            inflight.tracking.starting(usize::from(index));
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_all(backend.as_fd(), &buf[..HEADER_SIZE + size], &raw).map_err(Error::Send)?;
