@@ -5,6 +5,12 @@
 //! runs the checks and prints one line per verdict; the host then compares
 //! every byte of every image with what the guest says it wrote.
 //!
+//! In the two-vCPU boot the host also SIGKILLs the backend of `ob` while
+//! the guest keeps direct I/O going on it from every vCPU, and starts it
+//! again on the same socket (QEMU reconnects: `reconnect-ms`); the guest
+//! must see no I/O error and read back what it wrote, and the image must
+//! hold it (the guest's `survive` check).
+//!
 //! Where QEMU, qemu-storage-daemon, apt (for the kernel and busybox
 //! packages) or gcc are missing each test prints `skipped: ...`; with
 //! `OUTBOARD_REQUIRE_TOOLS=1` (as `.ci/run` sets) it fails instead.
@@ -12,10 +18,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fmt::Write as _;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use outboard_protocol::error_chain;
 use outboard_testkit::linux::qemu::{qsd_blk_command, slot, wait_for_socket, Reaped};
@@ -47,6 +55,11 @@ const RW_CHECKS: &[&str] = &[
 const RO_CHECKS: &[&str] = &["probe", "queues", "ro-flag", "ro-read", "ro-write-rejected"];
 /// Checks every entropy device must pass.
 const RNG_CHECKS: &[&str] = &["rng-current", "rng-data"];
+/// Where the host writes zeros once it has restarted a backend (the guest
+/// polls it); outside every region the checks use.
+const FLAG: u64 = 100 << 20;
+/// QEMU reconnects a vhost-user device this long after its backend left.
+const RECONNECT_MS: u32 = 100;
 
 /// One boot at a time: two TCG guests on two cores would only slow each other.
 static BOOTS: Mutex<()> = Mutex::new(());
@@ -117,25 +130,24 @@ struct Device {
     background: u64,
     stderr: PathBuf,
     process: Reaped,
+    /// The host kills and restarts this backend during the survive check.
+    restart: bool,
 }
 
-fn start(dir: &Path, name: &'static str, kind: Kind, background: u64) -> Device {
-    let socket = dir.join(format!("{name}.sock"));
-    let stderr = dir.join(format!("{name}.stderr"));
-    let image = (kind != Kind::Rng).then(|| dir.join(format!("{name}.img")));
-    if let Some(img) = &image {
-        fill_image(img, IMAGE, background).unwrap();
-    }
-    let mut cmd = match (kind, &image) {
-        (Kind::Qsd { queues }, Some(img)) => qsd_blk_command(img, &socket, queues, true),
+/// The command that starts a backend of `kind` on `socket`.
+fn command(kind: Kind, socket: &Path, image: Option<&Path>) -> Command {
+    match (kind, image) {
+        (Kind::Qsd { queues }, Some(img)) => qsd_blk_command(img, socket, queues, true),
         (Kind::Rng, _) => {
             let mut c = Command::new(bin("outboard-virtio-rng"));
-            c.arg("--vhost-user").arg(&socket);
+            c.arg("--vhost-user").arg(socket);
             c
         }
         (_, Some(img)) => {
             let mut c = Command::new(bin("outboard-virtio-blk"));
-            c.arg("--vhost-user").arg(&socket).arg("--path").arg(img);
+            c.arg("--vhost-user").arg(socket).arg("--path").arg(img);
+            // Sessions and what a restarted backend resubmits, in the log.
+            c.arg("--log-level").arg("info");
             if kind == Kind::OursReadOnly {
                 c.arg("--read-only");
             }
@@ -145,15 +157,31 @@ fn start(dir: &Path, name: &'static str, kind: Kind, background: u64) -> Device 
             c
         }
         (_, None) => unreachable!("block devices have images"),
-    };
-    let child = cmd
+    }
+}
+
+/// Starts a backend and waits until it listens.
+fn spawn(kind: Kind, socket: &Path, image: Option<&Path>, stderr: &Path) -> Reaped {
+    let child = command(kind, socket, image)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
+        .stderr(std::fs::File::create(stderr).unwrap())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", socket.display()));
     let process = Reaped(child);
-    wait_for_socket(&socket, T).unwrap_or_else(|e| panic!("{name}: {}", error_chain(&e)));
+    wait_for_socket(socket, T)
+        .unwrap_or_else(|e| panic!("{}: {}", socket.display(), error_chain(&e)));
+    process
+}
+
+fn start(dir: &Path, name: &'static str, kind: Kind, background: u64, restart: bool) -> Device {
+    let socket = dir.join(format!("{name}.sock"));
+    let stderr = dir.join(format!("{name}.stderr"));
+    let image = (kind != Kind::Rng).then(|| dir.join(format!("{name}.img")));
+    if let Some(img) = &image {
+        fill_image(img, IMAGE, background).unwrap();
+    }
+    let process = spawn(kind, &socket, image.as_deref(), &stderr);
     Device {
         name,
         kind,
@@ -162,7 +190,65 @@ fn start(dir: &Path, name: &'static str, kind: Kind, background: u64) -> Device 
         background,
         stderr,
         process,
+        restart,
     }
+}
+
+/// What the host did when the guest asked for a restart.
+struct Restarted {
+    old_pid: u32,
+    new: Reaped,
+    stderr: PathBuf,
+}
+
+/// Waits for the guest's `OUTBOARD-RESTART name` on the serial console,
+/// then SIGKILLs the backend (pid `old_pid`), starts the same command again
+/// on the same socket and, once it listens, writes the flag the guest
+/// waits for. Gives up when `done` is set (QEMU has exited).
+fn restart_when_asked(
+    serial: &Path,
+    d: (&'static str, Kind, PathBuf, PathBuf, PathBuf),
+    old_pid: u32,
+    done: &AtomicBool,
+) -> Result<Restarted, String> {
+    let (name, kind, socket, image, stderr) = d;
+    let marker = format!("OUTBOARD-RESTART {name}");
+    while !std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .contains(&marker)
+    {
+        if done.load(Ordering::SeqCst) {
+            return Err(format!("{name}: the guest never asked for the restart"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = libc::pid_t::try_from(old_pid).map_err(|e| e.to_string())?;
+    // SAFETY: kill() with a pid this test spawned (not yet reaped) and a signal.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(format!(
+            "kill {old_pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let deadline = Instant::now() + T;
+    while outboard_tests::alive(old_pid) {
+        if Instant::now() >= deadline {
+            return Err(format!("{name}: pid {old_pid} survived SIGKILL"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let new = spawn(kind, &socket, Some(&image), &stderr);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .map_err(|e| e.to_string())?;
+    f.write_all_at(&[0u8; 512], FLAG)
+        .map_err(|e| e.to_string())?;
+    Ok(Restarted {
+        old_pid,
+        new,
+        stderr,
+    })
 }
 
 /// One boot: the devices, the guest's verdicts and the host's.
@@ -172,7 +258,15 @@ struct Boot {
 }
 
 impl Boot {
-    fn new(tag: &str, smp: u32, kinds: &[(&'static str, Kind)]) -> (Boot, PathBuf, u64) {
+    /// The devices of `kinds` with their backends started; the backend of
+    /// the block device named `restart` is killed and restarted during the
+    /// run.
+    fn new(
+        tag: &str,
+        smp: u32,
+        kinds: &[(&'static str, Kind)],
+        restart: Option<&str>,
+    ) -> (Boot, PathBuf, u64) {
         let dir = std::env::temp_dir().join(format!("outboard-linux-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -189,7 +283,15 @@ impl Boot {
         let devices = kinds
             .iter()
             .enumerate()
-            .map(|(i, &(name, kind))| start(&dir, name, kind, seed * 31 + i as u64 + 1))
+            .map(|(i, &(name, kind))| {
+                start(
+                    &dir,
+                    name,
+                    kind,
+                    seed * 31 + i as u64 + 1,
+                    restart == Some(name),
+                )
+            })
             .collect();
         (Boot { smp, devices }, dir, seed)
     }
@@ -228,6 +330,17 @@ impl Boot {
                 )),
             }
         }
+        let mut append = vec![
+            "ob_mode=check".into(),
+            format!("ob_blk={}", blk.join("/")),
+            format!("ob_rng={}", rng.join("/")),
+            format!("ob_seed={seed}"),
+            format!("ob_timeout={CHECK_TIMEOUT}"),
+        ];
+        let restart = self.devices.iter().find(|d| d.restart);
+        if let Some(d) = restart {
+            append.push(format!("ob_restart={}:{FLAG}", d.name));
+        }
         Machine {
             smp: self.smp,
             memory_mib: 256,
@@ -239,15 +352,10 @@ impl Boot {
                     _ => VhostDevice::Blk(d.socket.clone()),
                 })
                 .collect(),
-            append: vec![
-                "ob_mode=check".into(),
-                format!("ob_blk={}", blk.join("/")),
-                format!("ob_rng={}", rng.join("/")),
-                format!("ob_seed={seed}"),
-                format!("ob_timeout={CHECK_TIMEOUT}"),
-            ],
+            append,
             deadline: BOOT_DEADLINE,
             work_dir: dir.to_path_buf(),
+            reconnect_ms: restart.map(|_| RECONNECT_MS),
         }
     }
 
@@ -256,8 +364,40 @@ impl Boot {
         let machine = self.machine(dir, seed);
         println!("seed {seed} (OUTBOARD_LINUX_SEED={seed} repeats this run)");
         println!("{}", machine.command_line(qemu, guest));
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = self.devices.iter().find(|d| d.restart).map(|d| {
+            let serial = dir.join("serial.log");
+            let what = (
+                d.name,
+                d.kind,
+                d.socket.clone(),
+                d.image.clone().unwrap_or_default(),
+                dir.join(format!("{}.2.stderr", d.name)),
+            );
+            let (pid, done) = (d.process.0.id(), Arc::clone(&done));
+            std::thread::spawn(move || restart_when_asked(&serial, what, pid, &done))
+        });
         let run = machine.run(qemu, guest).unwrap();
+        done.store(true, Ordering::SeqCst);
         let mut failures = Vec::new();
+        if let Some(w) = watcher {
+            match w.join().unwrap() {
+                Ok(r) => {
+                    if let Some(d) = self.devices.iter_mut().find(|d| d.restart) {
+                        println!(
+                            "{}: backend pid {} SIGKILLed and started again as pid {} on the same socket",
+                            d.name,
+                            r.old_pid,
+                            r.new.0.id()
+                        );
+                        // The killed one is reaped as the old handle drops.
+                        d.process = r.new;
+                        d.stderr = r.stderr;
+                    }
+                }
+                Err(e) => failures.push(e),
+            }
+        }
         if run.timed_out {
             failures.push(format!(
                 "the guest did not power off within {BOOT_DEADLINE:?}"
@@ -289,7 +429,8 @@ fn check_device(run: &Run, d: &mut Device, failures: &mut Vec<String>) {
         Kind::OursReadOnly => RO_CHECKS,
         _ => RW_CHECKS,
     };
-    for name in wanted {
+    let survive = d.restart.then_some("survive");
+    for name in wanted.iter().copied().chain(survive) {
         match run.check(d.name, name) {
             Some(c) if c.passed => {}
             Some(c) => failures.push(format!("{} {name}: {}", d.name, c.detail)),
@@ -307,15 +448,14 @@ fn check_device(run: &Run, d: &mut Device, failures: &mut Vec<String>) {
             Err(e) => failures.push(format!("{} image: {}", d.name, error_chain(&e))),
         }
     }
-    // Outboard's backends serve one frontend and exit when QEMU has gone.
+    // Outboard's backends keep listening for the next frontend after QEMU
+    // has gone (they are killed when the test ends).
     if !matches!(d.kind, Kind::Qsd { .. }) {
-        match d.process.wait_exit(T) {
-            Some(s) if s.success() => {}
-            Some(s) => failures.push(format!("{} backend exited with {s}", d.name)),
-            None => failures.push(format!(
-                "{} backend still running after QEMU exited",
+        if let Ok(Some(s)) = d.process.0.try_wait() {
+            failures.push(format!(
+                "{} backend exited with {s} instead of waiting for the next frontend",
                 d.name
-            )),
+            ));
         }
     }
     let stderr = std::fs::read_to_string(&d.stderr).unwrap_or_default();
@@ -360,7 +500,8 @@ fn finish(run: &Run, failures: &[String], dir: &Path) {
 }
 
 #[test]
-fn linux_guest_when_two_vcpus_drive_outboard_and_qsd_blk_and_rng_then_every_check_passes() {
+fn linux_guest_when_two_vcpus_drive_outboard_and_qsd_blk_and_rng_and_ob_is_killed_mid_io_then_every_check_passes(
+) {
     let Some((qemu, guest)) = tools_or_skip() else {
         return;
     };
@@ -374,6 +515,7 @@ fn linux_guest_when_two_vcpus_drive_outboard_and_qsd_blk_and_rng_then_every_chec
             ("qsd", Kind::Qsd { queues: 2 }),
             ("rng", Kind::Rng),
         ],
+        Some("ob"),
     );
     let (run, failures) = boot.run(&qemu, &guest, &dir, seed);
     finish(&run, &failures, &dir);
@@ -392,6 +534,7 @@ fn linux_guest_when_one_vcpu_drives_single_queue_outboard_blk_then_every_check_p
             ("ob1q", Kind::Ours { queues: Some(1) }),
             ("qsd1q", Kind::Qsd { queues: 1 }),
         ],
+        None,
     );
     let (run, failures) = boot.run(&qemu, &guest, &dir, seed);
     finish(&run, &failures, &dir);

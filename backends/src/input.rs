@@ -96,13 +96,21 @@ impl Input {
         Ok(Input::from_parts(None, None, Some(File::from(fd))))
     }
 
-    /// Starts watching: the listener, or standard input. Standard input
-    /// that cannot be watched (a regular file or `/dev/null`, as a spawning
-    /// frontend passes) is dropped with a warning, never an error.
+    /// Starts watching through `ops`: the listener and a client already
+    /// connected (unless paused), or standard input. Called again with the
+    /// ops of a new loop (a vhost-user backend's next session), it watches
+    /// the same sources there. Standard input that cannot be watched (a
+    /// regular file or `/dev/null`, as a spawning frontend passes) is
+    /// dropped with a warning, never an error.
     pub fn init(&mut self, ops: &EventOps) -> io::Result<()> {
         self.ops = ops.clone();
         if let Some(l) = &self.listener {
             ops.add(l, LISTENER)?;
+        }
+        if let (Some(c), false) = (&self.client, self.paused) {
+            if let Err(e) = ops.add(c, CLIENT) {
+                warn!("input: cannot watch the client: {e}");
+            }
         }
         if let Some(f) = &self.stdin {
             if let Err(e) = ops.add(f, STDIN) {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use log::warn;
-use outboard::virtio::{drain_queue, Memory, QueueError, VirtioDevice};
+use outboard::virtio::{drain_queue, inflight, Memory, QueueError, VirtioDevice};
 use outboard::EventOps;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -110,14 +110,13 @@ impl Console {
                 break;
             };
             let head = chain.head_index();
+            inflight::popped(head);
             outboard::virtio::validate_chain(&chain, mem)?;
             let mut writer = chain.writer(mem).map_err(QueueError::Buffers)?;
             let n = writer.available_bytes().min(self.pending.len());
             let bytes: Vec<u8> = self.pending.drain(..n).collect();
             writer.write_all(&bytes).map_err(QueueError::Memory)?;
-            queue
-                .add_used(mem, head, n as u32)
-                .map_err(QueueError::Queue)?;
+            inflight::add_used(queue, mem, head, n as u32).map_err(QueueError::Queue)?;
             used = true;
         }
         if self.input.is_paused() && self.pending.len() < MAX_PENDING / 2 {

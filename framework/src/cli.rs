@@ -5,7 +5,8 @@
 //! outboard-foo --socket PATH       # listen at PATH, serve the first frontend that connects
 //!              [--log-level LEVEL] [device options...]
 //! outboard-virtio-foo --vhost-user PATH   # virtio devices (run_virtio) only, with the
-//!                                         # vhost-user feature: serve over vhost-user
+//!                                         # vhost-user feature: serve over vhost-user,
+//!                                         # one frontend after another
 //! ```
 //!
 //! Exactly one of the transport options must be given. This module needs
@@ -14,7 +15,10 @@
 //!
 //! Exit status: 0 after SHUTDOWN or when the frontend closes the control
 //! socket; 1 when the backend cannot start (bad options, bad fd, cannot
-//! listen); 2 on a protocol violation. The reason is printed on stderr.
+//! listen); 2 on a protocol violation. The reason is printed on stderr. A
+//! `--vhost-user` backend keeps serving one frontend after another and
+//! does not exit when one leaves (a refused message ends that frontend's
+//! session only, reported on stderr); see `outboard::vhost_user`.
 
 use std::ffi::OsString;
 use std::io;
@@ -81,8 +85,9 @@ impl BackendArgs {
 #[cfg(feature = "vhost-user")]
 #[derive(Debug, Clone, Args)]
 pub struct VhostUserArgs {
-    /// Serve the device over vhost-user on this socket path (to the first
-    /// frontend that connects) instead of ioregionfd.
+    /// Serve the device over vhost-user on this socket path instead of
+    /// ioregionfd, to one frontend after another (a frontend that
+    /// disconnects can connect again).
     #[arg(long, value_name = "PATH")]
     pub vhost_user: Option<PathBuf>,
 }
@@ -240,33 +245,46 @@ where
     let device = make(cli.device).map_err(|e| Error::Device(e.into()));
     match (&cli.vhost.vhost_user, device) {
         (Some(path), Ok(device)) => {
-            let sandboxed = cli.backend.sandboxed();
-            // The vhost-user backend crate accepts its (already waiting)
-            // internal connection after confinement.
+            // After confinement the backend accepts frontends and the
+            // vhost-user backend crate its (already waiting) internal
+            // connections; GET_INFLIGHT_FD makes a sealed memfd.
             let mut syscalls = device.syscalls().to_vec();
-            syscalls.push(libc::SYS_accept4);
-            let confined = || {
-                if sandboxed {
-                    confine(program, Policy { syscalls })
-                } else {
-                    Ok(())
-                }
-            };
+            syscalls.extend([
+                libc::SYS_accept4,
+                libc::SYS_memfd_create,
+                libc::SYS_ftruncate,
+            ]);
+            let confined = cli
+                .backend
+                .sandboxed()
+                .then_some(move || confine(program, Policy { syscalls }));
             serve_vhost_user(program, device, path, confined)
         }
         (_, device) => finish(program, &cli.backend, device.map(VirtioMmio::new)),
     }
 }
 
+/// Serves `device` over vhost-user, one frontend after another (confined
+/// by `confine` when given). Returns only when it cannot go on: exit status
+/// 1 when it could not start, 2 when a later step failed, 0 when a confined
+/// backend has served all the sessions it can.
 #[cfg(feature = "vhost-user")]
 fn serve_vhost_user<V: VirtioDevice + Send + Sync + 'static>(
     program: &str,
     device: V,
     path: &std::path::Path,
-    confine: impl FnOnce() -> Result<(), Error>,
+    confine: Option<impl FnOnce() -> Result<(), Error>>,
 ) -> ExitCode {
-    match crate::vhost_user::serve_confined(device, path, confine) {
+    let served = match confine {
+        Some(confine) => crate::vhost_user::serve_confined(device, path, confine),
+        None => crate::vhost_user::serve(device, path),
+    };
+    match served {
         Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e @ (crate::vhost_user::Error::Setup(_) | crate::vhost_user::Error::Confine(_))) => {
+            eprintln!("{program}: error: {}", error_chain(&e));
+            ExitCode::from(EXIT_SETUP)
+        }
         Err(e) => {
             eprintln!("{program}: error: {}", error_chain(&e));
             ExitCode::from(EXIT_PROTOCOL)

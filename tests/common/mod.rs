@@ -325,3 +325,37 @@ pub fn outboard_vhost_user(program: &str, args: &[&str]) -> (Reaped, PathBuf) {
         .unwrap();
     (Reaped(child), sock)
 }
+
+/// Waits until the file at `path` contains `text` (panics after
+/// [`HANG_GUARD`]); returns the file's contents.
+pub fn wait_for_text(path: &Path, text: &str) -> String {
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let got = std::fs::read_to_string(path).unwrap_or_default();
+        if got.contains(text) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {text:?}; it holds: {got}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts Outboard's `program` as a vhost-user backend on a fresh socket,
+/// its stderr going to a file; returns the process, the socket and the file.
+pub fn outboard_vhost_user_logged(program: &str, args: &[&str]) -> (Reaped, PathBuf, PathBuf) {
+    let sock = socket_path(program);
+    let log = sock.with_extension("stderr");
+    let child = Command::new(bin(program))
+        .arg("--vhost-user")
+        .arg(&sock)
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (Reaped(child), sock, log)
+}

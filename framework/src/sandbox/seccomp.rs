@@ -15,7 +15,7 @@ use super::{syscalls, Error, Policy, Report};
 /// holds, epoll, memory management, threads' housekeeping, time, signals.
 /// A few more are allowed with restricted arguments (docs/security.md):
 /// `clone` (threads only), `mmap`/`mprotect` (never executable), `ioctl`
-/// (FIONBIO, FIONREAD, FIOCLEX), `fcntl` (flags and seals), `prctl`
+/// (FIONBIO, FIONREAD, FIOCLEX), `fcntl` (flags, reading and adding seals), `prctl`
 /// (thread names), `tgkill` (this process only).
 pub const BASE_SYSCALLS: &[i64] = &[
     libc::SYS_read,
@@ -137,6 +137,9 @@ fn rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
         libc::F_SETFL,
         libc::F_DUPFD_CLOEXEC,
         libc::F_GET_SEALS,
+        // Sealing a memfd the backend made (vhost-user's inflight area):
+        // seals only ever take abilities away.
+        libc::F_ADD_SEALS,
     ];
     m.insert(libc::SYS_fcntl, any_of(1, &fcntl.map(|c| c as u64))?);
     m.insert(

@@ -8,8 +8,20 @@
 //! kick calls [`VirtioDevice::process_queue`]) and call eventfds (signalled
 //! when buffers were used).
 //!
+//! The backend keeps listening on its path: each frontend that connects
+//! gets a session of its own (a fresh vhost-user-backend daemon with its
+//! own vring threads, the device reset), one session at a time, as the
+//! vhost-device backends do; a frontend that reconnects (QEMU's
+//! `reconnect-ms`) finds the device again. When the frontend hangs up, the
+//! session's vring threads are stopped and the next frontend is accepted.
+//!
 //! The device's own fds (the console's input socket), registered through
-//! its [`EventOps`], become extra listeners in the daemon's epoll loop.
+//! its [`EventOps`], become extra listeners in the session's epoll loop.
+//!
+//! With the INFLIGHT_SHMFD protocol feature (offered to every frontend) the
+//! heads each queue has in flight are recorded in a shared area the
+//! frontend keeps across reconnections, and a session that is handed an
+//! area a previous backend used resubmits them first (`inflight.rs`).
 //!
 //! vhost-user has no DEVICE_NEEDS_RESET without the STATUS protocol
 //! feature, so a queue the device cannot process is logged and left alone
@@ -20,28 +32,34 @@
 //! ([`relay`]) that refuses what the crate mishandles (more fds than a
 //! request takes, unknown requests, oversized payloads), makes vring
 //! eventfds nonblocking, and ends the process once the frontend is gone
-//! even if a crate thread is stuck. `docs/vhost-user-notes.md` lists what
-//! is contained this way and what is left.
+//! if a crate thread is stuck and the session cannot be wound down.
+//! `docs/vhost-user-notes.md` lists what is contained this way and what is
+//! left.
 
+mod inflight;
 mod link;
 pub mod relay;
 mod rules;
 
+pub use inflight::Error as InflightError;
+pub use link::CONFINED_SESSIONS;
 pub use rules::Refusal;
 
 use std::convert::Infallible;
 use std::io;
 use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use log::{info, warn};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
 use vhost_user_backend::{
     VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringT,
 };
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -49,7 +67,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::events::{EventOps, Watch};
-use crate::virtio::{QueueWorker, VirtioDevice, RING_FEATURES};
+use crate::virtio::{inflight as hook, QueueWorker, VirtioDevice, RING_FEATURES};
+use inflight::{Start, Tracking};
 
 /// Errors serving over vhost-user.
 #[derive(Debug, Error)]
@@ -74,8 +93,6 @@ pub enum Error {
     Relay(#[source] relay::Error),
 }
 
-type Shared<D> = Arc<Adapter<D>>;
-
 /// Locks `m`, taking over a lock poisoned by a panicking queue thread (the
 /// state behind it is the device's, which stays usable after a reset).
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -92,34 +109,17 @@ enum Worker {
     Own(Box<dyn QueueWorker>),
 }
 
-/// A [`VirtioDevice`] as a vhost-user backend. A device that hands out
-/// [`QueueWorker`]s gets one vhost-user-backend thread per queue, so its
-/// queues are served in parallel; any other device gets one thread for all
-/// its queues, served under the device lock.
-pub struct Adapter<D: VirtioDevice + Send + 'static> {
+/// What every session shares: the device and what it declares.
+struct Shared<D> {
     device: Mutex<D>,
     name: String,
-    workers: Vec<Mutex<Worker>>,
-    memory: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
-    exit: (EventConsumer, EventNotifier),
-    ops: Mutex<EventOps>,
+    num_queues: usize,
     max_queue_size: usize,
     parallel: bool,
 }
 
-impl<D: VirtioDevice + Send + 'static> std::fmt::Debug for Adapter<D> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Adapter")
-            .field("device", &self.name)
-            .field("num_queues", &self.workers.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl<D: VirtioDevice + Send + 'static> Adapter<D> {
-    fn new(mut device: D) -> Result<Self, Error> {
-        let exit =
-            new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(Error::ExitEvent)?;
+impl<D: VirtioDevice> Shared<D> {
+    fn new(mut device: D) -> Self {
         let sizes = device.queue_max_sizes();
         let max = sizes.iter().copied().max().unwrap_or(256);
         let max = if max.is_power_of_two() { max } else { 256 };
@@ -127,12 +127,48 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
         // workers are dropped, real ones are made after activation.
         let parallel =
             sizes.len() > 1 && (0..sizes.len()).all(|i| device.queue_worker(i).is_some());
-        Ok(Adapter {
+        Shared {
             parallel,
             name: device.name().to_owned(),
-            workers: sizes.iter().map(|_| Mutex::new(Worker::Unasked)).collect(),
+            num_queues: sizes.len(),
             max_queue_size: usize::from(max),
             device: Mutex::new(device),
+        }
+    }
+}
+
+/// A [`VirtioDevice`] as the vhost-user backend of one session. A device
+/// that hands out [`QueueWorker`]s gets one vhost-user-backend thread per
+/// queue, so its queues are served in parallel; any other device gets one
+/// thread for all its queues, served under the device lock.
+pub struct Adapter<D: VirtioDevice + Send + 'static> {
+    shared: Arc<Shared<D>>,
+    workers: Vec<Mutex<Worker>>,
+    memory: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
+    exit: (EventConsumer, EventNotifier),
+    ops: Mutex<EventOps>,
+    tracking: Arc<Tracking>,
+}
+
+impl<D: VirtioDevice + Send + 'static> std::fmt::Debug for Adapter<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adapter")
+            .field("device", &self.shared.name)
+            .field("num_queues", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: VirtioDevice + Send + 'static> Adapter<D> {
+    fn new(shared: Arc<Shared<D>>) -> Result<Self, Error> {
+        let exit =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(Error::ExitEvent)?;
+        Ok(Adapter {
+            workers: (0..shared.num_queues)
+                .map(|_| Mutex::new(Worker::Unasked))
+                .collect(),
+            tracking: Arc::new(Tracking::new(shared.num_queues)),
+            shared,
             memory: Mutex::new(None),
             exit,
             ops: Mutex::new(EventOps::detached()),
@@ -140,7 +176,10 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
     }
 
     /// Serves queue `index` on `vring`; signals the driver if buffers were
-    /// used and it wants to know (EVENT_IDX's `used_event`).
+    /// used and it wants to know (EVENT_IDX's `used_event`). The first time
+    /// after the vring (re)started, the inflight area is consulted first and
+    /// the driver is signalled once anyway (a completion the previous
+    /// backend put on the used ring may never have been signalled).
     fn process(&self, index: usize, vring: &VringRwLock) -> io::Result<()> {
         let Some(mem) = lock(&self.memory).as_ref().map(GuestAddressSpace::memory) else {
             return Ok(());
@@ -150,40 +189,84 @@ impl<D: VirtioDevice + Send + 'static> Adapter<D> {
         };
         let mut worker = lock(worker);
         if matches!(*worker, Worker::Unasked) {
-            *worker = match lock(&self.device).queue_worker(index) {
+            *worker = match lock(&self.shared.device).queue_worker(index) {
                 Some(w) => Worker::Own(w),
                 None => Worker::Device,
             };
         }
         let mut state = vring.get_mut();
         let queue: &mut Queue = state.get_queue_mut();
-        let result = match &mut *worker {
-            Worker::Own(w) => w.process(queue, &mem),
-            _ => lock(&self.device).process_queue(index, queue, &mem),
-        };
-        match result {
-            Ok(true) => {
-                if state.needs_notification().unwrap_or(true) {
-                    state.signal_used_queue()?;
-                }
-                Ok(())
+        // Held while the queue is served: a new area waits for it.
+        let mut slot = self.tracking.slot(index);
+        let mut restarted = false;
+        if let Some(slot) = slot.as_mut().filter(|s| s.starting && queue.ready()) {
+            slot.starting = false;
+            restarted = queue
+                .used_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|i| i.0 != 0);
+            if let Some(log) = &slot.log {
+                self.resume(index, log, queue, &mem);
             }
-            Ok(false) => Ok(()),
+        }
+        let log = slot.as_ref().and_then(|s| s.log.clone());
+        let mut serve = || match &mut *worker {
+            Worker::Own(w) => w.process(queue, &mem),
+            _ => lock(&self.shared.device).process_queue(index, queue, &mem),
+        };
+        let result = match log {
+            Some(log) => hook::with_log(Box::new(log), serve),
+            None => serve(),
+        };
+        drop(slot);
+        let name = &self.shared.name;
+        let used = match result {
+            Ok(used) => used,
             Err(e) => {
                 warn!(
-                    "{}: queue {index} stalled: {}",
-                    self.name,
+                    "{name}: queue {index} stalled: {}",
                     outboard_protocol::error_chain(&e)
                 );
-                Ok(())
+                false
             }
+        };
+        if restarted || (used && state.needs_notification().unwrap_or(true)) {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Consults queue `index`'s inflight area as its vring starts.
+    fn resume(
+        &self,
+        index: usize,
+        log: &inflight::QueueLog,
+        queue: &mut Queue,
+        mem: &crate::virtio::Memory,
+    ) {
+        let name = &self.shared.name;
+        let base = queue.next_avail();
+        match log.start(queue, mem) {
+            Ok(Start::Fresh) => {}
+            Ok(Start::Resumed { used, heads }) if heads.is_empty() => info!(
+                "{name}: queue {index} resumes at {used} (SET_VRING_BASE said {base}), \
+                 nothing in flight"
+            ),
+            Ok(Start::Resumed { used, heads }) => info!(
+                "{name}: queue {index} resumes at {used} (SET_VRING_BASE said {base}), \
+                 resubmitting heads {heads:?}"
+            ),
+            Ok(Start::Mismatch { used, why }) => warn!(
+                "{name}: queue {index}: the inflight area does not match the ring ({why}); \
+                 cleared, serving again from {used}"
+            ),
+            Err(e) => warn!("{name}: queue {index}: cannot read the ring to resume: {e}"),
         }
     }
 
     /// The global index of the `local`-th queue of thread `thread` (see
     /// [`VhostUserBackend::queues_per_thread`]).
     fn queue_index(&self, thread: usize, local: usize) -> Option<usize> {
-        let index = if self.parallel {
+        let index = if self.shared.parallel {
             (local == 0).then_some(thread)?
         } else {
             (thread == 0).then_some(local)?
@@ -201,25 +284,28 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
     }
 
     fn max_queue_size(&self) -> usize {
-        self.max_queue_size
+        self.shared.max_queue_size
     }
 
     fn features(&self) -> u64 {
-        lock(&self.device).features()
+        lock(&self.shared.device).features()
             | RING_FEATURES
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn acked_features(&self, features: u64) {
-        lock(&self.device).activate(features);
+        lock(&self.shared.device).activate(features);
         for w in &self.workers {
             *lock(w) = Worker::Unasked;
         }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let base = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::RESET_DEVICE;
-        if lock(&self.device).config_size() > 0 {
+        // INFLIGHT_SHMFD is answered by the relay, never by the crate.
+        let base = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        if lock(&self.shared.device).config_size() > 0 {
             base | VhostUserProtocolFeatures::CONFIG
         } else {
             base
@@ -230,7 +316,7 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
         for w in &self.workers {
             *lock(w) = Worker::Unasked;
         }
-        lock(&self.device).reset();
+        lock(&self.shared.device).reset();
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -239,12 +325,12 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut buf = vec![0u8; size as usize];
-        lock(&self.device).read_config(u64::from(offset), &mut buf);
+        lock(&self.shared.device).read_config(u64::from(offset), &mut buf);
         buf
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        lock(&self.device).write_config(u64::from(offset), buf);
+        lock(&self.shared.device).write_config(u64::from(offset), buf);
         Ok(())
     }
 
@@ -255,7 +341,7 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         let n = self.workers.len().min(64);
-        if self.parallel {
+        if self.shared.parallel {
             (0..n).map(|i| 1u64 << i).collect()
         } else {
             vec![u64::MAX >> (64 - n.max(1))]
@@ -289,11 +375,11 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
             return Ok(());
         };
         let ops = lock(&self.ops).clone();
-        let more = lock(&self.device).handle_event(id, &ops);
+        let more = lock(&self.shared.device).handle_event(id, &ops);
         let Some(q) = more else {
             return Ok(());
         };
-        let local = if self.parallel {
+        let local = if self.shared.parallel {
             q.checked_sub(thread_id)
         } else {
             Some(q)
@@ -303,7 +389,7 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
             None => {
                 warn!(
                     "{}: device event for queue {q} outside its thread",
-                    self.name
+                    self.shared.name
                 );
                 Ok(())
             }
@@ -311,56 +397,117 @@ impl<D: VirtioDevice + Send + 'static> VhostUserBackend for Adapter<D> {
     }
 }
 
-/// Serves `device` to the first vhost-user frontend that connects at
-/// `path`; returns when it disconnects. Unconfined: see [`serve_confined`].
+/// Serves `device` over vhost-user at `path`, one frontend after another,
+/// until a setup step fails (returned as the error). Unconfined: see
+/// [`serve_confined`].
 pub fn serve<D: VirtioDevice + Send + 'static>(device: D, path: &Path) -> Result<(), Error> {
-    serve_confined(device, path, || Ok::<(), Infallible>(()))
+    serve_sessions(device, path, None::<fn() -> Result<(), Infallible>>, None)
 }
 
-/// Serves `device` to the first vhost-user frontend that connects at
-/// `path`, through the validating relay (see [`relay`]); returns when the
-/// frontend disconnects, or with [`Error::Relay`] when one of its messages
-/// was refused.
+/// Serves `device` over vhost-user at `path`, one frontend after another,
+/// through the validating relay (see [`relay`]); returns after
+/// [`CONFINED_SESSIONS`] sessions, or when a setup step fails.
 ///
 /// `confine` is the sandbox hook. It runs while the process is still
-/// single-threaded, after the frontend is accepted and the internal
-/// connection made, and before any thread starts (vring workers, the
-/// daemon's request thread, the relay). From then on the process opens no
-/// file and creates, binds or connects no socket; see
-/// `docs/vhost-user-notes.md` for the system calls it still makes.
+/// single-threaded, after `path` is bound and the internal connections of
+/// every session are made, before any thread starts (vring workers, the
+/// daemon's request thread, the relay) and before the first frontend is
+/// accepted. From then on the process opens no file and creates, binds or
+/// connects no socket; see `docs/vhost-user-notes.md` for the system calls
+/// it still makes.
 ///
-/// Once the frontend's connection closes, the process ends within
-/// [`relay::GRACE`] even if the crate's threads are stuck (exit status
-/// [`relay::EXIT_STUCK`], with a message on stderr); returning from here in
-/// time disarms that.
+/// A session whose frontend sends a refused message, or which
+/// vhost-user-backend ends with an error, is reported on stderr
+/// (`PROGRAM: error: ...`) and the next frontend is served. Once a
+/// frontend's connection closes, its session must wind down (its vring
+/// threads stopped) within [`relay::GRACE`], or the process is ended (exit
+/// status [`relay::EXIT_STUCK`], with a message on stderr): a thread stuck
+/// in the crate cannot be stopped any other way.
 pub fn serve_confined<D, F, E>(device: D, path: &Path, confine: F) -> Result<(), Error>
 where
     D: VirtioDevice + Send + 'static,
     F: FnOnce() -> Result<(), E>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let name = device.name().to_owned();
-    let program = std::env::args_os()
+    serve_sessions(device, path, Some(confine), Some(CONFINED_SESSIONS))
+}
+
+/// The name this process goes by in messages: its file name, or `name`.
+fn program_name(name: &str) -> String {
+    std::env::args_os()
         .next()
         .and_then(|a| {
             Path::new(&a)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
         })
-        .unwrap_or_else(|| name.clone());
-    let backend: Shared<D> = Arc::new(Adapter::new(device)?);
-    info!("{name}: serving vhost-user on {}", path.display());
-    let frontend = link::accept_first(path).map_err(Error::Setup)?;
-    let link::Link {
-        mut listener,
-        relay: relay_end,
-    } = link::Link::new().map_err(Error::Setup)?;
+        .unwrap_or_else(|| name.to_owned())
+}
 
-    confine().map_err(|e| Error::Confine(Box::new(e)))?;
+/// Serves sessions (at most `limit`); `confine`, if any, runs once the
+/// sockets are made. A confined process makes its `limit` internal
+/// connections beforehand.
+fn serve_sessions<D, F, E>(
+    device: D,
+    path: &Path,
+    confine: Option<F>,
+    limit: Option<usize>,
+) -> Result<(), Error>
+where
+    D: VirtioDevice + Send + 'static,
+    F: FnOnce() -> Result<(), E>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let shared = Arc::new(Shared::new(device));
+    let name = shared.name.clone();
+    let program = program_name(&name);
+    let frontends = link::Frontends::bind(path).map_err(Error::Setup)?;
+    let mut links = match (&confine, limit) {
+        (Some(_), Some(n)) => link::Links::pool(n).map_err(Error::Setup)?,
+        _ => link::Links::per_session(),
+    };
+    if let Some(confine) = confine {
+        confine().map_err(|e| Error::Confine(Box::new(e)))?;
+    }
     // Confined from here on: threads may start, nothing may be opened.
+    info!("{name}: serving vhost-user on {}", path.display());
+    let mut served = 0usize;
+    loop {
+        if limit.is_some_and(|l| served >= l) {
+            info!("{name}: served {served} vhost-user sessions, the most this process can");
+            return Ok(());
+        }
+        let Some((listener, relay_end)) = links.next().map_err(Error::Setup)? else {
+            info!("{name}: served {served} vhost-user sessions, the most this process can");
+            return Ok(());
+        };
+        let frontend = frontends.accept().map_err(Error::Setup)?;
+        served += 1;
+        info!("{name}: vhost-user frontend connected (session {served})");
+        match session(&shared, &program, frontend, listener, relay_end)? {
+            Ok(()) => info!("{name}: vhost-user frontend disconnected"),
+            Err(e) => eprintln!("{program}: error: {}", outboard_protocol::error_chain(&e)),
+        }
+    }
+}
 
+/// One session's verdict: what the frontend or the crate did wrong, which
+/// ends the session but not the backend.
+type Verdict = Result<(), Error>;
+
+/// Serves `frontend` with a fresh daemon whose connection waits on
+/// `listener` (its other end is `relay_end`). The outer error is a setup
+/// failure, which ends the backend.
+fn session<D: VirtioDevice + Send + 'static>(
+    shared: &Arc<Shared<D>>,
+    program: &str,
+    frontend: UnixStream,
+    listener: &mut Listener,
+    relay_end: UnixStream,
+) -> Result<Verdict, Error> {
+    let backend = Arc::new(Adapter::new(Arc::clone(shared))?);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let mut daemon = VhostUserDaemon::new(name.clone(), Arc::clone(&backend), mem)
+    let mut daemon = VhostUserDaemon::new(shared.name.clone(), Arc::clone(&backend), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;
     if let Some(handler) = daemon.get_epoll_handlers().first() {
         let ops = EventOps::new(Arc::new(Listeners {
@@ -368,14 +515,20 @@ where
             first: backend.workers.len() as u64 + 1,
         }));
         *lock(&backend.ops) = ops.clone();
-        lock(&backend.device)
-            .init(&ops)
-            .map_err(Error::DeviceInit)?;
+        let mut device = lock(&shared.device);
+        device.init(&ops).map_err(Error::DeviceInit)?;
+        // Whatever an earlier session left, this one starts from power-on.
+        device.reset();
     }
-    let mut relay = relay::Relay::start(frontend, relay_end, program).map_err(Error::Relay)?;
+    let inflight = relay::Inflight {
+        tracking: Arc::clone(&backend.tracking),
+        max_queues: u16::try_from(shared.num_queues).unwrap_or(u16::MAX),
+    };
+    let mut relay = relay::Relay::start(frontend, relay_end, program.to_owned(), inflight)
+        .map_err(Error::Relay)?;
     let offered = backend.features();
     let result = daemon
-        .start(&mut listener)
+        .start(listener)
         .and_then(|()| daemon.wait())
         .or_else(|e| match e {
             vhost_user_backend::Error::HandleRequest(
@@ -392,31 +545,32 @@ where
             }
             e => Error::Daemon(e.to_string()),
         });
-    drop(listener);
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
     // The relay's verdict (a refused message) comes first: the crate only
     // saw the connection close.
     let verdict = relay.finish().map_err(Error::Relay);
-    info!("{name}: vhost-user frontend disconnected");
     // Dropping the daemon joins the vring threads; if one is stuck, the
     // relay's supervisor ends the process.
     drop(daemon);
     relay.disarm();
-    verdict.and(result)
+    Ok(verdict.and(result))
 }
+
+/// A session daemon's epoll handler.
+type Handler<D> = VringEpollHandler<Arc<Adapter<D>>>;
 
 /// A device's [`EventOps`] over the daemon's epoll handler: device id `n`
 /// is listener `first + n` (the ids up to the number of queues are the
 /// daemon's own).
 struct Listeners<D: VirtioDevice + Send + 'static> {
-    handler: Weak<VringEpollHandler<Shared<D>>>,
+    handler: Weak<Handler<D>>,
     first: u64,
 }
 
 impl<D: VirtioDevice + Send + 'static> Listeners<D> {
-    fn listener(&self, id: u32) -> io::Result<(Arc<VringEpollHandler<Shared<D>>>, u64)> {
+    fn listener(&self, id: u32) -> io::Result<(Arc<Handler<D>>, u64)> {
         let handler = self
             .handler
             .upgrade()
@@ -485,27 +639,43 @@ mod tests {
     }
 
     #[test]
-    fn serve_confined_when_frontend_connects_then_confine_runs_before_any_thread() {
+    fn serve_when_confined_and_frontends_come_and_go_then_confine_first_and_each_served() {
         let dir = std::env::temp_dir().join(format!("outboard-vu-unit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
         let path = dir.join("confine.sock");
         let p = path.clone();
         let client = std::thread::spawn(move || {
-            for _ in 0..500 {
-                // Connect and hang up at once.
-                if UnixStream::connect(&p).is_ok() {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            for _ in 0..2 {
+                let mut tries = 0;
+                let mut s = loop {
+                    match UnixStream::connect(&p) {
+                        Ok(s) => break s,
+                        Err(_) if tries < 500 => {
+                            tries += 1;
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        Err(e) => panic!("no listener at {}: {e}", p.display()),
+                    }
+                };
+                // GET_FEATURES, answered by this session's daemon; then hang up.
+                use std::io::{Read, Write};
+                s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut reply = [0u8; 20];
+                s.read_exact(&mut reply).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(reply[0], 1, "a GET_FEATURES reply");
             }
-            panic!("no listener at {}", p.display());
         });
         let mut seen = None;
-        let result = serve_confined(Nop, &path, || {
-            seen = Some(thread_names());
-            // The frontend hangs up as soon as serving starts.
-            Ok::<(), Infallible>(())
-        });
+        let result = serve_sessions(
+            Nop,
+            &path,
+            Some(|| {
+                seen = Some(thread_names());
+                Ok::<(), Infallible>(())
+            }),
+            Some(2),
+        );
         client.join().unwrap_or_else(|_| panic!("client panicked"));
         assert!(result.is_ok(), "{result:?}");
         let seen = seen.unwrap_or_else(|| panic!("confine never ran"));
@@ -521,11 +691,9 @@ mod tests {
                 "{ours} before confine: {seen:?}"
             );
         }
-        assert!(
-            !path.exists(),
-            "the socket is removed once the frontend is in"
-        );
-        // Serving returned in time: the supervisor must not end this process.
+        assert!(!path.exists(), "the socket is removed when serving ends");
+        // Every session wound down in time: the supervisors must not end
+        // this process.
         std::thread::sleep(relay::GRACE + std::time::Duration::from_millis(300));
         let _ = std::fs::remove_dir(&dir);
     }

@@ -2,7 +2,7 @@
 //!
 //! Outboard accepts the frontend's connection itself and hands the crate
 //! the other end of an internal connection. The relay moves the byte
-//! stream between the two:
+//! stream between the two, for one session:
 //!
 //! - frontend to crate, message by message: it receives each message with
 //!   its own `recvmsg` and a control buffer large enough for every fd one
@@ -11,18 +11,26 @@
 //!   sends header, payload and fds on in one `sendmsg`. A refused message
 //!   never reaches the crate: the relay hangs up both connections and the
 //!   session ends with the refusal as its error.
-//! - crate to frontend: replies, byte for byte (they carry no fds for the
-//!   requests the rules allow).
+//! - GET_INFLIGHT_FD and SET_INFLIGHT_FD never reach the crate (it answers
+//!   them with an error): the relay answers them itself (`super::inflight`).
+//!   A new kick fd (SET_VRING_KICK) is signalled once before the crate gets
+//!   it, so a vring that restarts serves what the driver made available
+//!   while no backend was listening (nobody kicks for it again).
+//! - crate to frontend: replies, message by message and byte for byte (they
+//!   carry no fds for the requests the rules allow). The relay's own reply
+//!   to GET_INFLIGHT_FD goes out after the crate's replies to every request
+//!   before it, so replies stay in request order.
 //!
 //! Kicks and calls are eventfds shared directly between the frontend and
 //! the crate's vring threads, so the relay is not on the data path; it
 //! sees only the control messages.
 //!
 //! A supervisor thread watches the frontend's connection: once it is closed
-//! (by the frontend or by the relay), the process gets [`GRACE`] to finish
-//! and is then ended with [`EXIT_STUCK`], whatever the crate's threads are
-//! doing (a vring thread stuck in a blocking read keeps vhost-user-backend
-//! from ever returning).
+//! (by the frontend or by the relay), the session gets [`GRACE`] to wind
+//! down (its vring threads stopped) and the process is then ended with
+//! [`EXIT_STUCK`], whatever the crate's threads are doing (a vring thread
+//! stuck in a blocking read keeps vhost-user-backend from ever returning,
+//! and a stuck thread cannot be stopped any other way).
 
 use std::io::{self, Read, Write};
 use std::mem::size_of;
@@ -30,16 +38,17 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::debug;
+use log::{debug, info, warn};
 use thiserror::Error;
 
+use super::inflight::{self, Description, Tracking, DESCRIPTION_SIZE};
 use super::rules::{self, Header, Refusal, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD};
 
-/// How long the process may take to wind down once the frontend's
+/// How long a session may take to wind down once the frontend's
 /// connection is closed.
 pub const GRACE: Duration = Duration::from_secs(1);
 
@@ -52,6 +61,13 @@ const SCM_MAX_FD: usize = 253;
 /// Control buffer in `u64`s (for alignment): CMSG_SPACE(253 * 4) = 1032
 /// bytes on 64-bit Linux, rounded up generously.
 const CMSG_WORDS: usize = 160;
+/// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
+const INFLIGHT_SHMFD: u64 = 1 << 12;
+/// Header flags of a reply: version 1 and REPLY.
+const REPLY_FLAGS: u32 = 0x1 | 0x4;
+/// The largest reply the crate sends for the requests the rules allow (a
+/// config read); anything larger ends the session.
+const MAX_REPLY: usize = MAX_PAYLOAD;
 
 /// Errors relaying.
 #[derive(Debug, Error)]
@@ -59,15 +75,24 @@ pub enum Error {
     /// a frontend message was refused
     #[error("refused a frontend message")]
     Refused(#[source] Refusal),
+    /// the frontend's inflight area cannot be used
+    #[error("cannot use the frontend's inflight area")]
+    Inflight(#[source] inflight::Error),
     /// the frontend hung up inside a message
     #[error("the frontend hung up inside a message")]
     Truncated,
+    /// the session ended while a reply was due
+    #[error("the session ended before vhost-user-backend answered")]
+    Closed,
     /// receiving from the frontend failed
     #[error("cannot receive from the frontend")]
     Receive(#[source] io::Error),
     /// passing a message on failed
     #[error("cannot pass a message to vhost-user-backend")]
     Send(#[source] io::Error),
+    /// answering the frontend failed
+    #[error("cannot answer the frontend")]
+    Reply(#[source] io::Error),
     /// making an eventfd nonblocking failed
     #[error("cannot make an eventfd nonblocking")]
     Nonblocking(#[source] io::Error),
@@ -82,12 +107,65 @@ pub enum Error {
     Panicked,
 }
 
-/// A running relay.
+/// The frontend's write side, shared by the thread that copies the crate's
+/// replies and the relay's own replies.
+#[derive(Debug)]
+struct Out {
+    sock: Mutex<UnixStream>,
+    counts: Mutex<Counts>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Replies of the crate written out whole.
+    forwarded: u64,
+    /// The crate or the session is gone: no more replies come.
+    closed: bool,
+}
+
+impl Out {
+    fn counts(&self) -> MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn close(&self) {
+        self.counts().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Sends a reply of the relay's own once the crate's first `due`
+    /// replies are out.
+    fn reply_after(&self, due: u64, bytes: &[u8], fds: &[RawFd]) -> Result<(), Error> {
+        let mut c = self.counts();
+        while c.forwarded < due && !c.closed {
+            c = self.changed.wait(c).unwrap_or_else(PoisonError::into_inner);
+        }
+        if c.forwarded < due {
+            return Err(Error::Closed);
+        }
+        drop(c);
+        let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        send_all(sock.as_fd(), bytes, fds).map_err(Error::Reply)
+    }
+}
+
+/// What the relay needs to answer the inflight requests.
+#[derive(Debug, Clone)]
+pub(super) struct Inflight {
+    /// The session's tracking state.
+    pub tracking: Arc<Tracking>,
+    /// The device's queues.
+    pub max_queues: u16,
+}
+
+/// A running relay (one session).
 #[derive(Debug)]
 pub(super) struct Relay {
     inbound: Option<JoinHandle<Result<(), Error>>>,
     armed: Arc<AtomicBool>,
     frontend: UnixStream,
+    out: Arc<Out>,
 }
 
 impl Relay {
@@ -97,29 +175,34 @@ impl Relay {
         frontend: UnixStream,
         backend: UnixStream,
         program: String,
+        inflight: Inflight,
     ) -> Result<Self, Error> {
         let verdict: Arc<Mutex<Option<String>>> = Arc::default();
         let armed = Arc::new(AtomicBool::new(true));
         let a = Arc::clone(&armed);
         let watched = frontend.try_clone().map_err(Error::Clone)?;
         let ours = frontend.try_clone().map_err(Error::Clone)?;
-        let (front_out, back_in) = (
-            frontend.try_clone().map_err(Error::Clone)?,
-            backend.try_clone().map_err(Error::Clone)?,
-        );
+        let out = Arc::new(Out {
+            sock: Mutex::new(frontend.try_clone().map_err(Error::Clone)?),
+            counts: Mutex::default(),
+            changed: Condvar::new(),
+        });
+        let back_in = backend.try_clone().map_err(Error::Clone)?;
         let v = Arc::clone(&verdict);
         thread::Builder::new()
             .name("vu-supervisor".into())
             .spawn(move || supervise(&watched, &program, &v, &a))
             .map_err(Error::Spawn)?;
+        let o = Arc::clone(&out);
         thread::Builder::new()
             .name("vu-replies".into())
-            .spawn(move || replies(back_in, front_out))
+            .spawn(move || replies(back_in, &o))
             .map_err(Error::Spawn)?;
+        let o = Arc::clone(&out);
         let inbound = thread::Builder::new()
             .name("vu-relay".into())
             .spawn(move || {
-                let result = requests(&frontend, &backend);
+                let result = requests(&frontend, &backend, &o, &inflight);
                 if let Err(e) = &result {
                     *verdict.lock().unwrap_or_else(PoisonError::into_inner) =
                         Some(outboard_protocol::error_chain(e));
@@ -135,6 +218,7 @@ impl Relay {
             inbound: Some(inbound),
             armed,
             frontend: ours,
+            out,
         })
     }
 
@@ -143,6 +227,7 @@ impl Relay {
     /// refusal), which is the session's.
     pub fn finish(&mut self) -> Result<(), Error> {
         let _ = self.frontend.shutdown(Shutdown::Both);
+        self.out.close();
         match self.inbound.take() {
             Some(h) => h.join().map_err(|_| Error::Panicked)?,
             None => Ok(()),
@@ -156,9 +241,18 @@ impl Relay {
     }
 }
 
-/// Passes the frontend's messages on until it hangs up or one is refused.
-fn requests(frontend: &UnixStream, backend: &UnixStream) -> Result<(), Error> {
+/// Passes the frontend's messages on until it hangs up or one is refused;
+/// answers the inflight requests itself.
+fn requests(
+    frontend: &UnixStream,
+    backend: &UnixStream,
+    out: &Out,
+    inflight: &Inflight,
+) -> Result<(), Error> {
     let mut buf = [0u8; HEADER_SIZE + MAX_PAYLOAD];
+    // Replies the crate owes for the requests passed on so far.
+    let mut due = 0u64;
+    let mut negotiated = false;
     loop {
         let mut fds = Vec::new();
         let (head, body) = buf.split_at_mut(HEADER_SIZE);
@@ -173,45 +267,168 @@ fn requests(frontend: &UnixStream, backend: &UnixStream) -> Result<(), Error> {
         let payload = body.get_mut(..size).ok_or(Error::Truncated)?;
         recv_exact(frontend.as_fd(), payload, &mut fds, false)?;
         rules::check_fds(&rule, fds.len()).map_err(Error::Refused)?;
-        if rule.eventfd {
-            // A hostile frontend can clear O_NONBLOCK again on its copy
-            // (the open file description is shared). A vring thread may
-            // then block reading a replaced kick fd, stalling that thread's
-            // queues of this device only; the requests still reach the
-            // crate, and the supervisor still ends the process once the
-            // frontend hangs up.
-            for fd in &fds {
-                set_nonblocking(fd.as_fd()).map_err(Error::Nonblocking)?;
-            }
-        }
+        rules::check_min_fds(&rule, fds.len()).map_err(Error::Refused)?;
         debug!(
             "vhost-user relay: {} ({} bytes, {} fds)",
             rule.name,
             size,
             fds.len()
         );
+        match header.request {
+            rules::GET_INFLIGHT_FD | rules::SET_INFLIGHT_FD if !negotiated => {
+                return Err(Error::Refused(Refusal::NotNegotiated(rule.name)));
+            }
+            rules::GET_INFLIGHT_FD => {
+                get_inflight_fd(payload, inflight, out, due)?;
+                continue;
+            }
+            rules::SET_INFLIGHT_FD => {
+                set_inflight_fd(payload, fds, inflight)?;
+                continue;
+            }
+            rules::SET_PROTOCOL_FEATURES => {
+                negotiated = u64_at(payload) & INFLIGHT_SHMFD != 0;
+            }
+            _ => {}
+        }
+        if rule.eventfd {
+            // A hostile frontend can clear O_NONBLOCK again on its copy
+            // (the open file description is shared). A vring thread may
+            // then block reading a replaced kick fd, stalling that thread's
+            // queues of this device only; the requests still reach the
+            // crate, and the supervisor still ends the process once the
+            // frontend hangs up and the thread cannot be stopped.
+            for fd in &fds {
+                set_nonblocking(fd.as_fd()).map_err(Error::Nonblocking)?;
+            }
+        }
+        if header.request == rules::SET_VRING_KICK {
+            // A restarting vring serves what is already available. (The
+            // eventfd is nonblocking now; a frontend that clears that
+            // again and fills the counter blocks this thread, which the
+            // supervisor covers like a stuck vring thread.)
+            if let Some(fd) = fds.first() {
+                kick(fd.as_fd());
+            }
+            let index = payload.first().copied().unwrap_or(0);
+            inflight.tracking.starting(usize::from(index));
+        }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_all(backend.as_fd(), &buf[..HEADER_SIZE + size], &raw).map_err(Error::Send)?;
+        if rule.replies {
+            due += 1;
+        }
     }
 }
 
-/// Copies the crate's replies to the frontend; when the crate hangs up,
-/// hangs up on the frontend too (which ends [`requests`]).
-fn replies(mut backend: UnixStream, mut frontend: UnixStream) {
-    let mut buf = [0u8; 4096];
-    loop {
-        match backend.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if frontend.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+/// The first 8 bytes of `payload` (the rules checked its size), little-endian.
+fn u64_at(payload: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    let n = payload.len().min(8);
+    w[..n].copy_from_slice(&payload[..n]);
+    u64::from_le_bytes(w)
+}
+
+/// The inflight description in a payload the rules sized.
+fn description(payload: &[u8]) -> Description {
+    let mut b = [0u8; DESCRIPTION_SIZE];
+    let n = payload.len().min(DESCRIPTION_SIZE);
+    b[..n].copy_from_slice(&payload[..n]);
+    Description::decode(&b)
+}
+
+/// GET_INFLIGHT_FD: a new zeroed area, or (when the frontend's shape is
+/// out of range or the memfd cannot be made) a zero size, which tells the
+/// frontend to go on without one.
+fn get_inflight_fd(payload: &[u8], inflight: &Inflight, out: &Out, due: u64) -> Result<(), Error> {
+    let asked = description(payload);
+    let (reply, file) = match inflight::allocate(&asked, inflight.max_queues) {
+        Ok((d, f)) => (d, Some(f)),
+        Err(e) => {
+            warn!(
+                "vhost-user: no inflight area: {}",
+                outboard_protocol::error_chain(&e)
+            );
+            (
+                Description {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    ..asked
+                },
+                None,
+            )
         }
+    };
+    let mut msg = Vec::with_capacity(HEADER_SIZE + DESCRIPTION_SIZE);
+    for w in [rules::GET_INFLIGHT_FD, REPLY_FLAGS, DESCRIPTION_SIZE as u32] {
+        msg.extend_from_slice(&w.to_le_bytes());
     }
-    let _ = frontend.shutdown(Shutdown::Both);
+    msg.extend_from_slice(&reply.encode());
+    let fds: Vec<RawFd> = file.iter().map(AsRawFd::as_raw_fd).collect();
+    out.reply_after(due, &msg, &fds)
+}
+
+/// SET_INFLIGHT_FD: maps the area and has every queue log to it from its
+/// next start.
+fn set_inflight_fd(
+    payload: &[u8],
+    mut fds: Vec<OwnedFd>,
+    inflight: &Inflight,
+) -> Result<(), Error> {
+    let d = description(payload);
+    let fd = fds.pop().ok_or(Error::Refused(Refusal::MissingFds {
+        request: "SET_INFLIGHT_FD",
+        got: 0,
+        min: 1,
+    }))?;
+    let area = inflight::Area::map(&d, std::fs::File::from(fd), inflight.max_queues)
+        .map_err(Error::Inflight)?;
+    info!(
+        "vhost-user: inflight area for {} queues of {}",
+        d.num_queues, d.queue_size
+    );
+    inflight.tracking.install(&area);
+    Ok(())
+}
+
+/// Signals an eventfd once (a full counter, EAGAIN, is as good).
+fn kick(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to an fd we borrow.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// Copies the crate's replies to the frontend, whole messages at a time,
+/// counting them; when the crate hangs up, hangs up on the frontend too
+/// (which ends [`requests`]).
+fn replies(mut backend: UnixStream, out: &Out) {
+    let mut buf = vec![0u8; HEADER_SIZE + MAX_REPLY];
+    loop {
+        let (head, body) = buf.split_at_mut(HEADER_SIZE);
+        if backend.read_exact(head).is_err() {
+            break;
+        }
+        let size = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+        let Some(payload) = body.get_mut(..size) else {
+            warn!("vhost-user: a {size}-byte reply from vhost-user-backend");
+            break;
+        };
+        if backend.read_exact(payload).is_err() {
+            break;
+        }
+        let written = {
+            let mut sock = out.sock.lock().unwrap_or_else(PoisonError::into_inner);
+            sock.write_all(&buf[..HEADER_SIZE + size])
+        };
+        if written.is_err() {
+            break;
+        }
+        out.counts().forwarded += 1;
+        out.changed.notify_all();
+    }
+    out.close();
+    let sock = out.sock.lock().unwrap_or_else(PoisonError::into_inner);
+    let _ = sock.shutdown(Shutdown::Both);
     let _ = backend.shutdown(Shutdown::Both);
 }
 
@@ -247,13 +464,12 @@ fn supervise(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take()
-        .unwrap_or_else(|| {
-            format!(
-                "the vhost-user frontend disconnected but the device did not stop within {} ms",
-                GRACE.as_millis()
-            )
-        });
-    eprintln!("{program}: error: {reason}");
+        .map(|v| format!("{v}; "))
+        .unwrap_or_default();
+    eprintln!(
+        "{program}: error: {reason}the vhost-user frontend disconnected but the device did not stop within {} ms",
+        GRACE.as_millis()
+    );
     std::process::exit(EXIT_STUCK);
 }
 
@@ -461,7 +677,7 @@ mod tests {
         msg.extend(0u64.to_le_bytes());
         send_raw(&fe, &msg, &[e.as_raw_fd()]);
         drop(fe);
-        requests(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
+        relay_alone(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
         let mut fds = Vec::new();
         let mut buf = [0u8; HEADER_SIZE + 8];
         assert!(recv_exact(crate_end.as_fd(), &mut buf, &mut fds, true)
@@ -485,7 +701,7 @@ mod tests {
         let mut msg = header(5, 12);
         msg.extend(header(1, 0));
         send_raw(&fe, &msg, &[e.as_raw_fd(); 33]);
-        let Err(err) = requests(&ours, &to_crate) else {
+        let Err(err) = relay_alone(&ours, &to_crate) else {
             panic!("accepted")
         };
         assert!(
@@ -508,7 +724,7 @@ mod tests {
         let msg = header(21, 0);
         send_raw(&fe, &msg, &[channel.as_raw_fd()]);
         drop(fe);
-        requests(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
+        relay_alone(&ours, &to_crate).unwrap_or_else(|e| panic!("{e}"));
         let mut fds = Vec::new();
         let mut buf = [0u8; HEADER_SIZE];
         assert!(recv_exact(crate_end.as_fd(), &mut buf, &mut fds, true)
@@ -518,6 +734,90 @@ mod tests {
         // SAFETY: F_GETFL reads flags of a valid fd.
         let flags = unsafe { libc::fcntl(channel.as_raw_fd(), libc::F_GETFL) };
         assert_eq!(flags & libc::O_NONBLOCK, 0, "not an eventfd: left alone");
+    }
+
+    /// Runs [`requests`] for a device of one queue; replies go nowhere.
+    fn relay_alone(frontend: &UnixStream, backend: &UnixStream) -> Result<(), Error> {
+        let (sink, _peer) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let out = Out {
+            sock: Mutex::new(sink),
+            counts: Mutex::default(),
+            changed: Condvar::new(),
+        };
+        let inflight = Inflight {
+            tracking: Arc::new(Tracking::new(1)),
+            max_queues: 1,
+        };
+        requests(frontend, backend, &out, &inflight)
+    }
+
+    #[test]
+    fn relay_when_get_inflight_fd_then_answered_here_with_a_sealed_memfd() {
+        let (fe, ours) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (to_crate, mut crate_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (sink, mut frontend_view) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let mut features = header(rules::SET_PROTOCOL_FEATURES, 8);
+        features.extend(INFLIGHT_SHMFD.to_le_bytes());
+        send_raw(&fe, &features, &[]);
+        let mut get = header(rules::GET_INFLIGHT_FD, 24);
+        get.extend([0u8; 16]);
+        get.extend(1u16.to_le_bytes());
+        get.extend(64u16.to_le_bytes());
+        get.extend([0u8; 4]);
+        send_raw(&fe, &get, &[]);
+        drop(fe);
+        let out = Out {
+            sock: Mutex::new(sink),
+            counts: Mutex::default(),
+            changed: Condvar::new(),
+        };
+        let inflight = Inflight {
+            tracking: Arc::new(Tracking::new(1)),
+            max_queues: 1,
+        };
+        requests(&ours, &to_crate, &out, &inflight).unwrap_or_else(|e| panic!("{e}"));
+        drop(to_crate);
+        let mut passed = Vec::new();
+        crate_end
+            .read_to_end(&mut passed)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            passed, features,
+            "only SET_PROTOCOL_FEATURES reaches the crate"
+        );
+        let mut fds = Vec::new();
+        let mut reply = [0u8; HEADER_SIZE + DESCRIPTION_SIZE];
+        assert!(
+            recv_exact(frontend_view.as_fd(), &mut reply, &mut fds, true)
+                .unwrap_or_else(|e| panic!("{e}"))
+        );
+        assert_eq!(&reply[..12], &[31, 0, 0, 0, 5, 0, 0, 0, 24, 0, 0, 0]);
+        let mut d = [0u8; DESCRIPTION_SIZE];
+        d.copy_from_slice(&reply[12..]);
+        let d = Description::decode(&d);
+        assert_eq!((d.mmap_size, d.num_queues, d.queue_size), (1088, 1, 64));
+        assert_eq!(fds.len(), 1);
+        let _ = frontend_view.set_nonblocking(true);
+        assert!(frontend_view.read(&mut [0u8; 1]).is_err(), "nothing else");
+    }
+
+    #[test]
+    fn relay_when_inflight_request_without_the_feature_then_refused() {
+        let (fe, ours) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let (to_crate, _crate_end) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let mut get = header(rules::GET_INFLIGHT_FD, 24);
+        get.extend([0u8; 24]);
+        send_raw(&fe, &get, &[]);
+        let Err(err) = relay_alone(&ours, &to_crate) else {
+            panic!("accepted")
+        };
+        assert!(
+            matches!(
+                err,
+                Error::Refused(Refusal::NotNegotiated("GET_INFLIGHT_FD"))
+            ),
+            "{err}"
+        );
     }
 
     fn send_raw(s: &UnixStream, bytes: &[u8], fds: &[RawFd]) {

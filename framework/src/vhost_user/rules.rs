@@ -10,9 +10,12 @@
 //! at most 8 regions (VHOST_MEMORY_BASELINE_NREGIONS, without
 //! CONFIGURE_MEM_SLOTS), a vring fd message and SET_BACKEND_REQ_FD carry at
 //! most one fd, a config access at most 256 bytes of config space
-//! (QEMU's VHOST_USER_MAX_CONFIG_SIZE). Requests behind protocol features
-//! the adapter never offers (LOG_SHMFD, INFLIGHT_SHMFD, CONFIGURE_MEM_SLOTS,
-//! STATUS, DEVICE_STATE, ...) are refused as unknown.
+//! (QEMU's VHOST_USER_MAX_CONFIG_SIZE). GET_INFLIGHT_FD and
+//! SET_INFLIGHT_FD carry exactly the 24-byte inflight description, and
+//! SET_INFLIGHT_FD exactly one fd (the relay answers both itself, see
+//! `super::inflight`). Requests behind protocol features the adapter never
+//! offers (LOG_SHMFD, CONFIGURE_MEM_SLOTS, STATUS, DEVICE_STATE, ...) are
+//! refused as unknown.
 
 use thiserror::Error;
 
@@ -34,6 +37,13 @@ const MAX_CONFIG: usize = 256;
 const VERSION_MASK: u32 = 0x3;
 const VERSION: u32 = 0x1;
 const NEED_REPLY: u32 = 0x8;
+
+/// SET_PROTOCOL_FEATURES: the relay notes whether INFLIGHT_SHMFD was taken.
+pub(super) const SET_PROTOCOL_FEATURES: u32 = 16;
+/// The inflight requests, which the relay answers itself.
+pub(super) const GET_INFLIGHT_FD: u32 = 31;
+/// See [`GET_INFLIGHT_FD`].
+pub(super) const SET_INFLIGHT_FD: u32 = 32;
 
 /// Requests whose fd is a kick, call or error eventfd.
 pub(super) const SET_VRING_KICK: u32 = 12;
@@ -66,6 +76,16 @@ pub enum Refusal {
         /// The most allowed.
         max: u32,
     },
+    /// too few fds for the request
+    #[error("{request} with {got} fds ({min} needed)")]
+    MissingFds {
+        /// The request's name.
+        request: &'static str,
+        /// The fds received with the message.
+        got: usize,
+        /// The least needed.
+        min: usize,
+    },
     /// too many fds for the request
     #[error("{request} with {got} fds (at most {max} allowed)")]
     Fds {
@@ -76,6 +96,9 @@ pub enum Refusal {
         /// The most allowed.
         max: usize,
     },
+    /// an inflight request without INFLIGHT_SHMFD negotiated
+    #[error("{0} without the INFLIGHT_SHMFD protocol feature negotiated")]
+    NotNegotiated(&'static str),
     /// ancillary data truncated
     #[error("a message with more fds than one recvmsg can hold (ancillary data truncated)")]
     Truncated,
@@ -92,6 +115,9 @@ pub(super) struct Rule {
     min: u32,
     max: u32,
     fds: usize,
+    min_fds: usize,
+    /// Whether vhost-user-backend answers it (the relay keeps replies in order).
+    pub replies: bool,
     /// Whether its fd is an eventfd the vring workers read or write.
     pub eventfd: bool,
 }
@@ -102,6 +128,30 @@ const fn rule(name: &'static str, min: u32, max: u32, fds: usize) -> Rule {
         min,
         max,
         fds,
+        min_fds: 0,
+        replies: false,
+        eventfd: false,
+    }
+}
+
+/// A request vhost-user-backend answers (without REPLY_ACK, which the
+/// adapter never offers, only these get a reply).
+const fn get(name: &'static str, min: u32, max: u32) -> Rule {
+    Rule {
+        replies: true,
+        ..rule(name, min, max, 0)
+    }
+}
+
+/// A request carrying exactly `fds` fds.
+const fn with_fds(name: &'static str, min: u32, max: u32, fds: usize) -> Rule {
+    Rule {
+        name,
+        min,
+        max,
+        fds,
+        min_fds: fds,
+        replies: false,
         eventfd: false,
     }
 }
@@ -112,6 +162,8 @@ const fn vring_fd(name: &'static str) -> Rule {
         min: 8,
         max: 8,
         fds: 1,
+        min_fds: 0,
+        replies: false,
         eventfd: true,
     }
 }
@@ -122,8 +174,9 @@ pub(super) fn rule_for(request: u32) -> Option<Rule> {
     const MEM_MAX: u32 = 8 + REGION_SIZE * MAX_REGIONS as u32;
     const CONFIG_MIN: u32 = CONFIG_HEADER as u32;
     const CONFIG_MAX: u32 = MAX_PAYLOAD as u32;
+    const INFLIGHT: u32 = super::inflight::DESCRIPTION_SIZE as u32;
     Some(match request {
-        1 => rule("GET_FEATURES", 0, 0, 0),
+        1 => get("GET_FEATURES", 0, 0),
         2 => rule("SET_FEATURES", 8, 8, 0),
         3 => rule("SET_OWNER", 0, 0, 0),
         4 => rule("RESET_OWNER", 0, 0, 0),
@@ -131,19 +184,21 @@ pub(super) fn rule_for(request: u32) -> Option<Rule> {
         8 => rule("SET_VRING_NUM", 8, 8, 0),
         9 => rule("SET_VRING_ADDR", 40, 40, 0),
         10 => rule("SET_VRING_BASE", 8, 8, 0),
-        11 => rule("GET_VRING_BASE", 8, 8, 0),
+        11 => get("GET_VRING_BASE", 8, 8),
         SET_VRING_KICK => vring_fd("SET_VRING_KICK"),
         SET_VRING_CALL => vring_fd("SET_VRING_CALL"),
         SET_VRING_ERR => vring_fd("SET_VRING_ERR"),
-        15 => rule("GET_PROTOCOL_FEATURES", 0, 0, 0),
-        16 => rule("SET_PROTOCOL_FEATURES", 8, 8, 0),
-        17 => rule("GET_QUEUE_NUM", 0, 0, 0),
+        15 => get("GET_PROTOCOL_FEATURES", 0, 0),
+        SET_PROTOCOL_FEATURES => rule("SET_PROTOCOL_FEATURES", 8, 8, 0),
+        17 => get("GET_QUEUE_NUM", 0, 0),
         18 => rule("SET_VRING_ENABLE", 8, 8, 0),
         // The crate refuses it unless BACKEND_REQ was negotiated; its fd is
         // the backend's channel to the frontend, handed on as it is.
         21 => rule("SET_BACKEND_REQ_FD", 0, 8, 1),
-        24 => rule("GET_CONFIG", CONFIG_MIN, CONFIG_MAX, 0),
+        24 => get("GET_CONFIG", CONFIG_MIN, CONFIG_MAX),
         25 => rule("SET_CONFIG", CONFIG_MIN, CONFIG_MAX, 0),
+        GET_INFLIGHT_FD => rule("GET_INFLIGHT_FD", INFLIGHT, INFLIGHT, 0),
+        SET_INFLIGHT_FD => with_fds("SET_INFLIGHT_FD", INFLIGHT, INFLIGHT, 1),
         34 => rule("RESET_DEVICE", 0, 0, 0),
         _ => return None,
     })
@@ -204,6 +259,18 @@ pub(super) fn check(h: &Header, fds: usize) -> Result<Rule, Refusal> {
     Ok(r)
 }
 
+/// Checks the fds a whole message carried against the least its rule needs.
+pub(super) fn check_min_fds(r: &Rule, fds: usize) -> Result<(), Refusal> {
+    if fds < r.min_fds {
+        return Err(Refusal::MissingFds {
+            request: r.name,
+            got: fds,
+            min: r.min_fds,
+        });
+    }
+    Ok(())
+}
+
 /// Checks the fds a message carries against its rule (again after the
 /// payload, which may bring more).
 pub(super) fn check_fds(r: &Rule, fds: usize) -> Result<(), Refusal> {
@@ -262,7 +329,7 @@ mod tests {
 
     #[test]
     fn check_when_unknown_or_unoffered_then_refused() {
-        for code in [0, 6, 7, 19, 22, 31, 32, 36, 37, 39, 42, 99, u32::MAX] {
+        for code in [0, 6, 7, 19, 22, 33, 36, 37, 39, 42, 99, u32::MAX] {
             assert_eq!(
                 check(&h(code, 1, 0), 0),
                 Err(Refusal::Unknown(code)),
@@ -302,6 +369,30 @@ mod tests {
                 "{flags:#x}"
             );
         }
+    }
+
+    #[test]
+    fn check_when_inflight_requests_then_exact_size_and_fd_count() {
+        assert_eq!(
+            check(&h(31, 1, 24), 0).map(|r| r.name),
+            Ok("GET_INFLIGHT_FD")
+        );
+        assert!(matches!(
+            check(&h(31, 1, 20), 0),
+            Err(Refusal::Payload { .. })
+        ));
+        assert!(matches!(check(&h(31, 1, 24), 1), Err(Refusal::Fds { .. })));
+        let set = check(&h(32, 1, 24), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(check(&h(32, 1, 24), 2), Err(Refusal::Fds { .. })));
+        assert!(matches!(
+            check_min_fds(&set, 0),
+            Err(Refusal::MissingFds { min: 1, .. })
+        ));
+        assert!(check_min_fds(&set, 1).is_ok());
+        assert!(matches!(
+            check(&h(32, 1, 32), 1),
+            Err(Refusal::Payload { .. })
+        ));
     }
 
     #[test]

@@ -43,6 +43,7 @@ use virtio_queue::Queue;
 
 use crate::events::EventOps;
 
+pub mod inflight;
 mod mmio;
 mod queue;
 mod worker;
@@ -129,7 +130,11 @@ pub trait VirtioDevice {
     fn reset(&mut self);
 
     /// Serves the available buffers of queue `index`. Returns whether any
-    /// buffer was used (the transport then notifies the driver).
+    /// buffer was used (the transport then notifies the driver). A device
+    /// that pops chains itself instead of through [`drain_queue`] reports
+    /// them with [`inflight::popped`] and completes them with
+    /// [`inflight::add_used`], so a transport that tracks requests in
+    /// flight (vhost-user's INFLIGHT_SHMFD) sees them.
     fn process_queue(
         &mut self,
         index: usize,
@@ -150,10 +155,13 @@ pub trait VirtioDevice {
         None
     }
 
-    /// Called once before serving, over ioregionfd or vhost-user alike:
-    /// register the device's own fds (the console's input socket) with
-    /// `ops`, and keep a clone of it to change them later. An error stops
-    /// the backend from starting.
+    /// Called before serving: once over ioregionfd, and at the start of
+    /// every session over vhost-user (a backend serves one frontend after
+    /// another, each session with its own loop; [`VirtioDevice::reset`]
+    /// follows). Register the device's own fds (the console's input
+    /// socket) with `ops`, and keep a clone of it to change them later;
+    /// fds registered with an earlier session's ops left with that session.
+    /// An error stops the backend.
     fn init(&mut self, ops: &EventOps) -> io::Result<()> {
         let _ = ops;
         Ok(())

@@ -59,7 +59,8 @@ pub fn validate_chain(chain: &Chain<'_>, mem: &Memory) -> Result<(), QueueError>
 
 /// Pops every available chain and hands it to `serve`, which returns the
 /// number of bytes it wrote into the chain; each chain is then added to the
-/// used ring. Returns whether any chain was used.
+/// used ring. Returns whether any chain was used. Both steps are reported
+/// to the thread's [`super::inflight`] log, if one is installed.
 ///
 /// Notifications are suppressed while the queue is drained (the used
 /// ring's NO_NOTIFY flag, or with VIRTIO_RING_F_EVENT_IDX simply by not
@@ -79,9 +80,10 @@ where
                 break;
             };
             let head = chain.head_index();
+            super::inflight::popped(head);
             validate_chain(&chain, mem)?;
             let len = serve(chain)?;
-            queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+            super::inflight::add_used(queue, mem, head, len).map_err(QueueError::Queue)?;
             used = true;
         }
         // Publishes avail_event (or clears NO_NOTIFY), then looks at the

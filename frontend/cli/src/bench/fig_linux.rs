@@ -105,6 +105,7 @@ fn measure(
         ],
         deadline: Duration::from_secs(600),
         work_dir: dir.to_path_buf(),
+        reconnect_ms: None,
     };
     let run = machine.run(qemu, guest)?;
     drop(ours);

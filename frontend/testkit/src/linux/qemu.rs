@@ -93,6 +93,13 @@ pub struct Machine {
     pub deadline: Duration,
     /// Where the serial log and QEMU's stderr are written.
     pub work_dir: PathBuf,
+    /// Reconnect every vhost-user-blk chardev this long after its backend
+    /// hangs up (`reconnect-ms`; QEMU before 9.2 takes whole seconds,
+    /// rounded up), or None for QEMU's default (no reconnection). Not for
+    /// vhost-user-rng: its realize does not wait for a chardev that
+    /// connects in the background, as one with a reconnect interval does,
+    /// and fails (QEMU 10: "Failed to set msg fds").
+    pub reconnect_ms: Option<u32>,
 }
 
 /// The PCI slot (hex, as `/init` takes it) of device `index`.
@@ -117,7 +124,7 @@ impl Machine {
     }
 
     /// QEMU's arguments (without the binary), the serial console going to `serial`.
-    pub fn args(&self, guest: &Guest, serial: &Path) -> Vec<OsString> {
+    pub fn args(&self, qemu: &Qemu, guest: &Guest, serial: &Path) -> Vec<OsString> {
         let mut a: Vec<String> = vec![
             "-accel".into(),
             "tcg".into(),
@@ -156,7 +163,16 @@ impl Machine {
                 VhostDevice::Rng(s) => ("vhost-user-rng-pci", s),
             };
             a.push("-chardev".into());
-            a.push(format!("socket,id=vu{i},path={}", escape(socket)));
+            let reconnect = match self.reconnect_ms {
+                _ if driver != "vhost-user-blk-pci" => String::new(),
+                None => String::new(),
+                Some(ms) if qemu.version >= (9, 2, 0) => format!(",reconnect-ms={ms}"),
+                Some(ms) => format!(",reconnect={}", ms.div_ceil(1000).max(1)),
+            };
+            a.push(format!(
+                "socket,id=vu{i},path={}{reconnect}",
+                escape(socket)
+            ));
             a.push("-device".into());
             a.push(format!("{driver},chardev=vu{i},addr={}.0", slot(i)));
         }
@@ -167,7 +183,7 @@ impl Machine {
     pub fn command_line(&self, qemu: &Qemu, guest: &Guest) -> String {
         let serial = self.work_dir.join("serial.log");
         let mut s = qemu.path.display().to_string();
-        for a in self.args(guest, &serial) {
+        for a in self.args(qemu, guest, &serial) {
             let a = a.to_string_lossy();
             if a.contains(' ') {
                 s.push_str(&format!(" '{a}'"));
@@ -192,7 +208,7 @@ impl Machine {
             .map_err(Error::io("cannot create", &stderr_path))?;
         let start = Instant::now();
         let mut child = Command::new(&qemu.path)
-            .args(self.args(guest, &serial))
+            .args(self.args(qemu, guest, &serial))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -332,7 +348,8 @@ mod tests {
     }
 
     #[test]
-    fn args_when_two_devices_then_each_gets_a_chardev_and_a_slot_without_overrides() {
+    fn args_when_two_devices_then_each_gets_a_chardev_and_a_slot_and_reconnects_as_qemu_spells_it()
+    {
         let m = Machine {
             smp: 2,
             memory_mib: 256,
@@ -343,6 +360,7 @@ mod tests {
             append: vec!["ob_mode=check".into()],
             deadline: Duration::from_secs(1),
             work_dir: "/tmp".into(),
+            reconnect_ms: Some(100),
         };
         let g = Guest {
             kernel: "/k".into(),
@@ -352,13 +370,30 @@ mod tests {
             busybox_package: String::new(),
             built: false,
         };
+        let qemu = Qemu {
+            path: "qemu-system-x86_64".into(),
+            version: (10, 0, 2),
+            version_line: String::new(),
+        };
         let args: Vec<String> = m
-            .args(&g, Path::new("/tmp/s.log"))
+            .args(&qemu, &g, Path::new("/tmp/s.log"))
             .into_iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains("-chardev socket,id=vu0,path=/tmp/a,,b.sock"));
+        assert!(joined.contains("-chardev socket,id=vu0,path=/tmp/a,,b.sock,reconnect-ms=100"));
+        let old = Qemu {
+            version: (8, 2, 0),
+            ..qemu.clone()
+        };
+        let old_args = m.args(&old, &g, Path::new("/tmp/s.log"));
+        assert!(old_args
+            .iter()
+            .any(|a| a.to_string_lossy().ends_with("b.sock,reconnect=1")));
+        assert!(
+            joined.contains("path=/tmp/r.sock -device"),
+            "rng: no reconnect"
+        );
         assert!(joined.contains("-device vhost-user-blk-pci,chardev=vu0,addr=10.0"));
         assert!(joined.contains("-device vhost-user-rng-pci,chardev=vu1,addr=11.0"));
         assert!(joined.contains("memory-backend-memfd,id=mem,size=256M,share=on"));
