@@ -555,7 +555,19 @@ fn session<D: VirtioDevice + Send + 'static>(
     // relay's supervisor ends the process.
     drop(daemon);
     relay.disarm();
-    Ok(verdict.and(result))
+    Ok(match (verdict, result) {
+        // The crate ended the session (and closed its end) while the relay
+        // was passing it the next message: the crate's reason is the one.
+        (Err(Error::Relay(relay::Error::Send(e))), Err(why))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Err(why)
+        }
+        (verdict, result) => verdict.and(result),
+    })
 }
 
 /// A session daemon's epoll handler.
