@@ -253,6 +253,9 @@ fn requests(
     // Replies the crate owes for the requests passed on so far.
     let mut due = 0u64;
     let mut negotiated = false;
+    // With REPLY_ACK, a request flagged NEED_REPLY is answered too: by the
+    // crate for what it is passed, by the relay for what it keeps.
+    let mut reply_ack = false;
     loop {
         let mut fds = Vec::new();
         let (head, body) = buf.split_at_mut(HEADER_SIZE);
@@ -284,10 +287,19 @@ fn requests(
             }
             rules::SET_INFLIGHT_FD => {
                 set_inflight_fd(payload, fds, inflight)?;
+                if reply_ack && header.flags & NEED_REPLY != 0 {
+                    let mut msg = Vec::with_capacity(HEADER_SIZE + 8);
+                    for w in [rules::SET_INFLIGHT_FD, REPLY_FLAGS, 8] {
+                        msg.extend_from_slice(&w.to_le_bytes());
+                    }
+                    msg.extend_from_slice(&0u64.to_le_bytes());
+                    out.reply_after(due, &msg, &[])?;
+                }
                 continue;
             }
             rules::SET_PROTOCOL_FEATURES => {
                 negotiated = u64_at(payload) & INFLIGHT_SHMFD != 0;
+                reply_ack = u64_at(payload) & REPLY_ACK != 0;
             }
             _ => {}
         }
@@ -315,11 +327,16 @@ fn requests(
         }
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send_all(backend.as_fd(), &buf[..HEADER_SIZE + size], &raw).map_err(Error::Send)?;
-        if rule.replies {
+        if rule.replies || (reply_ack && header.flags & NEED_REPLY != 0) {
             due += 1;
         }
     }
 }
+
+/// Header flag: the frontend wants an acknowledgement (with REPLY_ACK).
+const NEED_REPLY: u32 = 1 << 3;
+/// Protocol feature bit: REPLY_ACK.
+const REPLY_ACK: u64 = 1 << 3;
 
 /// The first 8 bytes of `payload` (the rules checked its size), little-endian.
 fn u64_at(payload: &[u8]) -> u64 {
