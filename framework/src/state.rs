@@ -1,5 +1,5 @@
 //! Device state that outlives the backend process: [`DeviceState`], the
-//! [`Device`](crate::Device) hooks that save and restore it, and the
+//! [`crate::Device`] hooks that save and restore it, and the
 //! runtime's [`Keeper`], which commits a device's state into the
 //! frontend-owned state area (SET_STATE_AREA, docs/protocol.md 5.14)
 //! whenever it changed, before the backend answers the access that

@@ -21,6 +21,7 @@
 mod control;
 mod data;
 mod seeds;
+mod state;
 
 pub use control::{
     control_header, device_info, doorbell_info, hello, irq_info, mem_table, region_index,
@@ -28,6 +29,7 @@ pub use control::{
 };
 pub use data::{ioregionfd_cmd, ioregionfd_resp};
 pub use seeds::seeds;
+pub use state::state_area;
 
 /// A property: panics when the input breaks it.
 pub type Property = fn(&[u8]);
@@ -47,6 +49,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("irq_info", irq_info),
     ("set_irq", set_irq),
     ("mem_table", mem_table),
+    ("state_area", state_area),
 ];
 
 #[cfg(test)]

@@ -165,6 +165,23 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             }
             .encode(),
         ],
+        "state_area" => {
+            // An area with one committed record, cut after it (the target
+            // pads to 4 KiB with zeros), and a bare header.
+            let mut area = vec![0u8; outboard_protocol::state::MIN_AREA];
+            let _ = outboard_protocol::state::open(&mut area);
+            let bare = area[..64].to_vec();
+            let record = outboard_protocol::state::Snapshot {
+                kind: 0x102,
+                name: "virtio-blk".into(),
+                version: 1,
+                state: vec![0x0f, 0, 0, 0, 1],
+            }
+            .encode();
+            let _ = outboard_protocol::state::commit(&mut area, &record);
+            let end = 64 + 16 + record.len();
+            vec![area[..end].to_vec(), bare]
+        }
         _ => Vec::new(),
     }
 }
