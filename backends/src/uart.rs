@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use log::{error, warn};
-use outboard::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
+use outboard::state::{read_blob, DeviceState, Error as StateError, Writer};
 use outboard::{
     Access, AccessSize, Device, DeviceDescription, DeviceKind, EventOps, Interrupt, InterruptLine,
     Region,
@@ -224,20 +224,11 @@ impl Device for Uart {
             .u8(st.modem_status)
             .u8(st.scratch)
             .blob(&st.in_buffer);
-        Some(DeviceState {
-            version: STATE_VERSION,
-            bytes: w.bytes,
-        })
+        Some(DeviceState::new(STATE_VERSION, w.bytes))
     }
 
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
-        if state.version != STATE_VERSION {
-            return Err(StateError::Version {
-                found: state.version,
-                supported: STATE_VERSION,
-            });
-        }
-        let mut r = Reader::new(&state.bytes);
+        let mut r = state.reader(STATE_VERSION)?;
         let mut b = || r.u8().map_err(StateError::Area);
         let st = SerialState {
             baud_divisor_low: b()?,

@@ -60,6 +60,25 @@ pub struct DeviceState {
     pub bytes: Vec<u8>,
 }
 
+impl DeviceState {
+    /// A device's state `bytes` in its format `version`.
+    pub fn new(version: u32, bytes: Vec<u8>) -> Self {
+        DeviceState { version, bytes }
+    }
+
+    /// A reader over the state, once its version is the one the device
+    /// reads.
+    pub fn reader(&self, supported: u32) -> Result<Reader<'_>, Error> {
+        if self.version != supported {
+            return Err(Error::Version {
+                found: self.version,
+                supported,
+            });
+        }
+        Ok(Reader::new(&self.bytes))
+    }
+}
+
 /// Appends fields to a state buffer in host byte order.
 #[derive(Debug, Default)]
 pub struct Writer {

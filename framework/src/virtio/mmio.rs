@@ -24,7 +24,7 @@ use crate::device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
 use crate::events::EventOps;
-use crate::state::{read_blob, DeviceState, Error as StateError, Reader, Writer};
+use crate::state::{read_blob, DeviceState, Error as StateError, Writer};
 use outboard_protocol::Access;
 
 /// A [`VirtioDevice`] behind the virtio-mmio transport.
@@ -390,20 +390,11 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
             let s = self.side.signalled.get(i).copied().flatten();
             w.u8(u8::from(s.is_some())).u16(s.unwrap_or(0));
         }
-        Some(DeviceState {
-            version: STATE_VERSION,
-            bytes: w.bytes,
-        })
+        Some(DeviceState::new(STATE_VERSION, w.bytes))
     }
 
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
-        if state.version != STATE_VERSION {
-            return Err(StateError::Version {
-                found: state.version,
-                supported: STATE_VERSION,
-            });
-        }
-        let mut r = Reader::new(&state.bytes);
+        let mut r = state.reader(STATE_VERSION)?;
         let area = StateError::Area;
         let status = r.u32().map_err(area)?;
         let device_features_sel = r.u32().map_err(area)?;
