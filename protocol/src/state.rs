@@ -151,8 +151,16 @@ pub fn commit(area: &mut [u8], record: &[u8]) -> Result<u64, Error> {
     if record.len() > s - SLOT_HEADER {
         return Err(Error::TooLarge(record.len(), s - SLOT_HEADER));
     }
-    let (slot, seq) = match newest(area) {
-        Some((slot, seq)) => (1 - slot, seq + 1),
+    let (slot, seq) = match newest(area).map(|(slot, seq)| (slot, seq.checked_add(1))) {
+        Some((slot, Some(next))) => (1 - slot, next),
+        // Sequence numbers only a peer could have written: start over.
+        Some((_, None)) => {
+            for other in 0..2 {
+                let at = HEADER_SIZE + other * s;
+                area[at..at + 8].fill(0);
+            }
+            (0, 1)
+        }
         None => (0, 1),
     };
     let at = HEADER_SIZE + slot * s;
@@ -350,6 +358,18 @@ mod tests {
         // The next commit replaces the torn slot, not the good one.
         assert_eq!(commit(&mut a, b"next"), Ok(2));
         assert_eq!(latest(&a), Ok(&b"next"[..]));
+    }
+
+    #[test]
+    fn commit_when_newest_sequence_is_the_largest_then_starts_over_without_overflow() {
+        let mut a = area();
+        open(&mut a).unwrap();
+        commit(&mut a, b"old").unwrap();
+        // A peer writes the largest sequence number into the valid slot.
+        a[HEADER_SIZE..HEADER_SIZE + 8].copy_from_slice(&u64::MAX.to_ne_bytes());
+        assert_eq!(latest(&a), Ok(&b"old"[..]));
+        assert_eq!(commit(&mut a, b"new"), Ok(1));
+        assert_eq!(latest(&a), Ok(&b"new"[..]));
     }
 
     #[test]

@@ -73,3 +73,14 @@ fn committed_seeds_when_compared_with_generator_then_identical() {
         assert_eq!(files, seeds.len(), "{} has extra files", dir.display());
     }
 }
+
+/// An area whose valid slot carries the largest sequence number (found by
+/// libFuzzer): committing used to overflow the sequence.
+#[test]
+fn state_area_when_newest_sequence_is_u64_max_then_no_overflow() {
+    let mut area = vec![0u8; outboard_protocol::state::MIN_AREA];
+    outboard_protocol::state::open(&mut area).unwrap_or_else(|e| panic!("{e}"));
+    outboard_protocol::state::commit(&mut area, b"x").unwrap_or_else(|e| panic!("{e}"));
+    area[64..72].copy_from_slice(&u64::MAX.to_ne_bytes());
+    state_area(&area);
+}
