@@ -218,7 +218,7 @@ impl Keeper {
     /// Commits the device's state if its generation moved since the last
     /// commit. A failure is logged (the device goes on serving; only a
     /// later restart would miss the change).
-    pub fn keep<D: Device + ?Sized>(&mut self, device: &D) {
+    pub fn keep<D: Device + ?Sized>(&mut self, device: &D, served: &[u64]) {
         if !self.armed {
             return;
         }
@@ -234,6 +234,7 @@ impl Keeper {
             kind: self.kind,
             name: self.name.clone(),
             version: state.version,
+            served: served.to_vec(),
             state: state.bytes,
         }
         .encode();
@@ -245,7 +246,7 @@ impl Keeper {
 
     /// Commits the device's state now, whatever its generation; for
     /// SAVE_STATE.
-    pub fn save<D: Device + ?Sized>(&mut self, device: &D) -> Result<(), Error> {
+    pub fn save<D: Device + ?Sized>(&mut self, device: &D, served: &[u64]) -> Result<(), Error> {
         self.armed = true;
         self.committed = None;
         let state = device.save().ok_or(Error::Unsupported)?;
@@ -253,6 +254,7 @@ impl Keeper {
             kind: self.kind,
             name: self.name.clone(),
             version: state.version,
+            served: served.to_vec(),
             state: state.bytes,
         }
         .encode();
@@ -268,8 +270,9 @@ impl Keeper {
     }
 
     /// Restores `device` from the newest record; from then on its state
-    /// is committed.
-    pub fn restore<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<(), Error> {
+    /// is committed. Returns the record's served counts per region index
+    /// (none from an empty area).
+    pub fn restore<D: Device + ?Sized>(&mut self, device: &mut D) -> Result<Vec<u64>, Error> {
         // A copy: the frontend maps the area too, and what is checked must
         // be what is decoded.
         let copy = self.area.bytes().to_vec();
@@ -282,7 +285,7 @@ impl Keeper {
                     self.name
                 );
                 self.armed = true;
-                return Ok(());
+                return Ok(Vec::new());
             }
             Err(e) => return Err(Error::Area(e)),
         };
@@ -295,7 +298,7 @@ impl Keeper {
         })?;
         self.committed = Some(device.state_generation());
         self.armed = true;
-        Ok(())
+        Ok(snap.served)
     }
 }
 
@@ -379,13 +382,13 @@ mod tests {
         assert!(!had);
         let mut d = Counter::default();
         d.write(crate::Access::new(0, 0, crate::AccessSize::B1), 7);
-        k.keep(&d);
+        k.keep(&d, &[]);
         // The next instance: the record is there; its own power-on state
         // is not committed over it before it restores.
         let (mut k2, had) = Keeper::new(area.try_clone().unwrap(), "c", 1).unwrap();
         assert!(had);
         let fresh = Counter::default();
-        k2.keep(&fresh);
+        k2.keep(&fresh, &[]);
         let mut d2 = Counter::default();
         k2.restore(&mut d2).unwrap();
         assert_eq!(d2.value, 7);
@@ -397,7 +400,7 @@ mod tests {
         let (mut k, _) = Keeper::new(area.try_clone().unwrap(), "c", 1).unwrap();
         let mut d = Counter::default();
         d.write(crate::Access::new(0, 0, crate::AccessSize::B1), 7);
-        k.keep(&d);
+        k.keep(&d, &[]);
         let (mut other, _) = Keeper::new(area.try_clone().unwrap(), "d", 1).unwrap();
         assert!(matches!(
             other.restore(&mut Counter::default()),

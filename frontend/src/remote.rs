@@ -80,7 +80,46 @@ pub struct RemoteRegion {
     vcpu_tokens: u32,
     control: Mutex<Weak<Connection>>,
     link: Option<Arc<Link>>,
+    /// Under a restart policy: the posted writes no response has confirmed
+    /// yet, to send again to a restarted backend whose state lacks them.
+    /// Locked inside the socket's lock.
+    log: Mutex<PostedLog>,
     timeout: Duration,
+}
+
+/// Posted writes at most kept for a replay; past that the oldest go (and a
+/// restart that needed them says so).
+const POSTED_LOG: usize = 4096;
+
+/// Commands sent on the current placement, and the posted writes among
+/// them that no later response has confirmed (docs/architecture.md,
+/// "Restart and live upgrade").
+#[derive(Debug, Default)]
+pub(crate) struct PostedLog {
+    /// Commands sent and known to have arrived (numbered from 1).
+    sent: u64,
+    /// (number, encoded command), oldest first.
+    unconfirmed: std::collections::VecDeque<(u64, [u8; outboard_protocol::ioregionfd::CMD_SIZE])>,
+    /// Posted writes were dropped from the front of `unconfirmed`.
+    overflowed: bool,
+}
+
+impl PostedLog {
+    /// A command went out and, if it had a response, came back.
+    fn record(&mut self, cmd: &Cmd) {
+        self.sent += 1;
+        if cmd.resp {
+            // The response follows every earlier command on the stream.
+            self.unconfirmed.clear();
+            self.overflowed = false;
+        } else {
+            if self.unconfirmed.len() == POSTED_LOG {
+                self.unconfirmed.pop_front();
+                self.overflowed = true;
+            }
+            self.unconfirmed.push_back((self.sent, cmd.encode()));
+        }
+    }
 }
 
 impl RemoteRegion {
@@ -107,6 +146,7 @@ impl RemoteRegion {
             vcpu_tokens: 0,
             control: Mutex::new(Weak::new()),
             link: None,
+            log: Mutex::default(),
             timeout,
         })
     }
@@ -139,16 +179,16 @@ impl RemoteRegion {
         self
     }
 
-    /// Swaps in the data socket of a restarted backend.
-    pub(crate) fn replace_socket(&self, sock: UnixStream, control: Weak<Connection>) {
-        if let Err(e) = sock
-            .set_read_timeout(Some(self.timeout))
-            .and_then(|()| sock.set_write_timeout(Some(self.timeout)))
-        {
-            log::warn!("{}: data socket timeouts: {e}", self.health.name());
-        }
-        *self.sock.lock().unwrap_or_else(PoisonError::into_inner) = sock;
-        *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
+    /// Swaps in the data socket of a restarted backend; see
+    /// [`RemoteRegion::swap_locked`].
+    pub(crate) fn replace_socket(
+        &self,
+        sock: UnixStream,
+        control: Weak<Connection>,
+        served: Option<u64>,
+    ) {
+        let mut guard = self.lock_socket();
+        self.swap_locked(&mut guard, sock, control, served);
     }
 
     /// Holds the region's socket: no access goes out until the guard drops
@@ -157,12 +197,18 @@ impl RemoteRegion {
         self.sock.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// [`RemoteRegion::replace_socket`] through a guard already held.
+    /// Swaps in the data socket of a new backend, through the region's
+    /// socket guard. `served` is how many commands of this placement the
+    /// new backend's restored state holds (`None`: it keeps no state). The
+    /// posted writes sent after those are sent again, in order, so that a
+    /// posted write the dead backend never read is not lost; the count
+    /// then continues from the new backend's.
     pub(crate) fn swap_locked(
         &self,
         guard: &mut std::sync::MutexGuard<'_, UnixStream>,
         sock: UnixStream,
         control: Weak<Connection>,
+        served: Option<u64>,
     ) {
         if let Err(e) = sock
             .set_read_timeout(Some(self.timeout))
@@ -170,6 +216,43 @@ impl RemoteRegion {
         {
             log::warn!("{}: data socket timeouts: {e}", self.health.name());
         }
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        match served {
+            Some(served) => {
+                let first = log.unconfirmed.front().map(|(n, _)| *n);
+                if log.overflowed && first.is_some_and(|f| f > served + 1) {
+                    log::warn!(
+                        "{}: region {}: posted writes {}..{} were lost with the backend \
+                         (more than {POSTED_LOG} unconfirmed)",
+                        self.health.name(),
+                        self.region,
+                        served + 1,
+                        first.unwrap_or(0).saturating_sub(1)
+                    );
+                }
+                let again: Vec<_> = log
+                    .unconfirmed
+                    .drain(..)
+                    .filter(|(n, _)| *n > served)
+                    .map(|(_, c)| c)
+                    .collect();
+                let deadline = Deadline::after(Some(self.timeout));
+                log.sent = served;
+                let mut sending = true;
+                for c in again {
+                    // A backend that is gone too gets no more; they stay
+                    // logged, numbered past what it can have served, for
+                    // its successor.
+                    sending = sending && send_all(&sock, &c, &deadline).is_ok();
+                    log.sent += 1;
+                    let n = log.sent;
+                    log.unconfirmed.push_back((n, c));
+                }
+                log.overflowed = false;
+            }
+            None => *log = PostedLog::default(),
+        }
+        drop(log);
         **guard = sock;
         *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
     }
@@ -260,7 +343,14 @@ impl RemoteRegion {
                     return Err(AccessError::DeviceFailed(self.health.name().to_owned()));
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                exchange(&sock, &cmd, left.max(Duration::from_millis(1)))
+                let result = exchange(&sock, &cmd, left.max(Duration::from_millis(1)));
+                if result.is_ok() {
+                    self.log
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .record(&cmd);
+                }
+                result
             };
             let e = match result {
                 Ok(v) => return Ok(v),
@@ -458,6 +548,51 @@ mod tests {
             }
             seen
         })
+    }
+
+    #[test]
+    fn posted_log_when_response_arrives_then_earlier_posted_writes_confirmed() {
+        let mut log = PostedLog::default();
+        let w = |v| Cmd::write(1, 0, AccessSize::B1, v, true);
+        log.record(&w(1));
+        log.record(&w(2));
+        assert_eq!(log.sent, 2);
+        assert_eq!(
+            log.unconfirmed.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        log.record(&Cmd::read(1, 0, AccessSize::B1));
+        assert!(log.unconfirmed.is_empty() && log.sent == 3);
+        for v in 0..(POSTED_LOG as u64 + 2) {
+            log.record(&w(v));
+        }
+        assert_eq!(log.unconfirmed.len(), POSTED_LOG);
+        assert!(log.overflowed);
+        assert_eq!(log.unconfirmed.front().map(|(n, _)| *n), Some(6));
+    }
+
+    #[test]
+    fn swap_when_state_served_part_of_the_log_then_the_rest_is_sent_again_in_order() {
+        let (r, _old) = region(RW, 1000);
+        for v in 1..=4u64 {
+            r.log
+                .lock()
+                .unwrap()
+                .record(&Cmd::write(1, v, AccessSize::B1, v, true));
+        }
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        // The restored backend's state holds the first two.
+        r.replace_socket(ours, Weak::new(), Some(2));
+        let mut got = [0u8; 2 * CMD_SIZE];
+        theirs.read_exact(&mut got).unwrap();
+        let offsets: Vec<u64> = got
+            .chunks(CMD_SIZE)
+            .map(|c| Cmd::decode(c.try_into().unwrap()).unwrap().offset)
+            .collect();
+        assert_eq!(offsets, [3, 4]);
+        let log = r.log.lock().unwrap();
+        assert_eq!(log.sent, 4);
+        assert_eq!(log.unconfirmed.len(), 2);
     }
 
     #[test]

@@ -198,6 +198,9 @@ pub fn latest(area: &[u8]) -> Result<&[u8], Error> {
 /// 8  kind           u32 (the device kind of GET_DEVICE_INFO)
 /// 12 version        u32 (the device's own state format version)
 /// 16 name           name length bytes of UTF-8
+///    regions        u16: the number of served counts that follow
+///    served         u64 per region index: data commands served on the
+///                   region's current placement, state included
 ///    state          the rest
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +211,10 @@ pub struct Snapshot {
     pub name: String,
     /// The device's own state format version.
     pub version: u32,
+    /// Per region index: the data commands the device had served on that
+    /// region's placement when this state was taken, so a frontend knows
+    /// which posted writes the state already holds.
+    pub served: Vec<u64>,
     /// The device's state.
     pub state: Vec<u8>,
 }
@@ -224,6 +231,11 @@ impl Snapshot {
         out.extend_from_slice(&self.kind.to_ne_bytes());
         out.extend_from_slice(&self.version.to_ne_bytes());
         out.extend_from_slice(name);
+        let regions = &self.served[..self.served.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(regions.len() as u16).to_ne_bytes());
+        for n in regions {
+            out.extend_from_slice(&n.to_ne_bytes());
+        }
         out.extend_from_slice(&self.state);
         out
     }
@@ -242,11 +254,15 @@ impl Snapshot {
             .get(16..16 + name_len)
             .ok_or(Error::Corrupt("name runs past the end"))?;
         let name = std::str::from_utf8(name).map_err(|_| Error::Corrupt("name is not UTF-8"))?;
+        let mut r = Reader::new(&b[16 + name_len..]);
+        let count = r.u16()?;
+        let served = (0..count).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
         Ok(Snapshot {
             kind: u32_at(b, 8),
             name: name.to_owned(),
             version: u32_at(b, 12),
-            state: b[16 + name_len..].to_vec(),
+            served,
+            state: r.rest().to_vec(),
         })
     }
 
@@ -305,6 +321,11 @@ impl<'a> Reader<'a> {
     /// The next u64.
     pub fn u64(&mut self) -> Result<u64, Error> {
         Ok(u64_at(self.bytes(8)?, 0))
+    }
+
+    /// Every byte not read yet.
+    pub fn rest(&self) -> &'a [u8] {
+        self.b
     }
 
     /// Fails unless every byte was read.
@@ -388,6 +409,7 @@ mod tests {
             kind: 2,
             name: "virtio-blk".into(),
             version: 1,
+            served: vec![7, 0],
             state: vec![1, 2, 3],
         };
         let d = Snapshot::decode(&s.encode()).unwrap();

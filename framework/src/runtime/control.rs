@@ -294,7 +294,8 @@ impl<D: Device> Backend<D> {
                     .state
                     .as_mut()
                     .ok_or_else(|| state_refused(crate::state::Error::NoArea))?;
-                keeper.restore(&mut self.device).map_err(state_refused)?;
+                let served = keeper.restore(&mut self.device).map_err(state_refused)?;
+                self.data.set_served(&served);
                 // A paused backend whose successor failed to start resumes.
                 self.paused = false;
                 info!("state restored");
@@ -308,7 +309,9 @@ impl<D: Device> Backend<D> {
                 // Queued data commands were served before this request.
                 self.device.pause();
                 self.paused = true;
-                keeper.save(&self.device).map_err(state_refused)?;
+                keeper
+                    .save(&self.device, self.data.served())
+                    .map_err(state_refused)?;
                 info!("paused and state saved; serving control requests only");
                 Ok(Reply::Ack)
             }

@@ -87,6 +87,10 @@ pub(crate) struct DataPlane {
     pub(super) by_user_data: HashMap<u64, (u32, Option<u32>)>,
     responses: Vec<u8>,
     rejected: u64,
+    /// Per region: data commands served on its current placement (saved
+    /// with the state, so a frontend replays only the posted writes the
+    /// state does not hold).
+    pub(super) served: Vec<u64>,
     /// Checks each new data socket (docs/protocol.md section 5.4).
     pub(super) vetter: super::sockcheck::Vetter,
 }
@@ -96,6 +100,7 @@ impl DataPlane {
     pub(crate) fn new(regions: Vec<Region>) -> Self {
         DataPlane {
             placements: regions.iter().map(|_| None).collect(),
+            served: vec![0; regions.len()],
             regions,
             sockets: Vec::new(),
             by_user_data: HashMap::new(),
@@ -108,6 +113,19 @@ impl DataPlane {
     /// The device's regions.
     pub(crate) fn regions(&self) -> &[Region] {
         &self.regions
+    }
+
+    /// Per region: data commands served on its current placement.
+    pub(crate) fn served(&self) -> &[u64] {
+        &self.served
+    }
+
+    /// Takes over served counts restored with the state (RESTORE_STATE
+    /// after the regions were placed again).
+    pub(crate) fn set_served(&mut self, served: &[u64]) {
+        for (mine, theirs) in self.served.iter_mut().zip(served) {
+            *mine = *theirs;
+        }
     }
 
     /// Accesses that did not fit their region so far.
@@ -172,7 +190,7 @@ impl DataPlane {
             ds.len -= whole;
             result?;
             if let Some(k) = keeper.as_deref_mut() {
-                k.keep(device);
+                k.keep(device, &self.served);
             }
             if !self.responses.is_empty() {
                 let sent = (&ds.sock).write_all(&self.responses);
@@ -211,6 +229,9 @@ impl DataPlane {
                     region: socket_region,
                     user_data: cmd.user_data,
                 })?;
+            if let Some(n) = self.served.get_mut(index as usize) {
+                *n += 1;
+            }
             let access = Access::new(index, cmd.offset, cmd.size).by(vcpu);
             let data = if self.fits(&cmd, index) {
                 match cmd.op {

@@ -118,7 +118,7 @@ impl<D: Device> Backend<D> {
     /// events and control requests; data accesses commit before answering).
     fn keep_state(&mut self) {
         if let Some(k) = self.state.as_mut() {
-            k.keep(&self.device);
+            k.keep(&self.device, self.data.served());
         }
     }
 }

@@ -79,6 +79,8 @@ impl DataPlane {
                 .insert(set.user_data + 1 + u64::from(vcpu), (set.index, Some(vcpu)));
         }
         self.placements[index] = Some(Placement { set, slot });
+        // Counting starts again with each placement, as the frontend's does.
+        self.served[index] = 0;
         Ok(())
     }
 

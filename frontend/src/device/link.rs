@@ -279,9 +279,11 @@ impl Link {
             .clone()
             .ok_or(backend::Error::NotRestartable)?;
         let (conn, swaps) = self.start_instance(&spawner)?;
+        let served = self.served();
         let conn = Arc::new(conn);
         for (region, sock) in swaps {
-            region.replace_socket(sock, Arc::downgrade(&conn));
+            let n = served_of(&served, region.region());
+            region.replace_socket(sock, Arc::downgrade(&conn), n);
         }
         let old = std::mem::replace(&mut *lock(&self.conn), conn);
         // The old backend is dead; reaping it must not hold anything up.
@@ -405,11 +407,13 @@ impl Link {
                 return Err(e);
             }
         }
+        let served = self.served();
         let conn = Arc::new(conn);
         for (region, sock) in swaps {
+            let n = served_of(&served, region.region());
             match regions.iter().position(|r| Arc::ptr_eq(r, &region)) {
-                Some(i) => region.swap_locked(&mut held[i], sock, Arc::downgrade(&conn)),
-                None => region.replace_socket(sock, Arc::downgrade(&conn)),
+                Some(i) => region.swap_locked(&mut held[i], sock, Arc::downgrade(&conn), n),
+                None => region.replace_socket(sock, Arc::downgrade(&conn), n),
             }
         }
         *lock(&self.conn) = Arc::clone(&conn);
@@ -430,10 +434,40 @@ impl Link {
         Ok(blackout)
     }
 
+    /// Per region index, the commands the state area's newest record
+    /// holds (what the restored backend has served); `None` when the
+    /// device keeps no state.
+    fn served(&self) -> Option<Vec<u64>> {
+        let recipe = lock(&self.recipe);
+        let area = recipe.state_area.as_ref()?;
+        let mut bytes = vec![0u8; STATE_AREA_SIZE];
+        let file = std::fs::File::from(area.try_clone().ok()?);
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0).ok()?;
+        match outboard_protocol::state::latest(&bytes)
+            .and_then(outboard_protocol::state::Snapshot::decode)
+        {
+            Ok(s) => Some(s.served),
+            // No record yet: the device served nothing that changed it.
+            Err(outboard_protocol::state::Error::Empty) => Some(Vec::new()),
+            Err(e) => {
+                warn!("{}: state area: {e}", self.health.name());
+                None
+            }
+        }
+    }
+
     /// Live upgrades so far.
     pub fn upgrades(&self) -> u32 {
         lock(&self.progress).upgrades
     }
+}
+
+/// Region `index`'s count in `served` (0 when the record names fewer
+/// regions); `None` when the device keeps no state.
+fn served_of(served: &Option<Vec<u64>>, index: u32) -> Option<u64> {
+    served
+        .as_ref()
+        .map(|s| s.get(index as usize).copied().unwrap_or(0))
 }
 
 /// An fd the caller passes on at once (the link keeps the owner).

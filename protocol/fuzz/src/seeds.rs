@@ -175,6 +175,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 kind: 0x102,
                 name: "virtio-blk".into(),
                 version: 1,
+                served: vec![],
                 state: vec![0x0f, 0, 0, 0, 1],
             }
             .encode();

@@ -31,6 +31,7 @@ pub fn state_area(data: &[u8]) {
             kind: 2,
             name: "fuzz".into(),
             version: 1,
+            served: vec![],
             state: data.iter().take(64).copied().collect(),
         }
         .encode();
