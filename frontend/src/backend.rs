@@ -102,6 +102,16 @@ pub enum Error {
 /// Connects to a Unix socket, retrying while the listener is not there yet
 /// (the backend is still starting), for at most `timeout`.
 pub fn connect_retrying(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    connect_retrying_while(path, timeout, || true)
+}
+
+/// [`connect_retrying`] that also stops retrying once `go_on` says so (a
+/// device that is being dropped).
+pub(crate) fn connect_retrying_while(
+    path: &Path,
+    timeout: Duration,
+    go_on: impl Fn() -> bool,
+) -> io::Result<UnixStream> {
     let deadline = Instant::now() + timeout;
     loop {
         match UnixStream::connect(path) {
@@ -110,7 +120,8 @@ pub fn connect_retrying(path: &Path, timeout: Duration) -> io::Result<UnixStream
                 if matches!(
                     e.kind(),
                     io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) && Instant::now() < deadline =>
+                ) && Instant::now() < deadline
+                    && go_on() =>
             {
                 std::thread::sleep(Duration::from_millis(10));
             }

@@ -18,8 +18,7 @@
 //! as it does without a restart policy (DEVICE_NEEDS_RESET).
 
 use std::io;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -464,31 +463,11 @@ fn worth_retrying(e: &Error) -> bool {
 /// One attempt: connect, then replay the device's state under the
 /// register lock.
 fn attempt(link: &Link, target: &Target, generation: u64) -> Result<(), Error> {
-    let sock = connect(link, &target.socket, target.timeout)
-        .map_err(|e| Error::Connect(target.socket.clone(), e))?;
+    let sock =
+        crate::backend::connect_retrying_while(&target.socket, target.timeout, || !link.closed())
+            .map_err(|e| Error::Connect(target.socket.clone(), e))?;
     let mut inner = target.inner.lock().unwrap_or_else(PoisonError::into_inner);
     inner.backend.restore(sock, generation, target.timeout)
-}
-
-/// Connects to `path`, retrying while nothing listens there, for up to
-/// `timeout` (or until the device is dropped).
-fn connect(link: &Link, path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                ) && Instant::now() < deadline
-                    && !link.closed() =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 #[cfg(test)]
