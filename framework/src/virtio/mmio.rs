@@ -13,18 +13,19 @@ use outboard_virtio_mmio::virtio_bindings::virtio_config::{
 use outboard_virtio_mmio::virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_QUEUE_NOTIFY,
 };
-use outboard_virtio_mmio::{MmioTransport, QueueConfig, Registers, TransportDevice, MMIO_SIZE};
+use outboard_virtio_mmio::{MmioTransport, QueueConfig, TransportDevice, MMIO_SIZE};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 
+use super::saved::{self, Saved};
 use super::worker::{QueueThread, Signals};
 use super::{QueueError, VirtioDevice, RING_FEATURES};
 use crate::device::{
     Device, DeviceDescription, Doorbell, GuestMemory, Interrupt, InterruptLine, Region,
 };
 use crate::events::EventOps;
-use crate::state::{read_blob, DeviceState, Error as StateError, Writer};
+use crate::state::{DeviceState, Error as StateError};
 use outboard_protocol::Access;
 
 /// A [`VirtioDevice`] behind the virtio-mmio transport.
@@ -35,9 +36,6 @@ pub struct VirtioMmio<D: VirtioDevice> {
     /// of [`Device::state_generation`].
     generation: u64,
 }
-
-/// Format version of [`VirtioMmio`]'s saved state.
-pub const STATE_VERSION: u32 = 1;
 
 /// What the transport drives: the device logic, its queues (built from the
 /// driver's layout at DRIVER_OK), guest memory and the interrupt line
@@ -90,54 +88,6 @@ fn build_queue(index: usize, c: &QueueConfig, event_idx: bool) -> Result<Queue, 
         return Err(QueueError::Layout(index));
     }
     Ok(q)
-}
-
-impl<D: VirtioDevice> DeviceSide<D> {
-    /// After a restore: whether the driver may be owed a used-buffer
-    /// interrupt the previous instance did not raise. With EVENT_IDX, when
-    /// some ready queue's used index has gone past the driver's
-    /// `used_event`, by less than the queue size (an interrupt already
-    /// raised for it is raised again,
-    /// which a driver tolerates; one it asked for further ahead is not);
-    /// without, unless every ready queue's driver set
-    /// VRING_AVAIL_F_NO_INTERRUPT. Unreadable rings count as owed.
-    fn interrupt_owed(&self, queues: &[QueueConfig], event_idx: bool) -> bool {
-        let signalled = |i: usize| self.signalled.get(i).copied().flatten();
-        let Some(mem) = self.memory.as_ref().map(GuestAddressSpace::memory) else {
-            return false;
-        };
-        let read = |addr: u64| -> Option<u16> {
-            vm_memory::Bytes::read_obj::<u16>(&*mem, vm_memory::GuestAddress(addr)).ok()
-        };
-        queues
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.ready)
-            .any(|(i, c)| {
-                if event_idx {
-                    let used_event = c
-                        .avail
-                        .checked_add(4 + 2 * u64::from(c.size))
-                        .and_then(read);
-                    let used = c.used.checked_add(2).and_then(read);
-                    match (used_event, used) {
-                        // Past it by less than a ring: a used index cannot lead
-                        // what the driver last saw by more than the queue size,
-                        // so anything further is a used_event set far ahead.
-                        (Some(e), Some(u)) => {
-                            // Where the predecessor last interrupted: the
-                            // standard vring_need_event test from there, or
-                            // (not known) anything behind by less than a ring.
-                            let since = signalled(i).map_or(c.size, |old| u.wrapping_sub(old));
-                            u.wrapping_sub(e).wrapping_sub(1) < since
-                        }
-                        _ => true,
-                    }
-                } else {
-                    read(c.avail).is_none_or(|flags| flags & 1 == 0)
-                }
-            })
-    }
 }
 
 impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
@@ -363,80 +313,35 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
     }
 
     fn save(&self) -> Option<DeviceState> {
-        let r = self.transport.registers();
-        let mut status = r.status;
+        let mut registers = self.transport.registers();
         if self.side.signals.failed() {
-            status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            registers.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         }
-        let mut w = Writer::default();
-        w.u32(status)
-            .u32(r.device_features_sel)
-            .u32(r.driver_features_sel)
-            .u64(r.driver_features)
-            .u32(r.queue_sel)
-            .u32(r.config_generation)
-            .u16(r.queues.len() as u16);
-        for q in &r.queues {
-            w.u16(q.max_size)
-                .u16(q.size)
-                .u8(u8::from(q.ready))
-                .u64(q.desc)
-                .u64(q.avail)
-                .u64(q.used);
-        }
-        w.blob(&self.side.device.save_state());
-        // Where each queue last raised its interrupt (see interrupt_owed).
-        for i in 0..r.queues.len() {
-            let s = self.side.signalled.get(i).copied().flatten();
-            w.u8(u8::from(s.is_some())).u16(s.unwrap_or(0));
-        }
-        Some(DeviceState::new(STATE_VERSION, w.bytes))
+        let saved = Saved {
+            signalled: (0..registers.queues.len())
+                .map(|i| self.side.signalled.get(i).copied().flatten())
+                .collect(),
+            registers,
+            device: self.side.device.save_state(),
+        };
+        Some(saved.encode())
     }
 
     fn restore(&mut self, state: &DeviceState) -> Result<(), StateError> {
-        let mut r = state.reader(STATE_VERSION)?;
-        let area = StateError::Area;
-        let status = r.u32().map_err(area)?;
-        let device_features_sel = r.u32().map_err(area)?;
-        let driver_features_sel = r.u32().map_err(area)?;
-        let driver_features = r.u64().map_err(area)?;
-        let queue_sel = r.u32().map_err(area)?;
-        let config_generation = r.u32().map_err(area)?;
-        let n = r.u16().map_err(area)?;
-        let mut queues = Vec::with_capacity(usize::from(n).min(1024));
-        for _ in 0..n {
-            queues.push(QueueConfig {
-                max_size: r.u16().map_err(area)?,
-                size: r.u16().map_err(area)?,
-                ready: r.u8().map_err(area)? != 0,
-                desc: r.u64().map_err(area)?,
-                avail: r.u64().map_err(area)?,
-                used: r.u64().map_err(area)?,
-            });
-        }
-        let device_state = read_blob(&mut r)?;
-        let mut signalled = Vec::with_capacity(queues.len());
-        for _ in 0..queues.len() {
-            let known = r.u8().map_err(area)? != 0;
-            let at = r.u16().map_err(area)?;
-            signalled.push(known.then_some(at));
-        }
-        r.end().map_err(area)?;
+        let Saved {
+            registers,
+            device,
+            signalled,
+        } = Saved::decode(state)?;
+        let (status, driver_features) = (registers.status, registers.driver_features);
+        let queues = registers.queues.clone();
         // Back to the power-on state first: no queue of this instance runs
         // on the old layout.
         self.transport.reset(&mut self.side);
         self.transport
-            .set_registers(Registers {
-                queues: queues.clone(),
-                device_features_sel,
-                driver_features_sel,
-                driver_features,
-                queue_sel,
-                status,
-                config_generation,
-            })
+            .set_registers(registers)
             .map_err(StateError::Invalid)?;
-        self.side.device.restore_state(device_state)?;
+        self.side.device.restore_state(&device)?;
         self.generation += 1;
         if status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             return Ok(());
@@ -458,7 +363,10 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
             // The previous instance may have used buffers without raising
             // the interrupt: raise it where the driver asked for one.
             let event_idx = driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-            if self.side.interrupt_owed(&queues, event_idx) {
+            let owed = self.side.memory.as_ref().is_some_and(|m| {
+                saved::interrupt_owed(&*m.memory(), &queues, &self.side.signalled, event_idx)
+            });
+            if owed {
                 self.transport.raise(&mut self.side, VIRTIO_MMIO_INT_VRING);
             }
             // Then serve what queued up while no backend ran.

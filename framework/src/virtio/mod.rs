@@ -46,6 +46,7 @@ use crate::events::EventOps;
 pub mod inflight;
 mod mmio;
 mod queue;
+mod saved;
 mod worker;
 
 pub use mmio::VirtioMmio;
