@@ -30,7 +30,10 @@ use outboard_protocol::{Access, AccessSize};
 use crate::backend::Connection;
 use crate::bus::{AccessError, BusDevice};
 use crate::device::Link;
+
+mod posted;
 pub use crate::health::Health;
+use posted::PostedLog;
 
 /// What the guest may do with a region, as the backend declared it.
 #[derive(Debug, Clone, Copy)]
@@ -85,41 +88,6 @@ pub struct RemoteRegion {
     /// Locked inside the socket's lock.
     log: Mutex<PostedLog>,
     timeout: Duration,
-}
-
-/// Posted writes at most kept for a replay; past that the oldest go (and a
-/// restart that needed them says so).
-const POSTED_LOG: usize = 4096;
-
-/// Commands sent on the current placement, and the posted writes among
-/// them that no later response has confirmed (docs/architecture.md,
-/// "Restart and live upgrade").
-#[derive(Debug, Default)]
-pub(crate) struct PostedLog {
-    /// Commands sent and known to have arrived (numbered from 1).
-    sent: u64,
-    /// (number, encoded command), oldest first.
-    unconfirmed: std::collections::VecDeque<(u64, [u8; outboard_protocol::ioregionfd::CMD_SIZE])>,
-    /// Posted writes were dropped from the front of `unconfirmed`.
-    overflowed: bool,
-}
-
-impl PostedLog {
-    /// A command went out and, if it had a response, came back.
-    fn record(&mut self, cmd: &Cmd) {
-        self.sent += 1;
-        if cmd.resp {
-            // The response follows every earlier command on the stream.
-            self.unconfirmed.clear();
-            self.overflowed = false;
-        } else {
-            if self.unconfirmed.len() == POSTED_LOG {
-                self.unconfirmed.pop_front();
-                self.overflowed = true;
-            }
-            self.unconfirmed.push_back((self.sent, cmd.encode()));
-        }
-    }
 }
 
 impl RemoteRegion {
@@ -217,40 +185,16 @@ impl RemoteRegion {
             log::warn!("{}: data socket timeouts: {e}", self.health.name());
         }
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        match served {
-            Some(served) => {
-                let first = log.unconfirmed.front().map(|(n, _)| *n);
-                if log.overflowed && first.is_some_and(|f| f > served + 1) {
-                    log::warn!(
-                        "{}: region {}: posted writes {}..{} were lost with the backend \
-                         (more than {POSTED_LOG} unconfirmed)",
-                        self.health.name(),
-                        self.region,
-                        served + 1,
-                        first.unwrap_or(0).saturating_sub(1)
-                    );
-                }
-                let again: Vec<_> = log
-                    .unconfirmed
-                    .drain(..)
-                    .filter(|(n, _)| *n > served)
-                    .map(|(_, c)| c)
-                    .collect();
-                let deadline = Deadline::after(Some(self.timeout));
-                log.sent = served;
-                let mut sending = true;
-                for c in again {
-                    // A backend that is gone too gets no more; they stay
-                    // logged, numbered past what it can have served, for
-                    // its successor.
-                    sending = sending && send_all(&sock, &c, &deadline).is_ok();
-                    log.sent += 1;
-                    let n = log.sent;
-                    log.unconfirmed.push_back((n, c));
-                }
-                log.overflowed = false;
-            }
-            None => *log = PostedLog::default(),
+        let deadline = Deadline::after(Some(self.timeout));
+        let lost = log.resume(served, |c| send_all(&sock, c, &deadline).is_ok());
+        if let Some((first, last)) = lost {
+            log::warn!(
+                "{}: region {}: posted writes {first}..={last} were lost with the backend \
+                 (more than {} unconfirmed)",
+                self.health.name(),
+                self.region,
+                posted::POSTED_LOG
+            );
         }
         drop(log);
         **guard = sock;
@@ -548,27 +492,6 @@ mod tests {
             }
             seen
         })
-    }
-
-    #[test]
-    fn posted_log_when_response_arrives_then_earlier_posted_writes_confirmed() {
-        let mut log = PostedLog::default();
-        let w = |v| Cmd::write(1, 0, AccessSize::B1, v, true);
-        log.record(&w(1));
-        log.record(&w(2));
-        assert_eq!(log.sent, 2);
-        assert_eq!(
-            log.unconfirmed.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-            [1, 2]
-        );
-        log.record(&Cmd::read(1, 0, AccessSize::B1));
-        assert!(log.unconfirmed.is_empty() && log.sent == 3);
-        for v in 0..(POSTED_LOG as u64 + 2) {
-            log.record(&w(v));
-        }
-        assert_eq!(log.unconfirmed.len(), POSTED_LOG);
-        assert!(log.overflowed);
-        assert_eq!(log.unconfirmed.front().map(|(n, _)| *n), Some(6));
     }
 
     #[test]
