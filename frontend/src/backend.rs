@@ -185,7 +185,7 @@ impl Connection {
                     return Err(io::Error::last_os_error());
                 }
                 // Die with the frontend. The signal fires when the forking
-                // thread exits: spawn_from_launcher_thread forks from a
+                // thread exits: launch::spawn_from_launcher_thread forks from a
                 // thread that lives as long as the process.
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
@@ -205,8 +205,8 @@ impl Connection {
             });
         }
         let program = PathBuf::from(cmd.get_program());
-        let mut child =
-            spawn_from_launcher_thread(cmd).map_err(|e| Error::Spawn(program.clone(), e))?;
+        let mut child = crate::launch::spawn_from_launcher_thread(cmd)
+            .map_err(|e| Error::Spawn(program.clone(), e))?;
         drop(theirs);
         let label = format!("{} (pid {})", program.display(), child.id());
         info!("spawned {label}");
@@ -583,47 +583,6 @@ impl Drop for Connection {
             let _ = self.channel.socket().shutdown(std::net::Shutdown::Both);
             self.reap(Duration::from_millis(500));
         }
-    }
-}
-
-/// A command for the launcher thread and where its result goes.
-type Launch = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
-
-/// Spawns `cmd` from one thread that lives as long as the process.
-///
-/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits,
-/// not the process: a backend spawned from a short-lived thread (a test
-/// thread, a thread doing a live upgrade) would be killed when that thread
-/// ends. Forking from a thread that never exits ties every backend to
-/// the frontend process itself.
-fn spawn_from_launcher_thread(cmd: Command) -> io::Result<Child> {
-    static LAUNCHER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Launch>>> =
-        std::sync::OnceLock::new();
-    let launcher = LAUNCHER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Launch>();
-        let started = std::thread::Builder::new()
-            .name("outboard-launcher".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            });
-        if let Err(e) = started {
-            log::warn!("no launcher thread ({e}); backends are spawned from the calling thread");
-        }
-        Mutex::new(tx)
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sent = launcher
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .send((cmd, tx));
-    match sent {
-        Ok(()) => rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("the launcher thread is gone"))),
-        // No launcher thread: the command comes back with the error.
-        Err(std::sync::mpsc::SendError((mut cmd, _))) => cmd.spawn(),
     }
 }
 

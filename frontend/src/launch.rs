@@ -116,6 +116,50 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// A command for the launcher thread and where its result goes.
+type Launch = (
+    Command,
+    std::sync::mpsc::Sender<std::io::Result<std::process::Child>>,
+);
+
+/// Spawns `cmd` from one thread that lives as long as the process.
+///
+/// PR_SET_PDEATHSIG fires when the *thread* that forked the child exits,
+/// not the process: a backend spawned from a short-lived thread (a test
+/// thread, a thread doing a live upgrade) would be killed when that thread
+/// ends. Forking from a thread that never exits ties every backend to
+/// the frontend process itself.
+pub(crate) fn spawn_from_launcher_thread(cmd: Command) -> std::io::Result<std::process::Child> {
+    static LAUNCHER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Launch>>> =
+        std::sync::OnceLock::new();
+    let launcher = LAUNCHER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Launch>();
+        let started = std::thread::Builder::new()
+            .name("outboard-launcher".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            log::warn!("no launcher thread ({e}); backends are spawned from the calling thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sent = launcher
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((cmd, tx));
+    match sent {
+        Ok(()) => rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the launcher thread is gone"))),
+        // No launcher thread: the command comes back with the error.
+        Err(std::sync::mpsc::SendError((mut cmd, _))) => cmd.spawn(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,7 +325,8 @@ impl Frontend {
     pub fn upgrade(&self, name: &str, program: Option<&str>) -> Result<Duration, Error> {
         // Without the vhost-user feature Outboard devices are all there is.
         #[allow(irrefutable_let_patterns)]
-        let Attached::Outboard(d) = self.device(name)? else {
+        let Attached::Outboard(d) = self.device(name)?
+        else {
             return Err(Error::NotUpgradable(name.to_owned()));
         };
         let Some(args) = d.args.clone() else {
