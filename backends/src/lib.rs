@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::process::ExitCode;
 
+pub mod host_stream;
 pub mod input;
 pub mod scratch;
 pub mod uart;

@@ -16,8 +16,9 @@ use std::sync::Arc;
 /// What registers fds for an [`EventOps`]: the runtime's epoll set, or the
 /// vhost-user daemon's listeners.
 pub(crate) trait Watch: Send + Sync {
-    /// Watches `fd` for readability, reporting it as device event `id`.
-    fn add(&self, fd: RawFd, id: u32) -> io::Result<()>;
+    /// Watches `fd` for readability (or, with `writable`, for room to
+    /// write), reporting it as device event `id`.
+    fn add(&self, fd: RawFd, id: u32, writable: bool) -> io::Result<()>;
     /// Stops watching `fd`, registered as `id`.
     fn remove(&self, fd: RawFd, id: u32) -> io::Result<()>;
 }
@@ -46,7 +47,13 @@ impl EventOps {
     /// Watches `fd` for readability (and hang-up); the loop then calls
     /// `handle_event` with `id`. Adding an fd twice is an error (`EEXIST`).
     pub fn add(&self, fd: impl AsFd, id: u32) -> io::Result<()> {
-        self.0.add(fd.as_fd().as_raw_fd(), id)
+        self.0.add(fd.as_fd().as_raw_fd(), id, false)
+    }
+
+    /// Watches `fd` for room to write (level-triggered: remove it once the
+    /// device has written what waited); reported as `id` like [`EventOps::add`].
+    pub fn add_writable(&self, fd: impl AsFd, id: u32) -> io::Result<()> {
+        self.0.add(fd.as_fd().as_raw_fd(), id, true)
     }
 
     /// Stops watching `fd`, registered as `id`.
@@ -58,7 +65,7 @@ impl EventOps {
 struct Detached;
 
 impl Watch for Detached {
-    fn add(&self, _fd: RawFd, _id: u32) -> io::Result<()> {
+    fn add(&self, _fd: RawFd, _id: u32, _writable: bool) -> io::Result<()> {
         Ok(())
     }
     fn remove(&self, _fd: RawFd, _id: u32) -> io::Result<()> {
@@ -98,11 +105,16 @@ impl Epoll {
 
     /// Watches `fd` for readability under `token`.
     pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.add_events(fd, token, epoll::Events::EPOLLIN)
+    }
+
+    /// Watches `fd` for `events` under `token`.
+    pub(crate) fn add_events(&self, fd: RawFd, token: u64, events: epoll::Events) -> io::Result<()> {
         epoll::ctl(
             self.0.as_raw_fd(),
             epoll::ControlOptions::EPOLL_CTL_ADD,
             fd,
-            epoll::Event::new(epoll::Events::EPOLLIN, token),
+            epoll::Event::new(events, token),
         )
     }
 
@@ -140,8 +152,13 @@ impl Epoll {
 }
 
 impl Watch for Epoll {
-    fn add(&self, fd: RawFd, id: u32) -> io::Result<()> {
-        Epoll::add(self, fd, token::DEVICE | u64::from(id))
+    fn add(&self, fd: RawFd, id: u32, writable: bool) -> io::Result<()> {
+        let events = if writable {
+            epoll::Events::EPOLLOUT
+        } else {
+            epoll::Events::EPOLLIN
+        };
+        self.add_events(fd, token::DEVICE | u64::from(id), events)
     }
     fn remove(&self, fd: RawFd, _id: u32) -> io::Result<()> {
         Epoll::remove(self, fd)
@@ -177,5 +194,19 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
         assert!(ops.add(&a, 1).is_ok());
         assert!(ops.remove(&a, 1).is_ok());
+    }
+
+    #[test]
+    fn ops_when_fd_added_writable_then_reported_while_room() {
+        let ep = Epoll::new().unwrap_or_else(|e| panic!("{e}"));
+        let ops = ep.ops();
+        let (a, _b) = UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        ops.add_writable(&a, 3).unwrap_or_else(|e| panic!("{e}"));
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
+        assert_eq!(ep.wait(0, &mut events).unwrap_or_else(|e| panic!("{e}")), 1);
+        let data = events[0].data;
+        assert_eq!(data, token::DEVICE | 3);
+        ops.remove(&a, 3).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ep.wait(0, &mut events).unwrap_or_else(|e| panic!("{e}")), 0);
     }
 }

@@ -2,7 +2,6 @@
 //! [`Attached`] devices out.
 
 use std::path::PathBuf;
-#[cfg(feature = "vhost-user")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +41,11 @@ pub struct DeviceSpec {
     pub sandbox: bool,
     /// What happens when the backend dies (default: the device fails).
     pub restart: RestartPolicy,
+    /// The frontend owns the device's host stream and listens for its
+    /// client here (a console's terminal; spawned backends only, passed
+    /// as `--host-stream-fd N`; see [`crate::host_stream`]). It survives
+    /// restarts and live upgrades with no byte lost or repeated.
+    pub host_stream: Option<PathBuf>,
 }
 
 impl DeviceSpec {
@@ -57,6 +61,7 @@ impl DeviceSpec {
             posted_writes: true,
             sandbox: true,
             restart: RestartPolicy::default(),
+            host_stream: None,
         }
     }
 
@@ -71,6 +76,7 @@ impl DeviceSpec {
             posted_writes: true,
             sandbox: true,
             restart: RestartPolicy::default(),
+            host_stream: None,
         }
     }
 
@@ -87,12 +93,20 @@ impl DeviceSpec {
             posted_writes: false,
             sandbox: true,
             restart: RestartPolicy::default(),
+            host_stream: None,
         }
     }
 
     /// Runs a spawned backend unconfined (`--no-sandbox`), for debugging.
     pub fn without_sandbox(mut self) -> Self {
         self.sandbox = false;
+        self
+    }
+
+    /// Relays the device's host stream to clients of the socket at `path`
+    /// (see [`DeviceSpec::host_stream`]).
+    pub fn host_stream(mut self, path: impl Into<PathBuf>) -> Self {
+        self.host_stream = Some(path.into());
         self
     }
 
@@ -146,6 +160,8 @@ pub struct OutboardDevice {
     pub(crate) irqs: Vec<IrqLine>,
     /// A spawned backend's arguments, for a live upgrade to another binary.
     pub(crate) args: Option<Vec<String>>,
+    /// The device's host stream, when the frontend owns one.
+    pub(crate) host_stream: Option<Arc<crate::host_stream::HostStream>>,
 }
 
 /// A vhost-user backend behind the frontend's virtio-mmio transport.
@@ -167,6 +183,13 @@ pub enum Attached {
     /// A standard vhost-user backend.
     #[cfg(feature = "vhost-user")]
     VhostUser(VhostUserAttached),
+}
+
+impl OutboardDevice {
+    /// The device's host stream, when the frontend owns one.
+    pub fn host_stream(&self) -> Option<&Arc<crate::host_stream::HostStream>> {
+        self.host_stream.as_ref()
+    }
 }
 
 impl Attached {

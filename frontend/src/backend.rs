@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,9 @@ pub enum Error {
     /// protocol negotiation failed
     #[error("protocol negotiation failed")]
     Negotiation(#[source] control::Error),
+    /// cannot give the backend its host stream
+    #[error("cannot give the backend its host stream")]
+    HostStream(#[source] crate::host_stream::Error),
 }
 
 /// Connects to a Unix socket, retrying while the listener is not there yet
@@ -149,8 +152,18 @@ pub struct Connection {
 
 impl Connection {
     /// Spawns `cmd` with one end of a new control socket as `--control-fd N`,
-    /// and negotiates.
-    pub fn spawn(mut cmd: Command, quiet_stdout: bool, timeout: Duration) -> Result<Self, Error> {
+    /// and negotiates. A [`Prepared`](crate::launch::Prepared) command also
+    /// passes the descriptors it lists (and nothing else).
+    pub fn spawn(
+        cmd: impl Into<crate::launch::Prepared>,
+        quiet_stdout: bool,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let crate::launch::Prepared {
+            command: mut cmd,
+            inherit,
+        } = cmd.into();
+        let inherited: Vec<RawFd> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
         let (ours, theirs) = UnixStream::pair().map_err(Error::SocketPair)?;
         let fd: RawFd = theirs.as_raw_fd();
         let parent = std::process::id();
@@ -180,9 +193,12 @@ impl Connection {
                 // another device's sockets) is marked close-on-exec here;
                 // std's own exec-error pipe already is.
                 mark_cloexec_from(3)?;
-                // Keep the control socket across exec.
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
+                // Keep the control socket across exec, and the descriptors
+                // the command's arguments name.
+                for &keep in std::iter::once(&fd).chain(inherited.iter()) {
+                    if libc::fcntl(keep, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 // Die with the frontend. The signal fires when the forking
                 // thread exits: launch::spawn_from_launcher_thread forks from a
@@ -208,6 +224,7 @@ impl Connection {
         let mut child = crate::launch::spawn_from_launcher_thread(cmd)
             .map_err(|e| Error::Spawn(program.clone(), e))?;
         drop(theirs);
+        drop(inherit);
         let label = format!("{} (pid {})", program.display(), child.id());
         info!("spawned {label}");
         let stderr = match child.stderr.take() {

@@ -3,6 +3,7 @@
 //! built-in of a multi-call program).
 
 use std::ffi::OsString;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,6 +34,26 @@ pub enum Source {
         /// Virtio device type: `blk`, `rng`, `console` or a numeric ID.
         device: String,
     },
+}
+
+/// A backend command ready to spawn, with the descriptors it inherits
+/// beyond the protocol's own (a host stream's socket, say). They keep their
+/// numbers in the child; the command's arguments name them.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The command.
+    pub command: Command,
+    /// Descriptors the child inherits (closed in the frontend once spawned).
+    pub inherit: Vec<OwnedFd>,
+}
+
+impl From<Command> for Prepared {
+    fn from(command: Command) -> Self {
+        Prepared {
+            command,
+            inherit: Vec::new(),
+        }
+    }
 }
 
 /// Finds backend programs.

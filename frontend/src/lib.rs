@@ -42,6 +42,7 @@ pub mod bus;
 pub mod device;
 pub mod frontend;
 pub mod health;
+pub mod host_stream;
 pub mod irq;
 #[cfg(feature = "kvm")]
 pub mod kvm;

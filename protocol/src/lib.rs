@@ -22,6 +22,7 @@
 pub mod access;
 pub mod channel;
 pub mod control;
+pub mod host_stream;
 pub mod ioregionfd;
 pub mod state;
 pub mod wait;

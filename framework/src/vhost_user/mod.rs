@@ -597,9 +597,10 @@ impl<D: VirtioDevice + Send + 'static> Listeners<D> {
 }
 
 impl<D: VirtioDevice + Send + 'static> Watch for Listeners<D> {
-    fn add(&self, fd: RawFd, id: u32) -> io::Result<()> {
+    fn add(&self, fd: RawFd, id: u32, writable: bool) -> io::Result<()> {
         let (handler, data) = self.listener(id)?;
-        handler.register_listener(fd, EventSet::IN, data)
+        let set = if writable { EventSet::OUT } else { EventSet::IN };
+        handler.register_listener(fd, set, data)
     }
 
     fn remove(&self, fd: RawFd, id: u32) -> io::Result<()> {

@@ -27,6 +27,11 @@
 //! restart_backoff_ms = 10      # optional: wait before a restart (doubles
 //!                              # for quick deaths in a row, at most 5 s)
 //! restart_limit = 1000         # optional: most restarts, then the device fails
+//! host_stream = "/run/con.sock" # optional, spawned backends: the frontend owns
+//!                              # the device's terminal (a console's) and
+//!                              # relays it to one client of this socket at
+//!                              # a time, with nothing lost or repeated
+//!                              # across restarts and upgrades
 //! [[device.region]]
 //! index = 0
 //! addr = 0xd0000000            # optional; default: backend's preference, else next free
@@ -98,6 +103,7 @@ struct DeviceEntry {
     restart: Option<String>,
     restart_backoff_ms: Option<u64>,
     restart_limit: Option<u32>,
+    host_stream: Option<PathBuf>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
     #[serde(default)]
@@ -199,6 +205,7 @@ impl Config {
                 posted_writes: d.posted_writes.unwrap_or(true),
                 sandbox: d.sandbox.unwrap_or(true),
                 restart,
+                host_stream: d.host_stream,
             });
         }
         Ok(Config {

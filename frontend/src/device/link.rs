@@ -17,7 +17,6 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -27,12 +26,13 @@ use vmm_sys_util::eventfd::EventFd;
 use outboard_protocol::control::{DeviceInfo, MemTable, RegionInfo, SetRegion, F_STATE};
 
 use crate::backend::{self, Connection};
+use crate::launch::Prepared;
 use crate::health::Health;
 use crate::remote::RemoteRegion;
 use crate::restart::RestartPolicy;
 
 /// Builds the command that starts the backend (again).
-pub type Spawner = Box<dyn Fn() -> Result<Command, backend::Error> + Send + Sync>;
+pub type Spawner = Box<dyn Fn() -> Result<Prepared, backend::Error> + Send + Sync>;
 
 /// Size of the state area a restartable device gets.
 pub const STATE_AREA_SIZE: usize = 64 << 10;

@@ -12,6 +12,7 @@
 //! allocator's), checks all of them for overlaps before touching anything,
 //! and only then places each region and maps it on its bus.
 
+use std::os::fd::AsRawFd;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,9 @@ use crate::attached::{Attached, DeviceSpec, OutboardDevice};
 use crate::bus::{Bus, BusError};
 use crate::device::{self, DeviceOptions, RemoteDevice};
 use crate::irq::{self, InterruptSink, IrqLine};
-use crate::launch::Source;
+use crate::backend::Error as BackendError;
+use crate::host_stream::HostStream;
+use crate::launch::{Launcher, Prepared, Source};
 use crate::memory::GuestRam;
 use crate::registrar::Registrar;
 
@@ -41,6 +44,9 @@ pub use crate::attached::Options;
 /// Errors from attaching, configuring or removing devices.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// device {0}: a host stream needs a backend the frontend spawns
+    #[error("device {0}: a host stream needs a backend the frontend spawns")]
+    HostStreamNotSpawned(String),
     /// device {0} is not a spawned Outboard backend: it cannot be upgraded
     #[error("device {0} is not a spawned Outboard backend: it cannot be upgraded")]
     NotUpgradable(String),
@@ -144,6 +150,30 @@ impl std::fmt::Debug for Frontend {
             .field("pio", &self.pio)
             .finish_non_exhaustive()
     }
+}
+
+/// Starts `program` with `args` through `launcher`; with a host stream,
+/// each start gets a fresh socket of it as `--host-stream-fd N`.
+fn spawner(
+    launcher: Launcher,
+    program: String,
+    args: Vec<String>,
+    host: Option<Arc<HostStream>>,
+) -> device::Spawner {
+    Box::new(move || {
+        let mut command = launcher.command(&program, &args)?;
+        let Some(host) = &host else {
+            return Ok(Prepared::from(command));
+        };
+        let end = host.new_end().map_err(BackendError::HostStream)?;
+        command
+            .arg("--host-stream-fd")
+            .arg(end.as_raw_fd().to_string());
+        Ok(Prepared {
+            command,
+            inherit: vec![end],
+        })
+    })
 }
 
 pub(crate) fn dev_err(name: &str) -> impl Fn(device::Error) -> Error + '_ {
@@ -333,9 +363,12 @@ impl Frontend {
             return Err(Error::NotUpgradable(name.to_owned()));
         };
         let spawner: Option<device::Spawner> = program.map(|p| {
-            let launcher = self.options.launcher.clone();
-            let p = p.to_owned();
-            Box::new(move || launcher.command(&p, &args)) as device::Spawner
+            spawner(
+                self.options.launcher.clone(),
+                p.to_owned(),
+                args,
+                d.host_stream.clone(),
+            )
         });
         d.remote
             .link()
@@ -351,8 +384,12 @@ impl Frontend {
             return Err(Error::DuplicateName(spec.name.clone()));
         }
         let name = spec.name.as_str();
+        if spec.host_stream.is_some() && !matches!(spec.source, Source::Spawn { .. }) {
+            return Err(Error::HostStreamNotSpawned(name.to_owned()));
+        }
         let options = self.device_options(spec);
         let mut spawn_args = None;
+        let mut host_stream = None;
         let remote = match &spec.source {
             Source::Spawn { program, args } => {
                 let mut args = args.clone();
@@ -363,9 +400,14 @@ impl Frontend {
                 let launcher = self.options.launcher.clone();
                 let program = program.clone();
                 spawn_args = Some(args.clone());
+                if let Some(path) = &spec.host_stream {
+                    let hs = HostStream::listen(path, name)
+                        .map_err(|e| dev_err(name)(device::Error::Backend(BackendError::HostStream(e))))?;
+                    host_stream = Some(Arc::new(hs));
+                }
                 // The same program with the same arguments, each time the
                 // device's backend is (re)started.
-                let spawner: device::Spawner = Box::new(move || launcher.command(&program, &args));
+                let spawner = spawner(launcher, program, args, host_stream.clone());
                 RemoteDevice::spawn_restartable(name, spawner, quiet, options)
                     .map_err(dev_err(name))?
             }
@@ -393,6 +435,7 @@ impl Frontend {
             remote,
             irqs: Vec::new(),
             args: spawn_args,
+            host_stream,
         };
         let result = self
             .connect_resources(&mut dev)

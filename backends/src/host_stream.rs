@@ -1,0 +1,255 @@
+//! The backend's end of a host stream (docs/protocol.md, section 10): the
+//! `SOCK_SEQPACKET` socket a frontend passes as `--host-stream-fd N`, over
+//! which a device's output leaves and its input arrives as framed
+//! messages ([`outboard_protocol::host_stream`]). Nonblocking throughout:
+//! a full socket is reported, never waited on.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use outboard_protocol::host_stream::{Message, MAX_MESSAGE};
+use thiserror::Error;
+
+/// Why a host stream cannot be taken or used.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// fd {0} is not an open SOCK_SEQPACKET Unix socket
+    #[error("fd {0} is not an open SOCK_SEQPACKET Unix socket")]
+    NotSeqpacket(RawFd),
+    /// cannot set up the host stream
+    #[error("cannot set up the host stream")]
+    Setup(#[source] io::Error),
+}
+
+/// What one receive returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// One datagram of this many bytes, in the buffer.
+    Message(usize),
+    /// Nothing waits.
+    Empty,
+    /// The frontend closed its end.
+    Closed,
+}
+
+/// The socket.
+#[derive(Debug)]
+pub struct HostStream {
+    sock: OwnedFd,
+    /// A second descriptor of the same socket, watched for room to write
+    /// while the first is watched for input (epoll takes each fd once).
+    room: OwnedFd,
+    scratch: Vec<u8>,
+}
+
+fn sock_type(fd: BorrowedFd<'_>) -> Option<(i32, i32)> {
+    let get = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`, a live
+        // c_int, and fails cleanly on a descriptor that is not a socket.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    Some((get(libc::SO_DOMAIN)?, get(libc::SO_TYPE)?))
+}
+
+impl HostStream {
+    /// Takes fd `fd`, handed over on the command line: it must be an open
+    /// `SOCK_SEQPACKET` Unix socket. It is made close-on-exec and nonblocking.
+    pub fn take(fd: RawFd) -> Result<Self, Error> {
+        // SAFETY: F_GETFD only queries the descriptor table; an invalid fd yields -1.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(Error::NotSeqpacket(fd));
+        }
+        // SAFETY: the fd is open (checked above); it was handed to this
+        // process on its command line for exactly this purpose and is taken
+        // once, here, so nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        if sock_type(owned.as_fd()) != Some((libc::AF_UNIX, libc::SOCK_SEQPACKET)) {
+            // Hand it back untouched rather than closing what we do not understand.
+            std::mem::forget(owned);
+            return Err(Error::NotSeqpacket(fd));
+        }
+        Self::from_owned(owned)
+    }
+
+    /// Wraps a socket this process created (tests, a frontend in-process).
+    pub fn from_owned(sock: OwnedFd) -> Result<Self, Error> {
+        let raw = sock.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0
+            || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+            || unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+        {
+            return Err(Error::Setup(io::Error::last_os_error()));
+        }
+        let room = sock.try_clone().map_err(Error::Setup)?;
+        Ok(HostStream {
+            sock,
+            room,
+            scratch: Vec::with_capacity(MAX_MESSAGE),
+        })
+    }
+
+    /// The descriptor to watch for input.
+    pub fn input_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// The descriptor to watch for room to write.
+    pub fn room_fd(&self) -> BorrowedFd<'_> {
+        self.room.as_fd()
+    }
+
+    /// Sends one message. `Ok(false)`: the socket is full (try again when
+    /// [`HostStream::room_fd`] is writable).
+    pub fn send(&mut self, m: &Message<'_>) -> io::Result<bool> {
+        m.encode(&mut self.scratch);
+        // SAFETY: send reads `scratch.len()` bytes from a live buffer; the
+        // socket is ours. MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                self.scratch.as_ptr().cast(),
+                self.scratch.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(false),
+            io::ErrorKind::Interrupted => self.send(m),
+            _ => Err(e),
+        }
+    }
+
+    /// Receives one datagram into `buf`, which should hold
+    /// [`MAX_MESSAGE`]` + 1` bytes. The length returned is the datagram's
+    /// own (`MSG_TRUNC`), so a caller decoding `buf[..len.min(buf.len())]`
+    /// sees an oversized datagram refused as too long, never a cut one
+    /// taken as whole.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        loop {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+            // MSG_TRUNC makes it return the datagram's real length, so an
+            // oversized datagram is seen as such instead of as a cut one.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
+            if n > 0 {
+                return Ok(Received::Message(n as usize));
+            }
+            if n == 0 {
+                // A zero-length datagram is as malformed as a short one;
+                // end of stream has no data and a hung-up peer.
+                return Ok(if self.peer_gone() {
+                    Received::Closed
+                } else {
+                    Received::Message(0)
+                });
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(Received::Empty),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn peer_gone(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll reads and writes one live pollfd; timeout 0.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outboard_protocol::host_stream::Message;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the array on success.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn take_when_not_seqpacket_then_refused_and_fd_left_open() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let fd = a.as_raw_fd();
+        assert!(matches!(HostStream::take(fd), Err(Error::NotSeqpacket(_))));
+        // SAFETY: F_GETFD only queries the table.
+        assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "still open");
+        assert!(matches!(HostStream::take(-1), Err(Error::NotSeqpacket(-1))));
+    }
+
+    #[test]
+    fn stream_when_messages_sent_then_received_whole_until_peer_closes() {
+        let (a, b) = pair();
+        let mut ours = HostStream::from_owned(a).unwrap_or_else(|e| panic!("{e}"));
+        let theirs = HostStream::from_owned(b).unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        assert_eq!(theirs.recv(&mut buf).ok(), Some(Received::Empty));
+        assert!(ours
+            .send(&Message::Ack { delivered: 5 })
+            .unwrap_or_else(|e| panic!("{e}")));
+        let Ok(Received::Message(n)) = theirs.recv(&mut buf) else {
+            panic!("no message");
+        };
+        assert_eq!(
+            Message::decode(&buf[..n]),
+            Ok(Message::Ack { delivered: 5 })
+        );
+        // Fill the socket: a full one reports false instead of blocking.
+        let data = [0u8; 4096];
+        let mut sent = 0;
+        while ours
+            .send(&Message::In {
+                offset: sent,
+                data: &data,
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+        {
+            sent += 1;
+        }
+        assert!(sent > 0);
+        drop(theirs);
+        assert!(ours.send(&Message::Ack { delivered: 1 }).is_err(), "EPIPE");
+    }
+}

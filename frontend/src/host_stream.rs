@@ -1,0 +1,698 @@
+//! Host streams, the frontend's side (docs/protocol.md, section 10): the
+//! frontend owns a device's terminal, so that a console session outlives
+//! the backend serving it.
+//!
+//! [`HostStream::listen`] listens on a Unix socket path; one client at a
+//! time (a new one replaces the old) reads the device's output and writes
+//! its input. Each backend instance gets a fresh `SOCK_SEQPACKET` socket
+//! ([`HostStream::new_end`], passed as `--host-stream-fd N`), and a relay
+//! thread moves bytes between the client and the backend:
+//!
+//! * Output arrives numbered by chain and offset; the relay passes each
+//!   byte on once, dropping what a replaced backend sends again.
+//! * Input is kept until the backend acknowledges it as delivered to the
+//!   guest; when an instance's socket ends, everything not acknowledged is
+//!   sent again to the next instance, which drops what it already has.
+//!
+//! Ends are used in the order they were made: a newer instance's output
+//! waits until the older instance's socket has been read to its end, so
+//! output keeps its order across a live upgrade (the old instance runs
+//! until the new one has taken over).
+//!
+//! Bounds: at most [`INPUT_WINDOW`] bytes of input are unacknowledged (the
+//! client is not read beyond that); output waits in at most
+//! [`OUTPUT_BACKLOG`] bytes (beyond that the relay stops reading the
+//! backend, which then stops completing transmit buffers; with no client
+//! connected, output beyond the backlog is dropped and counted instead).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, info, warn};
+use outboard_protocol::host_stream::{Message, MAX_MESSAGE, MAX_PAYLOAD};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Input bytes the client may have sent that no backend has acknowledged.
+pub const INPUT_WINDOW: usize = 64 << 10;
+/// Output bytes waiting for the client.
+pub const OUTPUT_BACKLOG: usize = 64 << 10;
+
+/// Why a host stream cannot be set up.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// cannot listen on {0}
+    #[error("cannot listen on {0}")]
+    Listen(PathBuf, #[source] io::Error),
+    /// {0} exists and is not a socket
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// cannot make a host stream socket
+    #[error("cannot make a host stream socket")]
+    Socket(#[source] io::Error),
+    /// cannot start the relay thread
+    #[error("cannot start the relay thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Byte counts of one host stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Output bytes passed to a client.
+    pub output: u64,
+    /// Output bytes dropped as sent again by a replaced backend.
+    pub repeated: u64,
+    /// Output bytes dropped because no client was connected.
+    pub dropped: u64,
+    /// Input bytes the device acknowledged as delivered.
+    pub input: u64,
+    /// Backend sockets read to their end.
+    pub ends: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    output: AtomicU64,
+    repeated: AtomicU64,
+    dropped: AtomicU64,
+    input: AtomicU64,
+    ends: AtomicU64,
+}
+
+enum Command {
+    End(OwnedFd),
+    Stop,
+}
+
+struct Shared {
+    wake: EventFd,
+    commands: Mutex<Vec<Command>>,
+    counters: Counters,
+}
+
+/// A device's host stream: the listening socket and the relay thread.
+pub struct HostStream {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for HostStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostStream")
+            .field("path", &self.path)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: socketpair writes two new descriptors into the array on success.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl HostStream {
+    /// Listens on `path` (replacing a stale socket there) and starts the
+    /// relay; `name` names the thread and the log lines.
+    pub fn listen(path: &Path, name: &str) -> Result<Self, Error> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(_) => return Err(Error::NotASocket(path.to_path_buf())),
+            Err(_) => {}
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| Error::Listen(path.to_path_buf(), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Listen(path.to_path_buf(), e))?;
+        let shared = Arc::new(Shared {
+            wake: EventFd::new(EFD_NONBLOCK).map_err(Error::Socket)?,
+            commands: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+        });
+        let mut relay = Relay::new(listener, Arc::clone(&shared), name.to_owned());
+        let thread = std::thread::Builder::new()
+            .name(format!("outboard-host-{name}"))
+            .spawn(move || relay.run())
+            .map_err(Error::Thread)?;
+        info!("{name}: host stream on {}", path.display());
+        Ok(HostStream {
+            shared,
+            thread: Some(thread),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where clients connect.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new socket for the next backend instance: the relay keeps one end
+    /// (used once every older end is read to its end), the caller passes
+    /// the returned one to the backend.
+    pub fn new_end(&self) -> Result<OwnedFd, Error> {
+        let (ours, theirs) = seqpacket_pair().map_err(Error::Socket)?;
+        self.command(Command::End(ours));
+        Ok(theirs)
+    }
+
+    /// Byte counts so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            output: c.output.load(Ordering::Relaxed),
+            repeated: c.repeated.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            input: c.input.load(Ordering::Relaxed),
+            ends: c.ends.load(Ordering::Relaxed),
+        }
+    }
+
+    fn command(&self, c: Command) {
+        self.shared
+            .commands
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(c);
+        if let Err(e) = self.shared.wake.write(1) {
+            warn!("host stream: cannot wake the relay: {e}");
+        }
+    }
+}
+
+impl Drop for HostStream {
+    fn drop(&mut self) {
+        self.command(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The relay thread's state.
+struct Relay {
+    name: String,
+    listener: UnixListener,
+    client: Option<UnixStream>,
+    shared: Arc<Shared>,
+    /// Backend sockets, oldest (the one in use) first.
+    ends: VecDeque<OwnedFd>,
+    /// Output: the chain being passed on and how much of it was.
+    seq: u64,
+    seq_offset: u64,
+    numbered: bool,
+    backlog: VecDeque<u8>,
+    /// Input: `unacked` holds the bytes from stream offset `acked` on;
+    /// `sent` is how far the end in use has been sent.
+    acked: u64,
+    unacked: VecDeque<u8>,
+    sent: u64,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+/// What reading the end in use found.
+enum Drained {
+    /// Nothing more waits (or the backlog is full).
+    Waiting,
+    /// The socket is read to its end: the next end takes over.
+    Ended,
+}
+
+impl Relay {
+    fn new(listener: UnixListener, shared: Arc<Shared>, name: String) -> Self {
+        Relay {
+            name,
+            listener,
+            client: None,
+            shared,
+            ends: VecDeque::new(),
+            seq: 0,
+            seq_offset: 0,
+            numbered: false,
+            backlog: VecDeque::new(),
+            acked: 0,
+            unacked: VecDeque::new(),
+            sent: 0,
+            buf: vec![0; MAX_MESSAGE + 1],
+            scratch: Vec::with_capacity(MAX_MESSAGE),
+        }
+    }
+
+    fn run(&mut self) {
+        loop {
+            let take_commands = std::mem::take(
+                &mut *self
+                    .shared
+                    .commands
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for c in take_commands {
+                match c {
+                    Command::End(fd) => self.ends.push_back(fd),
+                    Command::Stop => return,
+                }
+            }
+            // Each pass does all it can, then waits on what could unblock it.
+            self.accept();
+            self.read_client();
+            while let Some(Drained::Ended) = self.read_end() {
+                self.ends.pop_front();
+                self.shared.counters.ends.fetch_add(1, Ordering::Relaxed);
+                // The next instance gets every byte not acknowledged.
+                self.sent = self.acked;
+                debug!("{}: host stream moves to the next backend", self.name);
+            }
+            self.send_input();
+            self.write_client();
+            self.wait();
+        }
+    }
+
+    fn wait(&self) {
+        let mut fds = vec![
+            libc::pollfd {
+                fd: self.shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if let Some(c) = &self.client {
+            let mut events = 0;
+            if self.unacked.len() < INPUT_WINDOW {
+                events |= libc::POLLIN;
+            }
+            if !self.backlog.is_empty() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: c.as_raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
+        if let Some(end) = self.ends.front() {
+            let mut events = 0;
+            if self.reading_end() {
+                events |= libc::POLLIN;
+            }
+            if self.sent < self.acked + self.unacked.len() as u64 {
+                events |= libc::POLLOUT;
+            }
+            // Not watched at all while neither: a hung-up socket would
+            // report POLLHUP on every pass.
+            if events != 0 {
+                fds.push(libc::pollfd {
+                    fd: end.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+        }
+        // SAFETY: poll reads and writes `fds.len()` live pollfd entries.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                warn!("{}: host stream poll: {e}", self.name);
+            }
+        }
+        if fds[0].revents != 0 {
+            let _ = self.shared.wake.read();
+        }
+    }
+
+    /// Output is read from the backend while the backlog has room (or no
+    /// client is there to wait for).
+    fn reading_end(&self) -> bool {
+        self.client.is_none() || self.backlog.len() < OUTPUT_BACKLOG
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((c, _)) => {
+                    if let Err(e) = c.set_nonblocking(true) {
+                        warn!("{}: host stream client: {e}", self.name);
+                        continue;
+                    }
+                    if self.client.replace(c).is_some() {
+                        info!("{}: a new host stream client replaces the old", self.name);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!("{}: host stream accept: {e}", self.name);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_client(&mut self) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        let mut chunk = [0u8; 4096];
+        while self.unacked.len() < INPUT_WINDOW {
+            let room = (INPUT_WINDOW - self.unacked.len()).min(chunk.len());
+            match c.read(&mut chunk[..room]) {
+                Ok(0) => {
+                    debug!("{}: host stream client left", self.name);
+                    self.client = None;
+                    return;
+                }
+                Ok(n) => self.unacked.extend(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{}: host stream client: {e}", self.name);
+                    self.client = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_client(&mut self) {
+        let Some(c) = self.client.as_mut() else {
+            return;
+        };
+        while !self.backlog.is_empty() {
+            let (front, _) = self.backlog.as_slices();
+            match c.write(front) {
+                Ok(n) => {
+                    self.backlog.drain(..n);
+                    self.shared
+                        .counters
+                        .output
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    debug!("{}: host stream client: {e}", self.name);
+                    self.client = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the end in use; `None` when there is none.
+    fn read_end(&mut self) -> Option<Drained> {
+        let fd = self.ends.front()?.as_raw_fd();
+        while self.reading_end() {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`;
+            // MSG_TRUNC returns the datagram's own length.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Some(Drained::Waiting),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Some(Drained::Ended),
+                }
+            }
+            let n = n as usize;
+            if n == 0 && hung_up(fd) {
+                return Some(Drained::Ended);
+            }
+            let len = n.min(self.buf.len());
+            self.take(len);
+        }
+        Some(Drained::Waiting)
+    }
+
+    /// Handles one message of `len` bytes in `buf`.
+    fn take(&mut self, len: usize) {
+        let m = match Message::decode(&self.buf[..len]) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("{}: host stream: ignoring a message: {e}", self.name);
+                return;
+            }
+        };
+        match m {
+            Message::Out {
+                seq,
+                offset,
+                last,
+                fresh,
+                data,
+            } => {
+                if fresh || !self.numbered {
+                    // An instance without restored state numbers anew.
+                    self.seq = seq;
+                    self.seq_offset = 0;
+                    self.numbered = true;
+                }
+                let counters = &self.shared.counters;
+                if seq < self.seq {
+                    counters
+                        .repeated
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                if seq > self.seq || offset > self.seq_offset {
+                    warn!(
+                        "{}: host stream output skips from chain {} offset {} to chain {seq} offset {offset}",
+                        self.name, self.seq, self.seq_offset
+                    );
+                    self.seq = seq;
+                    self.seq_offset = offset;
+                }
+                let skip = usize::try_from(self.seq_offset - offset)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                counters
+                    .repeated
+                    .fetch_add(skip as u64, Ordering::Relaxed);
+                let new = &data[skip..];
+                if self.client.is_none() && self.backlog.len() + new.len() > OUTPUT_BACKLOG {
+                    let keep = OUTPUT_BACKLOG.saturating_sub(self.backlog.len());
+                    counters
+                        .dropped
+                        .fetch_add((new.len() - keep) as u64, Ordering::Relaxed);
+                    self.backlog.extend(&new[..keep]);
+                } else {
+                    self.backlog.extend(new);
+                }
+                self.seq_offset = offset + data.len() as u64;
+                if last {
+                    self.seq += 1;
+                    self.seq_offset = 0;
+                }
+            }
+            Message::Ack { delivered } => {
+                if delivered <= self.acked {
+                    return;
+                }
+                let n = usize::try_from(delivered - self.acked)
+                    .unwrap_or(usize::MAX)
+                    .min(self.unacked.len());
+                if n as u64 != delivered - self.acked {
+                    warn!(
+                        "{}: host stream: the backend acknowledges input up to {delivered}, \
+                         beyond the {} sent",
+                        self.name,
+                        self.acked + self.unacked.len() as u64
+                    );
+                }
+                self.unacked.drain(..n);
+                self.acked += n as u64;
+                self.sent = self.sent.max(self.acked);
+                self.shared
+                    .counters
+                    .input
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Message::In { .. } => {
+                warn!("{}: host stream: ignoring input sent by the backend", self.name);
+            }
+        }
+    }
+
+    /// Sends unacknowledged input the end in use has not had yet.
+    fn send_input(&mut self) {
+        let Some(end) = self.ends.front() else {
+            return;
+        };
+        let fd = end.as_raw_fd();
+        loop {
+            let from = usize::try_from(self.sent - self.acked).unwrap_or(usize::MAX);
+            if from >= self.unacked.len() {
+                return;
+            }
+            let n = (self.unacked.len() - from).min(MAX_PAYLOAD);
+            let chunk: Vec<u8> = self.unacked.range(from..from + n).copied().collect();
+            Message::In {
+                offset: self.sent,
+                data: &chunk,
+            }
+            .encode(&mut self.scratch);
+            // SAFETY: send reads `scratch.len()` bytes from a live buffer.
+            let r = unsafe {
+                libc::send(
+                    fd,
+                    self.scratch.as_ptr().cast(),
+                    self.scratch.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Full: POLLOUT brings us back. Gone: reading finds the end.
+                return;
+            }
+            self.sent += n as u64;
+        }
+    }
+}
+
+fn hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one live pollfd; timeout 0.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn temp_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ob-hs-{tag}-{}.sock", std::process::id()))
+    }
+
+    fn send(fd: &OwnedFd, m: Message<'_>) {
+        let mut v = Vec::new();
+        m.encode(&mut v);
+        // SAFETY: (test) send from a live buffer.
+        let r = unsafe { libc::send(fd.as_raw_fd(), v.as_ptr().cast(), v.len(), 0) };
+        assert_eq!(r as usize, v.len());
+    }
+
+    fn recv(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        // SAFETY: (test) recv into a live buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert!(n >= 0);
+        buf.truncate(n as usize);
+        buf
+    }
+
+    fn read_exactly(c: &mut UnixStream, n: usize) -> Vec<u8> {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut v = vec![0u8; n];
+        c.read_exact(&mut v).unwrap();
+        v
+    }
+
+    fn out(seq: u64, offset: u64, last: bool, fresh: bool, data: &[u8]) -> Message<'_> {
+        Message::Out {
+            seq,
+            offset,
+            last,
+            fresh,
+            data,
+        }
+    }
+
+    #[test]
+    fn relay_when_backend_repeats_output_then_client_gets_each_byte_once() {
+        let path = temp_path("out");
+        let hs = HostStream::listen(&path, "t-out").unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let first = hs.new_end().unwrap();
+        send(&first, out(0, 0, true, true, b"ab"));
+        send(&first, out(1, 0, false, false, b"cd"));
+        drop(first);
+        // The next instance serves chain 1 again, then chain 2.
+        let second = hs.new_end().unwrap();
+        send(&second, out(1, 0, false, false, b"cd"));
+        send(&second, out(1, 2, true, false, b"e"));
+        send(&second, out(2, 0, true, false, b"f"));
+        assert_eq!(read_exactly(&mut client, 6), b"abcdef");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hs.stats().repeated != 2 {
+            assert!(Instant::now() < deadline, "{:?}", hs.stats());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn relay_when_end_closes_then_unacknowledged_input_goes_to_the_next() {
+        let path = temp_path("in");
+        let hs = HostStream::listen(&path, "t-in").unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let first = hs.new_end().unwrap();
+        client.write_all(b"hello").unwrap();
+        assert_eq!(
+            Message::decode(&recv(&first)).unwrap(),
+            Message::In {
+                offset: 0,
+                data: b"hello"
+            }
+        );
+        send(&first, Message::Ack { delivered: 2 });
+        drop(first);
+        let second = hs.new_end().unwrap();
+        assert_eq!(
+            Message::decode(&recv(&second)).unwrap(),
+            Message::In {
+                offset: 2,
+                data: b"llo"
+            }
+        );
+        assert_eq!(hs.stats().input, 2);
+        drop(hs);
+        assert!(!path.exists(), "the socket goes with the stream");
+    }
+}
