@@ -259,6 +259,208 @@ fn blk_when_live_upgraded_30_times_under_16_requests_in_flight_then_no_error_and
     blk_under(Disruption::Upgrade, 30, true);
 }
 
+/// Byte `i` of a test stream: position-dependent, so a lost, repeated or
+/// misplaced byte shows.
+fn stream_byte(seed: u64, i: u64) -> u8 {
+    ((i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8
+}
+
+/// The console under `times` replacements while the guest keeps 16
+/// transmit chains and 16 receive buffers in flight and a client types
+/// without pause: both directions arrive exactly once, in order.
+fn console_under(how: Disruption, times: u32) {
+    use std::collections::VecDeque;
+    use std::io::{Read, Write};
+    const QD: usize = 16;
+    const OUT_SEED: u64 = 0x0ff;
+    const IN_SEED: u64 = 0x1f1;
+    let path = outboard_tests::socket_path(&format!("restart-con-{how:?}"));
+    let mut g = guest(T);
+    let spec = DeviceSpec::spawn("con", "outboard-virtio-console", &[])
+        .host_stream(&path)
+        .restart(eager());
+    g.fe.attach(&spec).unwrap();
+    let mut d = g.driver_with(
+        "con",
+        DriverOptions::new(F_EVENT_IDX | F_INDIRECT_DESC, 64),
+    );
+    d.set_timeout(HANG_GUARD);
+    let link = Arc::clone(g.fe.device("con").unwrap().remote().unwrap().link());
+    let client = outboard_tests::connect_stream(&path);
+    // The client types until the disruptions are over; returns the count.
+    let done = Arc::new(AtomicBool::new(false));
+    let mut typist = Some({
+        let mut w = client.try_clone().unwrap();
+        w.set_write_timeout(Some(HANG_GUARD)).unwrap();
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut r = Rand(7);
+            let mut sent = 0u64;
+            while !done.load(Ordering::Acquire) {
+                let n = 1 + r.next_u64() % 700;
+                let chunk: Vec<u8> = (sent..sent + n).map(|i| stream_byte(IN_SEED, i)).collect();
+                w.write_all(&chunk).unwrap();
+                sent += n;
+                if r.next_u64() % 4 == 0 {
+                    std::thread::sleep(Duration::from_micros(r.next_u64() % 500));
+                }
+            }
+            sent
+        })
+    });
+    // The client's screen.
+    let screen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let _reader = {
+        let mut c = client.try_clone().unwrap();
+        let screen = Arc::clone(&screen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let kill = disrupter(Arc::clone(&link), how, times, 0xc0_501e, Arc::clone(&done));
+    let ram = Arc::clone(d.ram());
+    let mem = ram.memory();
+    let tx_bufs: Vec<u64> = (0..QD).map(|_| g.alloc.alloc(1024, 8).unwrap()).collect();
+    let rx_bufs: Vec<u64> = (0..QD).map(|_| g.alloc.alloc(512, 8).unwrap()).collect();
+    let mut tx_free: Vec<u64> = tx_bufs.clone();
+    let mut rx_free: Vec<u64> = rx_bufs.clone();
+    // In flight, in submission order (each queue completes in order).
+    let mut tx: VecDeque<(u16, u64)> = VecDeque::new();
+    let mut rx: VecDeque<(u16, u64)> = VecDeque::new();
+    let mut rand = Rand(0x5eed_c0de);
+    let (mut written, mut typed) = (0u64, Vec::<u8>::new());
+    let mut input_total: Option<u64> = None;
+    let mut last_progress = Instant::now();
+    loop {
+        let disrupted = done.load(Ordering::Acquire);
+        if let (true, Some(t)) = (disrupted, typist.take_if(|_| disrupted)) {
+            input_total = Some(t.join().unwrap());
+        }
+        if let Some(total) = input_total {
+            if tx.is_empty() && typed.len() as u64 == total {
+                break;
+            }
+        }
+        let mut submitted = [false; 2];
+        while !disrupted {
+            let Some(buf) = tx_free.pop() else { break };
+            let n = 1 + rand.next_u64() % 1024;
+            let bytes: Vec<u8> = (written..written + n)
+                .map(|i| stream_byte(OUT_SEED, i))
+                .collect();
+            mem.write_slice(&bytes, GuestAddress(buf)).unwrap();
+            let head = d.submit(1, &[Buffer::readable(buf, n as u32)]).unwrap();
+            written += n;
+            tx.push_back((head, buf));
+            submitted[1] = true;
+        }
+        while let Some(buf) = rx_free.pop() {
+            let n = 1 + rand.next_u64() % 512;
+            let head = d.submit(0, &[Buffer::writable(buf, n as u32)]).unwrap();
+            rx.push_back((head, buf));
+            submitted[0] = true;
+        }
+        for (q, s) in submitted.iter().enumerate() {
+            if *s {
+                d.notify(q).unwrap();
+            }
+        }
+        let mut progress = false;
+        while let Some(&(head, buf)) = tx.front() {
+            if d.poll(1, head).unwrap().is_none() {
+                break;
+            }
+            tx.pop_front();
+            tx_free.push(buf);
+            progress = true;
+        }
+        while let Some(&(head, buf)) = rx.front() {
+            let Some(len) = d.poll(0, head).unwrap() else {
+                break;
+            };
+            let mut got = vec![0u8; len as usize];
+            mem.read_slice(&mut got, GuestAddress(buf)).unwrap();
+            typed.extend_from_slice(&got);
+            rx.pop_front();
+            rx_free.push(buf);
+            progress = true;
+        }
+        if progress {
+            last_progress = Instant::now();
+        } else {
+            assert!(
+                last_progress.elapsed() < HANG_GUARD,
+                "no progress: generation {}, {} of {input_total:?} typed bytes in, {written} written, \
+                 {} on screen, tx in flight {}, stats {:?}",
+                link.generation(),
+                typed.len(),
+                screen.lock().unwrap().len(),
+                tx.len(),
+                g.fe.device("con").unwrap().host_stream().unwrap().stats(),
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let replaced = kill.join().unwrap();
+    assert_eq!(replaced, times, "one replacement each time");
+    // Input: every typed byte once, in order.
+    let first_bad = typed
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b != stream_byte(IN_SEED, i as u64));
+    assert_eq!(first_bad, None, "input differs at byte {first_bad:?} of {}", typed.len());
+    // Output: every written byte once, in order, and nothing more.
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let shown = screen.lock().unwrap().clone();
+        if shown.len() as u64 >= written {
+            break;
+        }
+        let first_bad = shown
+            .iter()
+            .enumerate()
+            .position(|(i, &b)| b != stream_byte(OUT_SEED, i as u64));
+        assert!(
+            Instant::now() < deadline,
+            "output short: {} of {written}, first difference at {first_bad:?} ({:?})",
+            shown.len(),
+            g.fe.device("con").unwrap().host_stream().unwrap().stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let device = g.fe.device("con").unwrap();
+    let stats = device.host_stream().unwrap().stats();
+    let screen = screen.lock().unwrap().clone();
+    assert_eq!(screen.len() as u64, written, "output length ({stats:?})");
+    let first_bad = screen
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b != stream_byte(OUT_SEED, i as u64));
+    assert_eq!(first_bad, None, "output differs at byte {first_bad:?} ({stats:?})");
+    assert!(!device.is_failed());
+    assert!(written > 0 && !typed.is_empty(), "{written} out, {} in", typed.len());
+    eprintln!(
+        "console under {times} {how:?}s: {written} bytes out, {} in; {stats:?}",
+        typed.len()
+    );
+}
+
+#[test]
+fn console_when_backend_killed_100_times_under_traffic_both_ways_then_each_byte_arrives_once() {
+    console_under(Disruption::Kill, 100);
+}
+
+#[test]
+fn console_when_live_upgraded_30_times_under_traffic_both_ways_then_each_byte_arrives_once() {
+    console_under(Disruption::Upgrade, 30);
+}
+
 #[test]
 fn uart_when_live_upgraded_then_registers_and_posted_writes_kept() {
     let mut g = guest(T);

@@ -170,7 +170,9 @@ impl HostStream {
             let e = io::Error::last_os_error();
             match e.kind() {
                 io::ErrorKind::WouldBlock => return Ok(Received::Empty),
-                io::ErrorKind::Interrupted => continue,
+                // Reported once when the peer closed with our messages
+                // unread; what it sent before is still to be read.
+                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset => continue,
                 _ => return Err(e),
             }
         }

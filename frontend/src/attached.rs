@@ -185,14 +185,17 @@ pub enum Attached {
     VhostUser(VhostUserAttached),
 }
 
-impl OutboardDevice {
-    /// The device's host stream, when the frontend owns one.
-    pub fn host_stream(&self) -> Option<&Arc<crate::host_stream::HostStream>> {
-        self.host_stream.as_ref()
-    }
-}
-
 impl Attached {
+    /// The device's host stream, when the frontend owns one
+    /// ([`DeviceSpec::host_stream`]).
+    pub fn host_stream(&self) -> Option<&Arc<crate::host_stream::HostStream>> {
+        match self {
+            Attached::Outboard(d) => d.host_stream.as_ref(),
+            #[cfg(feature = "vhost-user")]
+            Attached::VhostUser(_) => None,
+        }
+    }
+
     /// Name given in the spec.
     pub fn name(&self) -> &str {
         match self {

@@ -448,7 +448,10 @@ impl Relay {
                 let e = io::Error::last_os_error();
                 match e.kind() {
                     io::ErrorKind::WouldBlock => return Some(Drained::Waiting),
-                    io::ErrorKind::Interrupted => continue,
+                    // A backend that died with input unread resets the
+                    // socket: reported once, before the messages it had
+                    // sent, which are still to be read.
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset => continue,
                     _ => return Some(Drained::Ended),
                 }
             }
