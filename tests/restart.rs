@@ -280,10 +280,7 @@ fn console_under(how: Disruption, times: u32) {
         .host_stream(&path)
         .restart(eager());
     g.fe.attach(&spec).unwrap();
-    let mut d = g.driver_with(
-        "con",
-        DriverOptions::new(F_EVENT_IDX | F_INDIRECT_DESC, 64),
-    );
+    let mut d = g.driver_with("con", DriverOptions::new(F_EVENT_IDX | F_INDIRECT_DESC, 64));
     d.set_timeout(HANG_GUARD);
     let link = Arc::clone(g.fe.device("con").unwrap().remote().unwrap().link());
     let client = outboard_tests::connect_stream(&path);
@@ -301,7 +298,7 @@ fn console_under(how: Disruption, times: u32) {
                 let chunk: Vec<u8> = (sent..sent + n).map(|i| stream_byte(IN_SEED, i)).collect();
                 w.write_all(&chunk).unwrap();
                 sent += n;
-                if r.next_u64() % 4 == 0 {
+                if r.next_u64().is_multiple_of(4) {
                     std::thread::sleep(Duration::from_micros(r.next_u64() % 500));
                 }
             }
@@ -348,8 +345,8 @@ fn console_under(how: Disruption, times: u32) {
             }
         }
         let mut submitted = [false; 2];
-        while !disrupted {
-            let Some(buf) = tx_free.pop() else { break };
+        // Output until the disruptions are over.
+        while let Some(buf) = tx_free.pop_if(|_| !disrupted) {
             let n = 1 + rand.next_u64() % 1024;
             let bytes: Vec<u8> = (written..written + n)
                 .map(|i| stream_byte(OUT_SEED, i))
@@ -414,7 +411,12 @@ fn console_under(how: Disruption, times: u32) {
         .iter()
         .enumerate()
         .position(|(i, &b)| b != stream_byte(IN_SEED, i as u64));
-    assert_eq!(first_bad, None, "input differs at byte {first_bad:?} of {}", typed.len());
+    assert_eq!(
+        first_bad,
+        None,
+        "input differs at byte {first_bad:?} of {}",
+        typed.len()
+    );
     // Output: every written byte once, in order, and nothing more.
     let deadline = Instant::now() + HANG_GUARD;
     loop {
@@ -442,9 +444,16 @@ fn console_under(how: Disruption, times: u32) {
         .iter()
         .enumerate()
         .position(|(i, &b)| b != stream_byte(OUT_SEED, i as u64));
-    assert_eq!(first_bad, None, "output differs at byte {first_bad:?} ({stats:?})");
+    assert_eq!(
+        first_bad, None,
+        "output differs at byte {first_bad:?} ({stats:?})"
+    );
     assert!(!device.is_failed());
-    assert!(written > 0 && !typed.is_empty(), "{written} out, {} in", typed.len());
+    assert!(
+        written > 0 && !typed.is_empty(),
+        "{written} out, {} in",
+        typed.len()
+    );
     eprintln!(
         "console under {times} {how:?}s: {written} bytes out, {} in; {stats:?}",
         typed.len()

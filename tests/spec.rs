@@ -421,3 +421,36 @@ fn sequence_example_when_scratch_attached_then_matches_recorded_messages() {
         assert_eq!(ud, tokens[0], "data commands of region 0");
     }
 }
+
+#[test]
+fn host_stream_when_spec_read_then_header_and_kinds_match_the_protocol_crate() {
+    use outboard_protocol::host_stream as hs;
+    let text = section("### 11.2 ");
+    let fields: Vec<(u64, &str, &str)> = rows(text)
+        .iter()
+        .filter(|r| r.len() == 4 && r[0] != "Offset")
+        .map(|r| (number(r[0]), r[1], r[2]))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            (0, "`kind`", "u32"),
+            (4, "`flags`", "u32"),
+            (8, "`a`", "u64"),
+            (16, "`b`", "u64")
+        ]
+    );
+    let flat = flat(text);
+    assert!(flat.contains(&format!("a {}-byte header", hs::HEADER_LEN)));
+    assert!(flat.contains(&format!("at most {} bytes", hs::MAX_PAYLOAD)));
+    assert!(flat.contains(&format!("at most {} bytes)", hs::MAX_MESSAGE)));
+    let kinds = format!(
+        "{} OUT, {} ACK, {} IN",
+        hs::KIND_OUT,
+        hs::KIND_ACK,
+        hs::KIND_IN
+    );
+    assert!(flat.contains(&kinds), "{kinds}");
+    assert_eq!((hs::FLAG_LAST, hs::FLAG_FRESH), (1 << 0, 1 << 1));
+    assert!(flat.contains("bit 0 LAST, bit 1 FRESH"));
+}

@@ -1,4 +1,4 @@
-//! The backend's end of a host stream (docs/protocol.md, section 10): the
+//! The backend's end of a host stream (docs/protocol.md, section 11): the
 //! `SOCK_SEQPACKET` socket a frontend passes as `--host-stream-fd N`, over
 //! which a device's output leaves and its input arrives as framed
 //! messages ([`outboard_protocol::host_stream`]). Nonblocking throughout:
@@ -85,12 +85,14 @@ impl HostStream {
     /// Wraps a socket this process created (tests, a frontend in-process).
     pub fn from_owned(sock: OwnedFd) -> Result<Self, Error> {
         let raw = sock.as_raw_fd();
-        // SAFETY: fcntl on a descriptor we own; no memory is touched.
+        // SAFETY: fcntl on a descriptor we own changes only its flags; no
+        // memory is touched.
+        let set = |cmd: libc::c_int, arg: libc::c_int| unsafe { libc::fcntl(raw, cmd, arg) } >= 0;
+        // SAFETY: as above, a query.
         let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-        // SAFETY: as above.
         if flags < 0
-            || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-            || unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+            || !set(libc::F_SETFL, flags | libc::O_NONBLOCK)
+            || !set(libc::F_SETFD, libc::FD_CLOEXEC)
         {
             return Err(Error::Setup(io::Error::last_os_error()));
         }

@@ -7,7 +7,7 @@
 //!   stdout or a file, input comes from a Unix socket the backend listens
 //!   on (one client at a time). Both die with the backend.
 //! * `--host-stream-fd N`: a host stream the frontend owns
-//!   (docs/protocol.md, section 10; the frontend's `host_stream` device
+//!   (docs/protocol.md, section 11; the frontend's `host_stream` device
 //!   setting). Output and input travel over it exactly once across backend
 //!   restarts and live upgrades: output is numbered by transmit chain, so
 //!   the frontend drops what a replaced backend sends again; input is
@@ -215,7 +215,9 @@ impl Console {
             // Chains the previous instance completed after its last commit
             // took their numbers with them.
             let now = queue.next_used();
-            s.tx_seq = s.tx_seq.wrapping_add(u64::from(now.wrapping_sub(s.tx_used)));
+            s.tx_seq = s
+                .tx_seq
+                .wrapping_add(u64::from(now.wrapping_sub(s.tx_used)));
             s.tx_used = now;
         }
         let mut used = false;
@@ -446,10 +448,7 @@ impl Stream {
 
     /// Tells the frontend how much input the guest's buffers hold.
     fn acknowledge(&mut self) {
-        if !self.numbered
-            || self.closed
-            || self.reconcile[RX]
-            || self.acked == Some(self.delivered)
+        if !self.numbered || self.closed || self.reconcile[RX] || self.acked == Some(self.delivered)
         {
             return;
         }
@@ -473,7 +472,9 @@ impl Stream {
         let now = queue.next_used();
         let since = now.wrapping_sub(self.rx_used);
         if since > queue.size() {
-            warn!("console: used ring moved {since} entries past the saved state; input may repeat");
+            warn!(
+                "console: used ring moved {since} entries past the saved state; input may repeat"
+            );
         } else {
             let ring = queue.used_ring();
             for i in 0..since {
@@ -489,7 +490,9 @@ impl Stream {
         // Input that arrived before the counters were known and that the
         // guest already has.
         let behind = self.delivered.saturating_sub(self.pending_at);
-        let drop = usize::try_from(behind).unwrap_or(usize::MAX).min(pending.len());
+        let drop = usize::try_from(behind)
+            .unwrap_or(usize::MAX)
+            .min(pending.len());
         pending.drain(..drop);
         self.pending_at += drop as u64;
         if self.pending_at != self.delivered {
@@ -639,7 +642,9 @@ impl VirtioDevice for Console {
             return if state.is_empty() {
                 Ok(())
             } else {
-                Err(StateError::Invalid("stream-mode state for a console without a host stream"))
+                Err(StateError::Invalid(
+                    "stream-mode state for a console without a host stream",
+                ))
             };
         };
         if state.is_empty() {
@@ -647,7 +652,9 @@ impl VirtioDevice for Console {
             return Ok(());
         }
         if state.len() != STATE_LEN || state[0] != STATE_VERSION {
-            return Err(StateError::Invalid("console state of another length or version"));
+            return Err(StateError::Invalid(
+                "console state of another length or version",
+            ));
         }
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];
@@ -688,7 +695,7 @@ mod tests {
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::Address;
 
     use crate::SharedOutput as Shared;
 
@@ -728,6 +735,168 @@ mod tests {
         assert_eq!(c.pending.len(), 2, "the rest waits for the next buffer");
         c.reset();
         assert!(c.pending.is_empty());
+    }
+
+    fn stream_pair() -> (Console, HostStream) {
+        let mut fds = [0; 2];
+        // SAFETY: (test) socketpair writes two fds into the array.
+        let r = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, 0);
+        // SAFETY: (test) both fds are new and owned by nobody else.
+        let (a, b) = unsafe {
+            use std::os::fd::{FromRawFd, OwnedFd};
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        let c = Console::with_stream(HostStream::from_owned(a).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            c,
+            HostStream::from_owned(b).unwrap_or_else(|e| panic!("{e}")),
+        )
+    }
+
+    fn next_message(frontend: &HostStream, buf: &mut [u8]) -> usize {
+        match frontend.recv(buf) {
+            Ok(Received::Message(n)) => n,
+            other => panic!("no message: {other:?}"),
+        }
+    }
+
+    /// A queue at 0x1000 whose first `used` chains the previous instance
+    /// used (with these lengths), with the device at that point.
+    fn resumed_queue(mem: &Memory, flags: u32, chains: u16, used: &[u32]) -> Queue {
+        let mock = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+        let descs: Vec<RawDescriptor> = (0..chains)
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    0x8000 + 0x1000 * u64::from(i),
+                    16,
+                    flags as u16,
+                    0,
+                ))
+            })
+            .collect();
+        mock.add_desc_chains(&descs, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (i, len) in used.iter().enumerate() {
+            let elem = mock.used_addr().unchecked_add(4 + 8 * i as u64);
+            mem.write_obj(i as u32, elem)
+                .unwrap_or_else(|e| panic!("{e}"));
+            mem.write_obj(*len, elem.unchecked_add(4))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        mem.write_obj(used.len() as u16, mock.used_addr().unchecked_add(2))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q: Queue = mock.create_queue().unwrap_or_else(|e| panic!("{e}"));
+        q.set_next_avail(used.len() as u16);
+        q.set_next_used(used.len() as u16);
+        q
+    }
+
+    #[test]
+    fn stream_when_chain_transmitted_then_sent_as_numbered_pieces_before_completion() {
+        let (mut c, frontend) = stream_pair();
+        let mem = memory();
+        let text: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        mem.write_slice(&text, GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut q = queue(&mem, 0, 5000);
+        assert!(c
+            .process_queue(TX, &mut q, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        let n = next_message(&frontend, &mut buf);
+        assert_eq!(
+            Message::decode(&buf[..n]),
+            Ok(Message::Out {
+                seq: 0,
+                offset: 0,
+                last: false,
+                fresh: true,
+                data: &text[..MAX_PAYLOAD]
+            })
+        );
+        let n = next_message(&frontend, &mut buf);
+        assert_eq!(
+            Message::decode(&buf[..n]),
+            Ok(Message::Out {
+                seq: 0,
+                offset: MAX_PAYLOAD as u64,
+                last: true,
+                fresh: false,
+                data: &text[MAX_PAYLOAD..]
+            })
+        );
+        let state = c.save_state();
+        assert_eq!(state.len(), STATE_LEN);
+        assert_eq!(
+            &state[1..11],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            "chain 1 next, used 1"
+        );
+    }
+
+    #[test]
+    fn stream_when_restored_after_unsaved_completions_then_counters_follow_the_used_rings() {
+        let (mut c, frontend) = stream_pair();
+        let mut state = vec![STATE_VERSION];
+        state.extend_from_slice(&5u64.to_le_bytes()); // next chain
+        state.extend_from_slice(&0u16.to_le_bytes()); // transmit used index
+        state.extend_from_slice(&100u64.to_le_bytes()); // input delivered
+        state.extend_from_slice(&0u16.to_le_bytes()); // receive used index
+        c.restore_state(&state).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.restore_state(&state[..5]).is_err(), "cut short");
+        c.init(&EventOps::detached())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The frontend sends again from what it saw acknowledged (98); the
+        // previous instance had delivered 3 bytes after its last commit.
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        let mut msg = Vec::new();
+        Message::In {
+            offset: 98,
+            data: b"xyabcdef",
+        }
+        .encode(&mut msg);
+        let mut frontend = frontend;
+        assert!(frontend
+            .send(&Message::decode(&msg).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(c.handle_event(STREAM, &EventOps::detached()), Some(RX));
+        let mem = memory();
+        let mut rx = resumed_queue(&mem, VRING_DESC_F_WRITE, 2, &[3]);
+        assert!(c
+            .process_queue(RX, &mut rx, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let mut got = [0u8; 3];
+        mem.read_slice(&mut got, GuestAddress(0x9000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&got, b"def", "each byte once");
+        let n = next_message(&frontend, &mut buf);
+        assert_eq!(
+            Message::decode(&buf[..n]),
+            Ok(Message::Ack { delivered: 106 })
+        );
+        // Two transmit chains completed after the commit: the next is 7.
+        let mut tx = resumed_queue(&mem, 0, 3, &[0, 0]);
+        assert!(c
+            .process_queue(TX, &mut tx, &mem)
+            .unwrap_or_else(|e| panic!("{e}")));
+        let n = next_message(&frontend, &mut buf);
+        let Ok(Message::Out { seq, fresh, .. }) = Message::decode(&buf[..n]) else {
+            panic!("no output");
+        };
+        assert_eq!((seq, fresh), (7, false));
+        let saved = c.save_state();
+        assert_eq!(&saved[1..9], &8u64.to_le_bytes());
+        assert_eq!(&saved[11..19], &106u64.to_le_bytes());
+        assert_eq!(&saved[19..21], &2u16.to_le_bytes());
     }
 
     #[test]

@@ -109,7 +109,12 @@ impl Epoll {
     }
 
     /// Watches `fd` for `events` under `token`.
-    pub(crate) fn add_events(&self, fd: RawFd, token: u64, events: epoll::Events) -> io::Result<()> {
+    pub(crate) fn add_events(
+        &self,
+        fd: RawFd,
+        token: u64,
+        events: epoll::Events,
+    ) -> io::Result<()> {
         epoll::ctl(
             self.0.as_raw_fd(),
             epoll::ControlOptions::EPOLL_CTL_ADD,

@@ -1,4 +1,4 @@
-//! Host streams, the frontend's side (docs/protocol.md, section 10): the
+//! Host streams, the frontend's side (docs/protocol.md, section 11): the
 //! frontend owns a device's terminal, so that a console session outlives
 //! the backend serving it.
 //!
@@ -506,9 +506,7 @@ impl Relay {
                 let skip = usize::try_from(self.seq_offset - offset)
                     .unwrap_or(usize::MAX)
                     .min(data.len());
-                counters
-                    .repeated
-                    .fetch_add(skip as u64, Ordering::Relaxed);
+                counters.repeated.fetch_add(skip as u64, Ordering::Relaxed);
                 let new = &data[skip..];
                 if self.client.is_none() && self.backlog.len() + new.len() > OUTPUT_BACKLOG {
                     let keep = OUTPUT_BACKLOG.saturating_sub(self.backlog.len());
@@ -549,7 +547,10 @@ impl Relay {
                     .fetch_add(n as u64, Ordering::Relaxed);
             }
             Message::In { .. } => {
-                warn!("{}: host stream: ignoring input sent by the backend", self.name);
+                warn!(
+                    "{}: host stream: ignoring input sent by the backend",
+                    self.name
+                );
             }
         }
     }
@@ -668,6 +669,36 @@ mod tests {
             assert!(Instant::now() < deadline, "{:?}", hs.stats());
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn relay_when_backend_dies_with_input_unread_then_its_output_still_arrives() {
+        let path = temp_path("reset");
+        let hs = HostStream::listen(&path, "t-reset").unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let end = hs.new_end().unwrap();
+        send(&end, out(0, 0, true, true, b"before"));
+        client.write_all(b"typed").unwrap();
+        // The input reaches the backend's socket, unread...
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !readable(&end) {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        send(&end, out(1, 0, true, false, b" death"));
+        // ...and the backend dies: the relay's socket is reset first.
+        drop(end);
+        assert_eq!(read_exactly(&mut client, 12), b"before death");
+    }
+
+    fn readable(fd: &OwnedFd) -> bool {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: (test) one live pollfd.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
     }
 
     #[test]

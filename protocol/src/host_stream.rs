@@ -2,7 +2,7 @@
 //! terminal) carried between the frontend and the backend over one
 //! `SOCK_SEQPACKET` socket, framed so that neither direction loses or
 //! repeats a byte when the backend is replaced (docs/protocol.md,
-//! section 10).
+//! section 11).
 //!
 //! The frontend owns the host end (the terminal a user connects to), so it
 //! outlives every backend instance; each instance gets a fresh socket as
@@ -178,8 +178,7 @@ impl<'a> Message<'a> {
                 fresh,
                 data,
             } => {
-                let flags =
-                    if last { FLAG_LAST } else { 0 } | if fresh { FLAG_FRESH } else { 0 };
+                let flags = if last { FLAG_LAST } else { 0 } | if fresh { FLAG_FRESH } else { 0 };
                 (KIND_OUT, flags, seq, offset, data)
             }
             Message::Ack { delivered } => (KIND_ACK, 0, delivered, 0, &[]),

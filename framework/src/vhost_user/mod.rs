@@ -599,7 +599,11 @@ impl<D: VirtioDevice + Send + 'static> Listeners<D> {
 impl<D: VirtioDevice + Send + 'static> Watch for Listeners<D> {
     fn add(&self, fd: RawFd, id: u32, writable: bool) -> io::Result<()> {
         let (handler, data) = self.listener(id)?;
-        let set = if writable { EventSet::OUT } else { EventSet::IN };
+        let set = if writable {
+            EventSet::OUT
+        } else {
+            EventSet::IN
+        };
         handler.register_listener(fd, set, data)
     }
 

@@ -72,6 +72,9 @@ pub enum Error {
     /// device name {0} used twice
     #[error("device name {0} used twice")]
     DuplicateName(String),
+    /// device {0}: `host_stream` needs a spawned backend (`backend`)
+    #[error("device {0}: `host_stream` needs a spawned backend (`backend`)")]
+    HostStream(String),
     /// device {0}: bad restart policy
     #[error("device {0}: bad restart policy")]
     Restart(String, #[source] outboard_frontend::restart::Error),
@@ -175,6 +178,9 @@ impl Config {
                 (None, _, _) if !d.args.is_empty() => return Err(Error::ArgsWithSocket(d.name)),
                 _ => return Err(Error::Source(d.name)),
             };
+            if d.host_stream.is_some() && !matches!(source, Source::Spawn { .. }) {
+                return Err(Error::HostStream(d.name));
+            }
             let mut regions: Vec<Placement> = Vec::new();
             for r in d.regions {
                 if regions.iter().any(|p| p.index == r.index) {
@@ -311,6 +317,22 @@ mod tests {
         assert!(matches!(
             Config::parse("[[device]]\nname='d'\nbackend='x'\nrestart='always'\n"),
             Err(Error::Restart(_, _))
+        ));
+    }
+
+    #[test]
+    fn parse_when_host_stream_given_then_spawned_only() {
+        let c = Config::parse(
+            "[[device]]\nname='con'\nbackend='outboard-virtio-console'\nhost_stream='/tmp/con.sock'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.devices[0].host_stream.as_deref(),
+            Some(Path::new("/tmp/con.sock"))
+        );
+        assert!(matches!(
+            Config::parse("[[device]]\nname='con'\nsocket='/tmp/b'\nhost_stream='/tmp/c'\n"),
+            Err(Error::HostStream(_))
         ));
     }
 }

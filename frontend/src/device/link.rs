@@ -26,8 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 use outboard_protocol::control::{DeviceInfo, MemTable, RegionInfo, SetRegion, F_STATE};
 
 use crate::backend::{self, Connection};
-use crate::launch::Prepared;
 use crate::health::Health;
+use crate::launch::Prepared;
 use crate::remote::RemoteRegion;
 use crate::restart::RestartPolicy;
 

@@ -25,11 +25,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::allocator::{self, Allocator};
 use crate::attached::{Attached, DeviceSpec, OutboardDevice};
+use crate::backend::Error as BackendError;
 use crate::bus::{Bus, BusError};
 use crate::device::{self, DeviceOptions, RemoteDevice};
-use crate::irq::{self, InterruptSink, IrqLine};
-use crate::backend::Error as BackendError;
 use crate::host_stream::HostStream;
+use crate::irq::{self, InterruptSink, IrqLine};
 use crate::launch::{Launcher, Prepared, Source};
 use crate::memory::GuestRam;
 use crate::registrar::Registrar;
@@ -401,8 +401,9 @@ impl Frontend {
                 let program = program.clone();
                 spawn_args = Some(args.clone());
                 if let Some(path) = &spec.host_stream {
-                    let hs = HostStream::listen(path, name)
-                        .map_err(|e| dev_err(name)(device::Error::Backend(BackendError::HostStream(e))))?;
+                    let hs = HostStream::listen(path, name).map_err(|e| {
+                        dev_err(name)(device::Error::Backend(BackendError::HostStream(e)))
+                    })?;
                     host_stream = Some(Arc::new(hs));
                 }
                 // The same program with the same arguments, each time the

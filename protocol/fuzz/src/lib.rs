@@ -21,6 +21,7 @@
 mod control;
 mod data;
 mod seeds;
+mod host_stream;
 mod state;
 
 pub use control::{
@@ -29,6 +30,7 @@ pub use control::{
 };
 pub use data::{ioregionfd_cmd, ioregionfd_resp};
 pub use seeds::seeds;
+pub use host_stream::host_stream;
 pub use state::state_area;
 
 /// A property: panics when the input breaks it.
@@ -50,6 +52,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("set_irq", set_irq),
     ("mem_table", mem_table),
     ("state_area", state_area),
+    ("host_stream", host_stream),
 ];
 
 #[cfg(test)]

@@ -183,6 +183,30 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             let end = 64 + 16 + record.len();
             vec![area[..end].to_vec(), bare]
         }
+        "host_stream" => {
+            use outboard_protocol::host_stream::Message;
+            let mut out = Vec::new();
+            [
+                Message::Out {
+                    seq: 3,
+                    offset: 0,
+                    last: true,
+                    fresh: true,
+                    data: b"hello\n",
+                },
+                Message::Ack { delivered: 4096 },
+                Message::In {
+                    offset: 7,
+                    data: b"ls\n",
+                },
+            ]
+            .iter()
+            .map(|m| {
+                m.encode(&mut out);
+                out.clone()
+            })
+            .collect()
+        }
         _ => Vec::new(),
     }
 }
