@@ -26,6 +26,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 
 use log::{info, warn};
 use outboard::virtio::{drain_queue, inflight, Memory, QueueError, VirtioDevice};
@@ -106,6 +107,13 @@ struct Stream {
     announced: bool,
     /// The counters still have to be matched with the used rings.
     reconcile: [bool; 2],
+    /// Buffers each queue used since the state was last saved: at most a
+    /// ring's worth, so that the used ring never laps the saved index
+    /// (the runtime commits after each event, but one event may serve a
+    /// queue more than once).
+    unsaved: [AtomicU16; 2],
+    /// The state has been saved: there is a state area to keep in step with.
+    saved_once: AtomicBool,
     generation: u64,
     buf: Vec<u8>,
 }
@@ -172,6 +180,8 @@ impl Console {
             numbered: false,
             announced: false,
             reconcile: [false; 2],
+            unsaved: [AtomicU16::new(0), AtomicU16::new(0)],
+            saved_once: AtomicBool::new(false),
             generation: 0,
             buf: vec![0; MAX_MESSAGE + 1],
         });
@@ -225,7 +235,7 @@ impl Console {
         'ring: loop {
             queue.disable_notification(mem).map_err(QueueError::Queue)?;
             loop {
-                if served >= queue.size() {
+                if served >= queue.size() || s.budget_spent(TX, queue.size()) {
                     s.serve_again(TX);
                     break 'ring;
                 }
@@ -275,6 +285,7 @@ impl Console {
                 inflight::popped(head);
                 inflight::add_used(queue, mem, head, 0).map_err(QueueError::Queue)?;
                 s.tx_seq += 1;
+                s.unsaved[TX].fetch_add(1, Ordering::Relaxed);
                 served += 1;
                 used = true;
             }
@@ -298,11 +309,11 @@ impl Console {
         let mut used = false;
         let mut served = 0u16;
         while !self.pending.is_empty() {
-            if self.stream.is_some() && served >= queue.size() {
-                if let Some(s) = self.stream.as_mut() {
+            if let Some(s) = self.stream.as_mut() {
+                if served >= queue.size() || s.budget_spent(RX, queue.size()) {
                     s.serve_again(RX);
+                    break;
                 }
-                break;
             }
             let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
                 // Out of buffers with input waiting: ask to be notified of
@@ -324,6 +335,7 @@ impl Console {
             if let Some(s) = self.stream.as_mut() {
                 s.delivered += n as u64;
                 s.pending_at += n as u64;
+                s.unsaved[RX].fetch_add(1, Ordering::Relaxed);
             }
             served += 1;
             used = true;
@@ -414,6 +426,16 @@ impl Console {
 }
 
 impl Stream {
+    /// Whether queue `q` used a ring's worth of buffers since the last save.
+    fn budget_spent(&self, q: usize, size: u16) -> bool {
+        let spent = self.saved_once.load(Ordering::Relaxed)
+            && self.unsaved[q].load(Ordering::Relaxed) >= size;
+        if spent {
+            log::debug!("console: queue {q} waits for the state to be saved");
+        }
+        spent
+    }
+
     /// Watches (or stops watching) the host stream for input.
     fn read(&mut self, on: bool) {
         if self.reading == on {
@@ -627,6 +649,10 @@ impl VirtioDevice for Console {
         let Some(s) = &self.stream else {
             return Vec::new();
         };
+        s.saved_once.store(true, Ordering::Relaxed);
+        for u in &s.unsaved {
+            u.store(0, Ordering::Relaxed);
+        }
         let mut v = Vec::with_capacity(STATE_LEN);
         v.push(STATE_VERSION);
         v.extend_from_slice(&s.tx_seq.to_le_bytes());
