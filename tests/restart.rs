@@ -370,7 +370,17 @@ fn console_under(how: Disruption, times: u32) {
         }
         let mut progress = false;
         while let Some(&(head, buf)) = tx.front() {
-            if d.poll(1, head).unwrap().is_none() {
+            let polled = d.poll(1, head).unwrap_or_else(|e| {
+                panic!(
+                    "transmit queue ({e:?}): waiting for head {head}, in flight {:?}, \
+                     used index {:?}, avail index {:?}, generation {}",
+                    tx.iter().map(|t| t.0).collect::<Vec<_>>(),
+                    d.used_idx(1),
+                    d.avail_idx(1),
+                    link.generation()
+                )
+            });
+            if polled.is_none() {
                 break;
             }
             tx.pop_front();
@@ -378,7 +388,14 @@ fn console_under(how: Disruption, times: u32) {
             progress = true;
         }
         while let Some(&(head, buf)) = rx.front() {
-            let Some(len) = d.poll(0, head).unwrap() else {
+            let Some(len) = d.poll(0, head).unwrap_or_else(|e| {
+                panic!(
+                    "receive queue ({e:?}): used index {:?}, avail index {:?}, generation {}",
+                    d.used_idx(0),
+                    d.avail_idx(0),
+                    link.generation()
+                )
+            }) else {
                 break;
             };
             let mut got = vec![0u8; len as usize];
