@@ -13,7 +13,11 @@ pub fn host_stream(data: &[u8]) {
     let mut again = Vec::new();
     m.encode(&mut again);
     assert_eq!(again, data, "message is not canonical");
-    if let Message::Out { offset, data: d, .. } | Message::In { offset, data: d } = m {
+    if let Message::Out {
+        offset, data: d, ..
+    }
+    | Message::In { offset, data: d } = m
+    {
         assert!(offset.checked_add(d.len() as u64).is_some());
     }
 }

@@ -20,8 +20,8 @@
 
 mod control;
 mod data;
-mod seeds;
 mod host_stream;
+mod seeds;
 mod state;
 
 pub use control::{
@@ -29,8 +29,8 @@ pub use control::{
     region_info, set_irq, set_region, status_reply,
 };
 pub use data::{ioregionfd_cmd, ioregionfd_resp};
-pub use seeds::seeds;
 pub use host_stream::host_stream;
+pub use seeds::seeds;
 pub use state::state_area;
 
 /// A property: panics when the input breaks it.
