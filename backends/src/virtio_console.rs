@@ -426,12 +426,17 @@ impl Console {
 }
 
 impl Stream {
-    /// Whether queue `q` used a ring's worth of buffers since the last save.
-    fn budget_spent(&self, q: usize, size: u16) -> bool {
+    /// Whether queue `q` used a ring's worth of buffers since the last
+    /// save. When it did, the state is marked changed, so that the runtime
+    /// commits it after this event (which resets the count) and the queue
+    /// goes on at the next ([`Stream::serve_again`]): the wait never
+    /// outlasts one event.
+    fn budget_spent(&mut self, q: usize, size: u16) -> bool {
         let spent = self.saved_once.load(Ordering::Relaxed)
             && self.unsaved[q].load(Ordering::Relaxed) >= size;
         if spent {
             log::debug!("console: queue {q} waits for the state to be saved");
+            self.generation += 1;
         }
         spent
     }

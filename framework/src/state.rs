@@ -296,7 +296,10 @@ impl Keeper {
             version: snap.version,
             bytes: snap.state,
         })?;
-        self.committed = Some(device.state_generation());
+        // Committed after this request: a restored virtio device serves
+        // its queues during the restore, and what it did then belongs in
+        // the record as much as anything later.
+        self.committed = None;
         self.armed = true;
         Ok(snap.served)
     }

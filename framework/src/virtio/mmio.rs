@@ -48,6 +48,11 @@ struct DeviceSide<D> {
     /// Set while a restore activates the queues: each starts at the used
     /// index in guest memory instead of 0.
     resuming: bool,
+    /// The restored state predates DRIVER_OK, yet the previous instance
+    /// may have run the rings after it committed (the frontend then replays
+    /// the posted DRIVER_OK): the next activation, too, starts each queue
+    /// at the used index in guest memory. A reset clears it.
+    resume_next: bool,
     /// Per queue served in the event loop: the used index up to which the
     /// driver has been sent a used-buffer interrupt (saved, so a restored
     /// device raises exactly the interrupt its predecessor still owed).
@@ -120,7 +125,7 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
             .enumerate()
             .map(|(i, c)| build_queue(i, c, event_idx))
             .collect::<Result<Vec<_>, _>>()?;
-        if self.resuming {
+        if std::mem::take(&mut self.resume_next) || self.resuming {
             // Every chain the driver made available and the device had not
             // completed is served again: the used index is where the
             // previous instance stopped, because each queue completes its
@@ -171,6 +176,7 @@ impl<D: VirtioDevice> TransportDevice for DeviceSide<D> {
 
     fn reset(&mut self) {
         // Joins every queue thread before the device forgets its state.
+        self.resume_next = false;
         self.queues.clear();
         self.signalled.clear();
         self.signals.clear();
@@ -237,6 +243,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             memory: None,
             signals: Arc::default(),
             resuming: false,
+            resume_next: false,
             signalled: Vec::new(),
         };
         VirtioMmio {
@@ -346,6 +353,7 @@ impl<D: VirtioDevice> Device for VirtioMmio<D> {
         if status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
             return Ok(());
         }
+        self.side.resume_next = status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
         if status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             self.side.resuming = true;
             self.side.signalled = signalled;
