@@ -595,6 +595,42 @@ mod tests {
     }
 
     #[test]
+    fn restore_when_state_predates_driver_ok_then_replayed_driver_ok_resumes_at_used_index() {
+        // The state was committed before DRIVER_OK; then that instance
+        // started and served both chains before it died.
+        let mut old = rig();
+        old.setup(
+            0x1000,
+            &[
+                desc(0x8000, 64, VRING_DESC_F_WRITE, 0),
+                desc(0x9000, 64, VRING_DESC_F_WRITE, 0),
+            ],
+            false,
+        );
+        let state = old.dev.save().unwrap_or_else(|| panic!("no state"));
+        old.start();
+        let used = old.dev.transport().queues()[0].used;
+        assert_eq!(old.used_idx(used), 2);
+        // The guest took the first buffer back and cleared it.
+        let m = old.mem.memory();
+        m.write_slice(&[0u8; 64], GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The next instance restores and the frontend replays DRIVER_OK.
+        let mut new = VirtioMmio::new(Filler { workers: false });
+        new.set_memory(old.mem.clone());
+        new.restore(&state).unwrap_or_else(|e| panic!("{e}"));
+        new.write(
+            Access::new(0, u64::from(VIRTIO_MMIO_STATUS), AccessSize::B4),
+            0xf,
+        );
+        let mut buf = [0xffu8; 64];
+        m.read_slice(&mut buf, GuestAddress(0x8000))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(buf, [0u8; 64], "a completed chain is not served again");
+        assert_eq!(old.used_idx(used), 2);
+    }
+
+    #[test]
     fn doorbell_when_rings_outside_memory_then_needs_reset_and_config_interrupt_once() {
         let mut r = rig();
         r.setup(0x20_0000, &[], true);
