@@ -674,6 +674,10 @@ fn state_requests_when_area_bad_missing_or_corrupt_then_refused_and_backend_serv
     assert_eq!(error_status(&m), None);
     let m = call(&ch, Request::RestoreState, &[], &[]);
     assert_eq!(error_status(&m), None, "no valid record: a fresh device");
+    // The backend commits its fresh state after answering; one more round
+    // trip makes sure that commit is done before the area is overwritten.
+    let m = call(&ch, Request::GetDeviceInfo, &[], &[]);
+    assert_eq!(error_status(&m), None);
     // A valid record of another device: refused with DeviceError.
     let record = outboard_protocol::state::Snapshot {
         kind: 2,
