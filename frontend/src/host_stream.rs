@@ -702,6 +702,38 @@ mod tests {
     }
 
     #[test]
+    fn relay_when_backend_lies_then_logged_and_later_output_still_passed_on() {
+        let path = temp_path("lies");
+        let hs = HostStream::listen(&path, "t-lies").unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let end = hs.new_end().unwrap();
+        // Garbage, an oversized datagram, input sent the wrong way and an
+        // acknowledgement of bytes never sent.
+        for junk in [vec![0u8; 3], vec![9u8; 24], vec![0u8; MAX_MESSAGE + 100]] {
+            // SAFETY: (test) send from a live buffer.
+            let r = unsafe { libc::send(end.as_raw_fd(), junk.as_ptr().cast(), junk.len(), 0) };
+            assert_eq!(r as usize, junk.len());
+        }
+        send(
+            &end,
+            Message::In {
+                offset: 0,
+                data: b"x",
+            },
+        );
+        send(&end, Message::Ack { delivered: 1 << 40 });
+        send(&end, out(0, 0, true, true, b"still here"));
+        assert_eq!(read_exactly(&mut client, 10), b"still here");
+        // Input typed afterwards is still relayed, numbered after the lie.
+        client.write_all(b"ok").unwrap();
+        let got = recv(&end);
+        let Ok(Message::In { data, .. }) = Message::decode(&got) else {
+            panic!("no input");
+        };
+        assert_eq!(data, b"ok");
+    }
+
+    #[test]
     fn relay_when_end_closes_then_unacknowledged_input_goes_to_the_next() {
         let path = temp_path("in");
         let hs = HostStream::listen(&path, "t-in").unwrap();
