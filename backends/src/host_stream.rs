@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use outboard_protocol::host_stream::{Message, MAX_MESSAGE};
+use outboard_protocol::host_stream::{self, Message, MAX_MESSAGE};
 use thiserror::Error;
 
 /// Why a host stream cannot be taken or used.
@@ -21,16 +21,7 @@ pub enum Error {
     Setup(#[source] io::Error),
 }
 
-/// What one receive returned.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Received {
-    /// One datagram of this many bytes, in the buffer.
-    Message(usize),
-    /// Nothing waits.
-    Empty,
-    /// The frontend closed its end.
-    Closed,
-}
+pub use outboard_protocol::host_stream::Received;
 
 /// The socket.
 #[derive(Debug)]
@@ -118,77 +109,12 @@ impl HostStream {
     /// [`HostStream::room_fd`] is writable).
     pub fn send(&mut self, m: &Message<'_>) -> io::Result<bool> {
         m.encode(&mut self.scratch);
-        // SAFETY: send reads `scratch.len()` bytes from a live buffer; the
-        // socket is ours. MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                self.sock.as_raw_fd(),
-                self.scratch.as_ptr().cast(),
-                self.scratch.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::WouldBlock => Ok(false),
-            io::ErrorKind::Interrupted => self.send(m),
-            _ => Err(e),
-        }
+        host_stream::send(self.sock.as_fd(), &self.scratch)
     }
 
-    /// Receives one datagram into `buf`, which should hold
-    /// [`MAX_MESSAGE`]` + 1` bytes. The length returned is the datagram's
-    /// own (`MSG_TRUNC`), so a caller decoding `buf[..len.min(buf.len())]`
-    /// sees an oversized datagram refused as too long, never a cut one
-    /// taken as whole.
+    /// Receives one datagram into `buf` ([`host_stream::recv`]).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
-        loop {
-            // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
-            // MSG_TRUNC makes it return the datagram's real length, so an
-            // oversized datagram is seen as such instead of as a cut one.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
-            };
-            if n > 0 {
-                return Ok(Received::Message(n as usize));
-            }
-            if n == 0 {
-                // A zero-length datagram is as malformed as a short one;
-                // end of stream has no data and a hung-up peer.
-                return Ok(if self.peer_gone() {
-                    Received::Closed
-                } else {
-                    Received::Message(0)
-                });
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => return Ok(Received::Empty),
-                // Reported once when the peer closed with our messages
-                // unread; what it sent before is still to be read.
-                io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset => continue,
-                _ => return Err(e),
-            }
-        }
-    }
-
-    fn peer_gone(&self) -> bool {
-        let mut p = libc::pollfd {
-            fd: self.sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll reads and writes one live pollfd; timeout 0.
-        let r = unsafe { libc::poll(&mut p, 1, 0) };
-        r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+        host_stream::recv(self.sock.as_fd(), buf)
     }
 }
 
@@ -198,19 +124,7 @@ mod tests {
     use outboard_protocol::host_stream::Message;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two fds into the array on success.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: both fds were just created and are owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+        host_stream::pair().unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]

@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, info, warn};
-use outboard_protocol::host_stream::{Message, MAX_MESSAGE, MAX_PAYLOAD};
+use outboard_protocol::host_stream::{self, Message, Received, MAX_MESSAGE, MAX_PAYLOAD};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -113,24 +113,6 @@ impl std::fmt::Debug for HostStream {
     }
 }
 
-fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: socketpair writes two new descriptors into the array on success.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and nothing else owns them.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 impl HostStream {
     /// Listens on `path` (replacing a stale socket there) and starts the
     /// relay; `name` names the thread and the log lines.
@@ -174,7 +156,7 @@ impl HostStream {
     /// (used once every older end is read to its end), the caller passes
     /// the returned one to the backend.
     pub fn new_end(&self) -> Result<OwnedFd, Error> {
-        let (ours, theirs) = seqpacket_pair().map_err(Error::Socket)?;
+        let (ours, theirs) = host_stream::pair().map_err(Error::Socket)?;
         self.command(Command::End(ours));
         Ok(theirs)
     }
@@ -432,37 +414,21 @@ impl Relay {
 
     /// Reads the end in use; `None` when there is none.
     fn read_end(&mut self) -> Option<Drained> {
-        let fd = self.ends.front()?.as_raw_fd();
+        // Out of the queue while `take` borrows the relay; back in front after.
+        let end = self.ends.pop_front()?;
+        let mut drained = Drained::Waiting;
         while self.reading_end() {
-            // SAFETY: recv writes at most `buf.len()` bytes into `buf`;
-            // MSG_TRUNC returns the datagram's own length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => return Some(Drained::Waiting),
-                    // A backend that died with input unread resets the
-                    // socket: reported once, before the messages it had
-                    // sent, which are still to be read.
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset => continue,
-                    _ => return Some(Drained::Ended),
+            match host_stream::recv(end.as_fd(), &mut self.buf) {
+                Ok(Received::Message(n)) => self.take(n.min(self.buf.len())),
+                Ok(Received::Empty) => break,
+                Ok(Received::Closed) | Err(_) => {
+                    drained = Drained::Ended;
+                    break;
                 }
             }
-            let n = n as usize;
-            if n == 0 && hung_up(fd) {
-                return Some(Drained::Ended);
-            }
-            let len = n.min(self.buf.len());
-            self.take(len);
         }
-        Some(Drained::Waiting)
+        self.ends.push_front(end);
+        Some(drained)
     }
 
     /// Handles one message of `len` bytes in `buf`.
@@ -560,7 +526,7 @@ impl Relay {
         let Some(end) = self.ends.front() else {
             return;
         };
-        let fd = end.as_raw_fd();
+        let fd = end.as_fd();
         loop {
             let from = usize::try_from(self.sent - self.acked).unwrap_or(usize::MAX);
             if from >= self.unacked.len() {
@@ -573,37 +539,13 @@ impl Relay {
                 data: &chunk,
             }
             .encode(&mut self.scratch);
-            // SAFETY: send reads `scratch.len()` bytes from a live buffer.
-            let r = unsafe {
-                libc::send(
-                    fd,
-                    self.scratch.as_ptr().cast(),
-                    self.scratch.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // Full: POLLOUT brings us back. Gone: reading finds the end.
+            // Full: POLLOUT brings us back. Gone: reading finds the end.
+            if !matches!(host_stream::send(fd, &self.scratch), Ok(true)) {
                 return;
             }
             self.sent += n as u64;
         }
     }
-}
-
-fn hung_up(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes one live pollfd; timeout 0.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@
 //!   After a replacement the frontend sends again every byte not yet
 //!   acknowledged; the device drops the bytes it already has.
 
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
 use thiserror::Error;
 
 /// Bytes before a message's payload.
@@ -194,6 +197,114 @@ impl<'a> Message<'a> {
     }
 }
 
+/// A new close-on-exec `SOCK_SEQPACKET` socket pair: one end for the
+/// frontend, one for a backend instance (section 11.1).
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: socketpair writes two new descriptors into the array on success.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends one encoded message without waiting. `Ok(false)`: the peer's
+/// queue is full (try again when the socket is writable). A closed peer
+/// is an error (`EPIPE`), never a `SIGPIPE`.
+pub fn send(fd: BorrowedFd<'_>, message: &[u8]) -> io::Result<bool> {
+    loop {
+        // SAFETY: send reads `message.len()` bytes from a live buffer.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                message.as_ptr().cast(),
+                message.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(false),
+            io::ErrorKind::Interrupted => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// What one [`recv`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// One datagram of this many bytes (its own length, which may exceed
+    /// the buffer).
+    Message(usize),
+    /// Nothing waits.
+    Empty,
+    /// The peer closed its end and everything it sent has been read.
+    Closed,
+}
+
+/// Receives one datagram into `buf` (which should hold [`MAX_MESSAGE`]` +
+/// 1` bytes) without waiting. The length returned is the datagram's own
+/// (`MSG_TRUNC`), so a caller decoding `buf[..len.min(buf.len())]` sees an
+/// oversized datagram refused as too long, never a cut one taken as
+/// whole. `ECONNRESET`, reported once when the peer closed with messages
+/// of ours unread, is read past: what the peer sent before is still
+/// delivered (section 11.1).
+pub fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    loop {
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n > 0 {
+            return Ok(Received::Message(n as usize));
+        }
+        if n == 0 {
+            // A zero-length datagram is as malformed as a short one; end
+            // of stream is no data and a hung-up peer.
+            return Ok(if peer_gone(fd) {
+                Received::Closed
+            } else {
+                Received::Message(0)
+            });
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => return Ok(Received::Empty),
+            io::ErrorKind::Interrupted | io::ErrorKind::ConnectionReset => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+fn peer_gone(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes one live pollfd; timeout 0.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +384,24 @@ mod tests {
                 flags: 4
             })
         );
+    }
+
+    #[test]
+    fn socket_when_peer_dies_with_input_unread_then_its_messages_still_arrive_then_closed() {
+        use std::os::fd::AsFd;
+        let (a, b) = pair().unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        assert_eq!(recv(b.as_fd(), &mut buf).ok(), Some(Received::Empty));
+        let mut m = Vec::new();
+        Message::Ack { delivered: 5 }.encode(&mut m);
+        assert_eq!(send(a.as_fd(), &m).ok(), Some(true));
+        assert_eq!(send(b.as_fd(), &m).ok(), Some(true), "left unread by a");
+        drop(a);
+        assert_eq!(
+            recv(b.as_fd(), &mut buf).ok(),
+            Some(Received::Message(HEADER_LEN))
+        );
+        assert_eq!(recv(b.as_fd(), &mut buf).ok(), Some(Received::Closed));
+        assert!(send(b.as_fd(), &m).is_err(), "EPIPE, not SIGPIPE");
     }
 }

@@ -345,22 +345,7 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress};
 
     fn stream_pair() -> (Console, HostStream) {
-        let mut fds = [0; 2];
-        // SAFETY: (test) socketpair writes two fds into the array.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(r, 0);
-        // SAFETY: (test) both fds are new and owned by nobody else.
-        let (a, b) = unsafe {
-            use std::os::fd::{FromRawFd, OwnedFd};
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
-        };
+        let (a, b) = outboard_protocol::host_stream::pair().unwrap_or_else(|e| panic!("{e}"));
         let c = Console::with_stream(HostStream::from_owned(a).unwrap_or_else(|e| panic!("{e}")))
             .unwrap_or_else(|e| panic!("{e}"));
         (
