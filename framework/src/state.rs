@@ -230,14 +230,7 @@ impl Keeper {
             self.committed = Some(generation);
             return;
         };
-        let record = Snapshot {
-            kind: self.kind,
-            name: self.name.clone(),
-            version: state.version,
-            served: served.to_vec(),
-            state: state.bytes,
-        }
-        .encode();
+        let record = self.record(state, served);
         match area::commit(self.area.bytes(), &record) {
             Ok(_) => self.committed = Some(generation),
             Err(e) => log::error!("{}: cannot commit state: {e}", self.name),
@@ -250,17 +243,22 @@ impl Keeper {
         self.armed = true;
         self.committed = None;
         let state = device.save().ok_or(Error::Unsupported)?;
-        let record = Snapshot {
+        let record = self.record(state, served);
+        area::commit(self.area.bytes(), &record).map_err(Error::Area)?;
+        self.committed = Some(device.state_generation());
+        Ok(())
+    }
+
+    /// The envelope of `state` for this device, with the served counts.
+    fn record(&self, state: DeviceState, served: &[u64]) -> Vec<u8> {
+        Snapshot {
             kind: self.kind,
             name: self.name.clone(),
             version: state.version,
             served: served.to_vec(),
             state: state.bytes,
         }
-        .encode();
-        area::commit(self.area.bytes(), &record).map_err(Error::Area)?;
-        self.committed = Some(device.state_generation());
-        Ok(())
+        .encode()
     }
 
     /// Starts committing even though the area held a record (after RESET:
