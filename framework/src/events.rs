@@ -85,6 +85,8 @@ pub(crate) mod token {
     pub const DOORBELL: u64 = 3 << 32;
     /// A resample eventfd; low bits: the interrupt line.
     pub const RESAMPLE: u64 = 4 << 32;
+    /// A command ring's `kick` eventfd; low bits: the region index.
+    pub const RING: u64 = 5 << 32;
     /// Mask of the kind bits.
     pub const KIND_MASK: u64 = !0xffff_ffff;
 }

@@ -24,6 +24,7 @@ pub mod channel;
 pub mod control;
 pub mod host_stream;
 pub mod ioregionfd;
+pub mod ring;
 pub mod state;
 pub mod wait;
 

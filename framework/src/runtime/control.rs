@@ -8,8 +8,8 @@ use log::{info, warn};
 use outboard_protocol::channel::{self, Message};
 use outboard_protocol::control::{
     self, DeviceInfo, DoorbellInfo, Header, Hello, IrqInfo, MemTable, Payload, RegionIndex,
-    Request, SetIrq, SetRegion, Status, DOORBELL_DATAMATCH, F_DOORBELL, F_IRQ, IRQ_LEVEL,
-    IRQ_RESAMPLE,
+    Request, SetCmdRing, SetIrq, SetRegion, Status, DOORBELL_DATAMATCH, F_DOORBELL, F_IRQ,
+    IRQ_LEVEL, IRQ_RESAMPLE,
 };
 use thiserror::Error;
 
@@ -277,6 +277,11 @@ impl<D: Device> Backend<D> {
                 Ok(Reply::Ack)
             }
             Request::SetIrq => self.set_irq(&payload, fds),
+            Request::SetCmdRing => {
+                let set = SetCmdRing::decode(&payload).map_err(bad_payload)?;
+                self.data.set_ring(set, fds, &self.epoll)?;
+                Ok(Reply::Ack)
+            }
             Request::SetDirectMap => Err(Status::Unsupported.into()),
             Request::SetStateArea => {
                 let fd = fds.pop().ok_or(Status::BadFdCount)?;

@@ -46,6 +46,15 @@ pub enum Error {
         /// The token no region of this socket was set with.
         user_data: u64,
     },
+    /// the command ring of region {region} is corrupt
+    #[error("the command ring of region {region} is corrupt")]
+    Ring {
+        /// Region of the ring.
+        region: u32,
+        /// What was out of range.
+        #[source]
+        source: outboard_protocol::ring::Error,
+    },
     /// data socket of region {region} failed
     #[error("data socket of region {region} failed")]
     Io {
@@ -93,11 +102,16 @@ pub(crate) struct DataPlane {
     pub(super) served: Vec<u64>,
     /// Checks each new data socket (docs/protocol.md section 5.4).
     pub(super) vetter: super::sockcheck::Vetter,
+    /// Per region: its command ring, if SET_CMD_RING gave one.
+    pub(super) rings: Vec<Option<super::ring::RegionRing>>,
+    /// How long the loop polls the rings before it sleeps.
+    pub(super) spin: outboard_protocol::ring::SpinBudget,
 }
 
 impl DataPlane {
     /// The device's regions, none placed yet.
     pub(crate) fn new(regions: Vec<Region>) -> Self {
+        let regions_len = regions.len();
         DataPlane {
             placements: regions.iter().map(|_| None).collect(),
             served: vec![0; regions.len()],
@@ -107,6 +121,8 @@ impl DataPlane {
             responses: Vec::with_capacity(BATCH_BYTES),
             rejected: 0,
             vetter: super::sockcheck::Vetter::new(),
+            rings: regions_none(regions_len),
+            spin: outboard_protocol::ring::SpinBudget::new(super::ring::SPIN_MAX),
         }
     }
 
@@ -143,6 +159,7 @@ impl DataPlane {
         for slot in 0..self.sockets.len() {
             while !self.serve(slot, device, epoll, keeper.as_deref_mut())? {}
         }
+        self.serve_rings(device, keeper)?;
         Ok(())
     }
 
@@ -214,44 +231,56 @@ impl DataPlane {
         for chunk in bytes.chunks_exact(CMD_SIZE) {
             let mut raw = [0u8; CMD_SIZE];
             raw.copy_from_slice(chunk);
-            let cmd = Cmd::decode(&raw).map_err(|source| Error::Violation {
-                region: socket_region,
-                source,
-            })?;
-            // Dispatch by user_data, as a kernel-written stream would need; a
-            // token of another region on this socket is as wrong as an unknown one.
-            let (index, vcpu) = self
-                .by_user_data
-                .get(&cmd.user_data)
-                .copied()
-                .filter(|&(i, _)| i == socket_region)
-                .ok_or(Error::UnknownUserData {
-                    region: socket_region,
-                    user_data: cmd.user_data,
-                })?;
-            if let Some(n) = self.served.get_mut(index as usize) {
-                *n += 1;
-            }
-            let access = Access::new(index, cmd.offset, cmd.size).by(vcpu);
-            let data = if self.fits(&cmd, index) {
-                match cmd.op {
-                    Op::Read => cmd.size.truncate(device.read(access)),
-                    Op::Write => {
-                        device.write(access, cmd.size.truncate(cmd.data));
-                        0
-                    }
-                }
-            } else {
-                match cmd.op {
-                    Op::Read => cmd.size.all_ones(),
-                    Op::Write => 0,
-                }
-            };
-            if cmd.resp {
+            if let Some(data) = self.serve_one(socket_region, &raw, device)? {
                 self.responses.extend_from_slice(&Resp { data }.encode());
             }
         }
         Ok(())
+    }
+
+    /// Decodes and serves one command that arrived for `channel_region`
+    /// (on its data socket or its ring); the response data if the command
+    /// asks for one.
+    pub(super) fn serve_one<D: Device + ?Sized>(
+        &mut self,
+        channel_region: u32,
+        raw: &[u8; CMD_SIZE],
+        device: &mut D,
+    ) -> Result<Option<u64>, Error> {
+        let cmd = Cmd::decode(raw).map_err(|source| Error::Violation {
+            region: channel_region,
+            source,
+        })?;
+        // Dispatch by user_data, as a kernel-written stream would need; a
+        // token of another region on this channel is as wrong as an unknown one.
+        let (index, vcpu) = self
+            .by_user_data
+            .get(&cmd.user_data)
+            .copied()
+            .filter(|&(i, _)| i == channel_region)
+            .ok_or(Error::UnknownUserData {
+                region: channel_region,
+                user_data: cmd.user_data,
+            })?;
+        if let Some(n) = self.served.get_mut(index as usize) {
+            *n += 1;
+        }
+        let access = Access::new(index, cmd.offset, cmd.size).by(vcpu);
+        let data = if self.fits(&cmd, index) {
+            match cmd.op {
+                Op::Read => cmd.size.truncate(device.read(access)),
+                Op::Write => {
+                    device.write(access, cmd.size.truncate(cmd.data));
+                    0
+                }
+            }
+        } else {
+            match cmd.op {
+                Op::Read => cmd.size.all_ones(),
+                Op::Write => 0,
+            }
+        };
+        Ok(cmd.resp.then_some(data))
     }
 
     /// True when `cmd` fits region `index`; counts (and now and then logs)
@@ -279,6 +308,10 @@ impl DataPlane {
         }
         false
     }
+}
+
+fn regions_none<T>(n: usize) -> Vec<Option<T>> {
+    (0..n).map(|_| None).collect()
 }
 
 fn recv_nonblocking(sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {

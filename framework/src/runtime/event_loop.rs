@@ -4,6 +4,7 @@
 //! callers that poll the backend's fd from their own loop.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use super::{Backend, Error, Flow};
 use crate::device::Device;
@@ -11,6 +12,10 @@ use crate::events::token;
 
 /// Events taken from the epoll set per wait.
 const EVENTS_PER_WAIT: usize = 32;
+/// Spin rounds between two looks at the epoll set.
+const SPIN_CHECK: u32 = 256;
+/// Spin rounds between two offers of the CPU to other processes.
+const SPIN_YIELD: u32 = 4 * SPIN_CHECK;
 
 impl<D: Device> Backend<D> {
     /// Serves until the frontend disconnects or shuts the device down.
@@ -46,15 +51,75 @@ impl<D: Device> Backend<D> {
         if self.paused {
             return self.poll_control(timeout_ms);
         }
+        // With command rings, a blocking wait first polls them for the spin
+        // budget, then marks them asleep (and looks once more) before it blocks.
+        let rings = timeout_ms != 0 && self.data.has_rings();
+        if rings {
+            if self.spin()? == Flow::Exit {
+                return Ok(Flow::Exit);
+            }
+            if self.paused || !self.data.arm_sleep()? {
+                return Ok(Flow::Continue);
+            }
+        }
+        let slept = Instant::now();
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
-        let n = self
-            .epoll
-            .wait(timeout_ms, &mut events)
-            .map_err(Error::Epoll)?;
-        for ev in &events[..n] {
+        let waited = self.epoll.wait(timeout_ms, &mut events);
+        if rings {
+            self.data.disarm_sleep();
+            self.data.spin.slept(slept.elapsed());
+        }
+        let n = waited.map_err(Error::Epoll)?;
+        self.dispatch_all(&events[..n])
+    }
+
+    fn dispatch_all(&mut self, events: &[epoll::Event]) -> Result<Flow, Error> {
+        for ev in events {
             if self.dispatch(ev.data)? == Flow::Exit {
                 return Ok(Flow::Exit);
             }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Polls the command rings until a whole spin budget passes with
+    /// nothing to serve. Every [`SPIN_CHECK`] rounds the other fds get a
+    /// turn (control requests, doorbells, device events) and, every
+    /// [`SPIN_YIELD`] rounds, any other process waiting for this CPU.
+    fn spin(&mut self) -> Result<Flow, Error> {
+        let budget = self.data.spin.budget();
+        if budget.is_zero() {
+            return Ok(Flow::Continue);
+        }
+        let mut idle_since = Instant::now();
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
+        for round in 1u32.. {
+            if self
+                .data
+                .serve_rings(&mut self.device, self.state.as_mut())?
+            {
+                idle_since = Instant::now();
+            }
+            if round % SPIN_CHECK == 0 {
+                let n = self.epoll.wait(0, &mut events).map_err(Error::Epoll)?;
+                if n > 0 {
+                    if self.dispatch_all(&events[..n])? == Flow::Exit {
+                        return Ok(Flow::Exit);
+                    }
+                    if self.paused {
+                        return Ok(Flow::Continue);
+                    }
+                }
+                if idle_since.elapsed() >= budget {
+                    break;
+                }
+                if round % SPIN_YIELD == 0 {
+                    // SAFETY: sched_yield takes no arguments and only
+                    // gives up the CPU.
+                    unsafe { libc::sched_yield() };
+                }
+            }
+            std::hint::spin_loop();
         }
         Ok(Flow::Continue)
     }
@@ -85,6 +150,11 @@ impl<D: Device> Backend<D> {
     fn dispatch(&mut self, tok: u64) -> Result<Flow, Error> {
         let index = (tok & !token::KIND_MASK) as usize;
         match tok & token::KIND_MASK {
+            token::RING => {
+                self.data
+                    .kicked(index, &mut self.device, self.state.as_mut())?;
+                return Ok(Flow::Continue);
+            }
             token::DATA => {
                 self.data
                     .serve(index, &mut self.device, &self.epoll, self.state.as_mut())?;

@@ -4,7 +4,8 @@
 //!
 //! * `control.rs`: the request state machine.
 //! * `data.rs`: data sockets, command batching, decoding and dispatch;
-//!   `placement.rs`: placing and removing regions, `user_data` tokens.
+//!   `placement.rs`: placing and removing regions, `user_data` tokens;
+//!   `ring.rs`: shared-memory command rings and the loop's spin budget.
 //! * `resources.rs`: the memory table, doorbell and interrupt fds;
 //!   `sockcheck.rs`: which fds a SET_REGION may hand over as data sockets.
 //! * `event_loop.rs`: [`Backend::run`] and [`Backend::process_ready`].
@@ -36,6 +37,7 @@ mod event_loop;
 mod peer;
 mod placement;
 mod resources;
+mod ring;
 mod sockcheck;
 
 #[cfg(test)]

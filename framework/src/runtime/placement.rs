@@ -107,6 +107,7 @@ impl DataPlane {
                 self.close(p.slot, epoll);
             }
         }
+        self.drop_ring(index, epoll);
         info!("region {index} removed");
         Ok(())
     }

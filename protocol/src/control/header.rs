@@ -1,16 +1,18 @@
 //! The fixed message header, request codes and status codes.
 
 use super::{
-    le_u32, Error, Hello, ObjectIndex, Payload, RegionIndex, SetIrq, SetRegion, FLAGS_KNOWN,
-    FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_DIRECT_MAP, F_DOORBELL, F_IRQ,
-    F_MEM_TABLE, F_STATE, HEADER_SIZE, HEADER_VERSION, MAX_FDS, MAX_PAYLOAD,
+    le_u32, Error, Hello, ObjectIndex, Payload, RegionIndex, SetCmdRing, SetIrq, SetRegion,
+    FLAGS_KNOWN, FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, F_CMD_RING,
+    F_DIRECT_MAP, F_DOORBELL, F_IRQ, F_MEM_TABLE, F_STATE, HEADER_SIZE, HEADER_VERSION, MAX_FDS,
+    MAX_PAYLOAD,
 };
 #[cfg(doc)]
 use super::{DeviceInfo, DoorbellInfo, IrqInfo, MemTable, RegionInfo, StatusReply, IRQ_RESAMPLE};
 
 /// Request codes. Code 11 is reserved for a later protocol feature and is
 /// answered with [`Status::Unsupported`]; codes 8, 9, 10, 12 and 13 need
-/// their feature negotiated, as do 14, 15 and 16 ([`F_STATE`]).
+/// their feature negotiated, as do 14, 15 and 16 ([`F_STATE`]) and 17
+/// ([`F_CMD_RING`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Request {
@@ -51,6 +53,10 @@ pub enum Request {
     /// commit its state to the state area and acknowledge; from then on the
     /// backend serves control requests only (needs [`F_STATE`]).
     SaveState = 16,
+    /// Move a placed region's data commands to a shared-memory ring:
+    /// payload [`SetCmdRing`], three fds (the ring's memfd, the `kick` and
+    /// the `notify` eventfd) (needs [`F_CMD_RING`]).
+    SetCmdRing = 17,
 }
 
 impl Request {
@@ -73,6 +79,7 @@ impl Request {
             14 => Request::SetStateArea,
             15 => Request::RestoreState,
             16 => Request::SaveState,
+            17 => Request::SetCmdRing,
             other => return Err(Error::UnknownRequest(other)),
         })
     }
@@ -82,6 +89,7 @@ impl Request {
         match self {
             Request::SetRegion | Request::SetDoorbell | Request::SetStateArea => (1, 1),
             Request::SetIrq => (1, 2),
+            Request::SetCmdRing => (3, 3),
             Request::SetMemTable => (1, MAX_FDS),
             _ => (0, 0),
         }
@@ -97,6 +105,7 @@ impl Request {
             }
             Request::SetDoorbell => Some(ObjectIndex::SIZE),
             Request::SetIrq => Some(SetIrq::SIZE),
+            Request::SetCmdRing => Some(SetCmdRing::SIZE),
             Request::SetRegion | Request::RemoveRegion => Some(SetRegion::SIZE),
             Request::SetMemTable => None,
             _ => Some(0),
@@ -111,6 +120,7 @@ impl Request {
             Request::SetIrq | Request::GetIrqInfo => Some(F_IRQ),
             Request::SetDirectMap => Some(F_DIRECT_MAP),
             Request::SetStateArea | Request::RestoreState | Request::SaveState => Some(F_STATE),
+            Request::SetCmdRing => Some(F_CMD_RING),
             _ => None,
         }
     }

@@ -22,8 +22,8 @@ pub use payload::{
     SET_REGION_VCPUS_SHIFT,
 };
 pub use resources::{
-    DoorbellInfo, IrqInfo, MemRegion, MemTable, ObjectIndex, SetIrq, DOORBELL_DATAMATCH, IRQ_LEVEL,
-    IRQ_RESAMPLE, MAX_MEM_REGIONS,
+    DoorbellInfo, IrqInfo, MemRegion, MemTable, ObjectIndex, SetCmdRing, SetIrq,
+    DOORBELL_DATAMATCH, IRQ_LEVEL, IRQ_RESAMPLE, MAX_MEM_REGIONS,
 };
 
 /// Size in bytes of an encoded [`Header`].
@@ -69,9 +69,19 @@ pub const F_VCPU_TOKENS: u64 = 1 << 6;
 /// Feature: the state area and state transfer (SET_STATE_AREA,
 /// RESTORE_STATE, SAVE_STATE), for restarts and live upgrades.
 pub const F_STATE: u64 = 1 << 7;
+/// Feature: shared-memory command rings ([`Request::SetCmdRing`]): a
+/// region's data commands travel through a ring in a memfd instead of its
+/// data socket (see [`crate::ring`]).
+pub const F_CMD_RING: u64 = 1 << 8;
 /// Every feature this implementation can negotiate today.
-pub const FEATURES_SUPPORTED: u64 =
-    F_POSTED_WRITES | F_FAST_MMIO | F_MEM_TABLE | F_DOORBELL | F_IRQ | F_VCPU_TOKENS | F_STATE;
+pub const FEATURES_SUPPORTED: u64 = F_POSTED_WRITES
+    | F_FAST_MMIO
+    | F_MEM_TABLE
+    | F_DOORBELL
+    | F_IRQ
+    | F_VCPU_TOKENS
+    | F_STATE
+    | F_CMD_RING;
 
 /// Errors from decoding control messages.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -234,6 +234,30 @@ impl Payload for SetIrq {
     }
 }
 
+/// [`Request::SetCmdRing`](super::Request::SetCmdRing) payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetCmdRing {
+    /// Index of a placed region.
+    pub index: u32,
+    /// Ring entries: a power of two in
+    /// [`MIN_ENTRIES`](crate::ring::MIN_ENTRIES)..=[`MAX_ENTRIES`](crate::ring::MAX_ENTRIES).
+    pub entries: u32,
+}
+
+impl Payload for SetCmdRing {
+    const SIZE: usize = 8;
+    fn encode(&self) -> Vec<u8> {
+        encode_index_flags(self.index, self.entries)
+    }
+    fn decode(b: &[u8]) -> Result<Self, Error> {
+        let (index, entries) = decode_index_flags(b, u32::MAX, "ring entries")?;
+        if !crate::ring::valid_entries(entries) {
+            return Err(Error::Reserved("ring entries"));
+        }
+        Ok(SetCmdRing { index, entries })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
