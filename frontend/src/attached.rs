@@ -46,6 +46,11 @@ pub struct DeviceSpec {
     /// as `--host-stream-fd N`; see [`crate::host_stream`]). It survives
     /// restarts and live upgrades with no byte lost or repeated.
     pub host_stream: Option<PathBuf>,
+    /// Entries of each region's command ring, where the backend offers
+    /// [`F_CMD_RING`](outboard_protocol::control::F_CMD_RING) (default
+    /// [`DEFAULT_ENTRIES`](outboard_protocol::ring::DEFAULT_ENTRIES)); 0
+    /// keeps every command on the data sockets. See docs/protocol.md 7.11.
+    pub cmd_ring: u32,
 }
 
 impl DeviceSpec {
@@ -62,6 +67,7 @@ impl DeviceSpec {
             sandbox: true,
             restart: RestartPolicy::default(),
             host_stream: None,
+            cmd_ring: outboard_protocol::ring::DEFAULT_ENTRIES,
         }
     }
 
@@ -77,6 +83,7 @@ impl DeviceSpec {
             sandbox: true,
             restart: RestartPolicy::default(),
             host_stream: None,
+            cmd_ring: outboard_protocol::ring::DEFAULT_ENTRIES,
         }
     }
 
@@ -94,7 +101,15 @@ impl DeviceSpec {
             sandbox: true,
             restart: RestartPolicy::default(),
             host_stream: None,
+            cmd_ring: outboard_protocol::ring::DEFAULT_ENTRIES,
         }
+    }
+
+    /// Sets the command ring's entries (0: data sockets only; see
+    /// [`DeviceSpec::cmd_ring`]).
+    pub fn cmd_ring(mut self, entries: u32) -> Self {
+        self.cmd_ring = entries;
+        self
     }
 
     /// Runs a spawned backend unconfined (`--no-sandbox`), for debugging.

@@ -26,8 +26,8 @@ use crate::stderr::StderrTail;
 use outboard_protocol::channel::{self, Channel};
 use outboard_protocol::control::{
     self, DeviceInfo, DoorbellInfo, Header, Hello, IrqInfo, MemTable, Negotiated, Payload,
-    RegionIndex, RegionInfo, Request, SetIrq, SetRegion, Status, StatusReply, FEATURES_SUPPORTED,
-    IRQ_RESAMPLE,
+    RegionIndex, RegionInfo, Request, SetCmdRing, SetIrq, SetRegion, Status, StatusReply,
+    FEATURES_SUPPORTED, IRQ_RESAMPLE,
 };
 use thiserror::Error;
 
@@ -500,6 +500,12 @@ impl Connection {
     /// Places a region and hands over its data socket.
     pub fn set_region(&self, set: &SetRegion, data_fd: RawFd) -> Result<(), Error> {
         self.call_ack(Request::SetRegion, &set.encode(), &[data_fd])
+    }
+
+    /// Moves a placed region's data commands to a command ring: the
+    /// ring's memfd, then the `kick` and `notify` eventfds (needs F_CMD_RING).
+    pub fn set_cmd_ring(&self, set: &SetCmdRing, fds: [RawFd; 3]) -> Result<(), Error> {
+        self.call_ack(Request::SetCmdRing, &set.encode(), &fds)
     }
 
     /// Removes a region; `set` must match the placement exactly.

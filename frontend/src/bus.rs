@@ -65,6 +65,9 @@ pub enum AccessError {
     /// data socket I/O failed
     #[error("data socket I/O failed")]
     Io(#[source] io::Error),
+    /// the backend corrupted the command ring
+    #[error("the backend corrupted the command ring")]
+    CorruptRing(#[source] outboard_protocol::ring::Error),
 }
 
 /// Why a range could not be added or removed.

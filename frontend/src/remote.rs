@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use outboard_protocol::control::F_CMD_RING;
 use outboard_protocol::ioregionfd::{Cmd, Op, Resp, RESP_SIZE};
 use outboard_protocol::wait::{self, Deadline};
 use outboard_protocol::{Access, AccessSize};
@@ -32,8 +33,10 @@ use crate::bus::{AccessError, BusDevice};
 use crate::device::Link;
 
 mod posted;
+mod ring;
 pub use crate::health::Health;
 use posted::PostedLog;
+pub use ring::Error as RingError;
 
 /// What the guest may do with a region, as the backend declared it.
 #[derive(Debug, Clone, Copy)]
@@ -69,10 +72,40 @@ impl DoorbellMatch {
     }
 }
 
-/// One placed region of a backend, reached over its data socket.
+/// A region's data channel: its socket and, once set up, its command ring
+/// (which then carries every command; the socket stays for the backend's
+/// hang-up and for fallback).
+#[derive(Debug)]
+pub(crate) struct Transport {
+    sock: UnixStream,
+    ring: Option<ring::RingLink>,
+}
+
+impl Transport {
+    fn new(sock: UnixStream) -> Self {
+        Transport { sock, ring: None }
+    }
+
+    /// Sends `cmd` and waits for its answer if it asks for one, within
+    /// `timeout` for the whole access, on the ring if there is one.
+    fn exchange(&mut self, cmd: &Cmd, timeout: Duration) -> Result<u64, AccessError> {
+        match &mut self.ring {
+            Some(r) => r.exchange(cmd, &self.sock, &Deadline::after(Some(timeout))),
+            None => exchange(&self.sock, cmd, timeout),
+        }
+    }
+
+    /// True when commands travel on a ring.
+    pub(crate) fn on_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+}
+
+/// One placed region of a backend, reached over its data socket or its
+/// command ring.
 #[derive(Debug)]
 pub struct RemoteRegion {
-    sock: Mutex<UnixStream>,
+    sock: Mutex<Transport>,
     region: u32,
     user_data: u64,
     posted: bool,
@@ -88,6 +121,9 @@ pub struct RemoteRegion {
     /// Locked inside the socket's lock.
     log: Mutex<PostedLog>,
     timeout: Duration,
+    /// Entries of the command ring to set up with each backend that
+    /// offers F_CMD_RING; 0: the data socket only.
+    ring_entries: u32,
 }
 
 impl RemoteRegion {
@@ -103,7 +139,7 @@ impl RemoteRegion {
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         Ok(RemoteRegion {
-            sock: Mutex::new(sock),
+            sock: Mutex::new(Transport::new(sock)),
             region,
             user_data,
             posted: false,
@@ -116,7 +152,56 @@ impl RemoteRegion {
             link: None,
             log: Mutex::default(),
             timeout,
+            ring_entries: 0,
         })
+    }
+
+    /// Commands travel on a command ring of `entries` entries wherever the
+    /// backend offers F_CMD_RING (0: on the data socket only). Takes effect
+    /// with [`RemoteRegion::start_ring`] and with every restarted backend.
+    pub fn with_cmd_ring(mut self, entries: u32) -> Self {
+        self.ring_entries = entries;
+        self
+    }
+
+    /// Moves the region's commands to a command ring if it was asked for
+    /// and the backend offers it; otherwise (or if the backend refuses,
+    /// which is logged) they stay on the data socket. True on a ring.
+    pub fn start_ring(&self) -> bool {
+        let mut guard = self.lock_socket();
+        self.ring_locked(&mut guard)
+    }
+
+    /// True when the region's commands travel on a command ring.
+    pub fn on_ring(&self) -> bool {
+        self.lock_socket().on_ring()
+    }
+
+    fn ring_locked(&self, t: &mut Transport) -> bool {
+        if self.ring_entries == 0 {
+            return false;
+        }
+        let Some(conn) = self.control() else {
+            return false;
+        };
+        if conn.negotiated().features & F_CMD_RING == 0 {
+            return false;
+        }
+        match ring::RingLink::set_up(&conn, self.region, self.ring_entries) {
+            Ok(r) => {
+                t.ring = Some(r);
+                true
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: region {}: commands stay on the data socket: {}",
+                    self.health.name(),
+                    self.region,
+                    outboard_protocol::error_chain(&e)
+                );
+                false
+            }
+        }
     }
 
     /// Writes to the region are posted (sent without waiting for an answer).
@@ -161,7 +246,7 @@ impl RemoteRegion {
 
     /// Holds the region's socket: no access goes out until the guard drops
     /// (a live upgrade holds every region of the device).
-    pub(crate) fn lock_socket(&self) -> std::sync::MutexGuard<'_, UnixStream> {
+    pub(crate) fn lock_socket(&self) -> std::sync::MutexGuard<'_, Transport> {
         self.sock.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -173,7 +258,7 @@ impl RemoteRegion {
     /// then continues from the new backend's.
     pub(crate) fn swap_locked(
         &self,
-        guard: &mut std::sync::MutexGuard<'_, UnixStream>,
+        guard: &mut std::sync::MutexGuard<'_, Transport>,
         sock: UnixStream,
         control: Weak<Connection>,
         served: Option<u64>,
@@ -197,8 +282,11 @@ impl RemoteRegion {
             );
         }
         drop(log);
-        **guard = sock;
+        **guard = Transport::new(sock);
         *self.control.lock().unwrap_or_else(PoisonError::into_inner) = control;
+        // After the replay: the backend serves what its socket holds before
+        // it takes the ring (data before control).
+        self.ring_locked(guard);
     }
 
     fn control(&self) -> Option<Arc<Connection>> {
@@ -254,12 +342,12 @@ impl RemoteRegion {
         if let Some(link) = &self.link {
             return self.transact_restartable(link, cmd);
         }
-        let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
         // Re-check under the lock: another thread may have failed the device.
         if self.health.is_failed() {
             return Err(AccessError::DeviceFailed(self.health.name().to_owned()));
         }
-        let result = exchange(&sock, &cmd, self.timeout);
+        let result = sock.exchange(&cmd, self.timeout);
         if let Err(e) = &result {
             // A backend that died says why (its exit status, a sandbox
             // violation); a timeout leaves it running.
@@ -282,12 +370,12 @@ impl RemoteRegion {
         loop {
             let generation = link.generation();
             let result = {
-                let sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut sock = self.sock.lock().unwrap_or_else(PoisonError::into_inner);
                 if self.health.is_failed() {
                     return Err(AccessError::DeviceFailed(self.health.name().to_owned()));
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
-                let result = exchange(&sock, &cmd, left.max(Duration::from_millis(1)));
+                let result = sock.exchange(&cmd, left.max(Duration::from_millis(1)));
                 if result.is_ok() {
                     self.log
                         .lock()
@@ -370,7 +458,7 @@ fn exchange(sock: &UnixStream, cmd: &Cmd, timeout: Duration) -> Result<u64, Acce
         .map_err(AccessError::Garbled)
 }
 
-fn access_error(e: wait::Error) -> AccessError {
+pub(crate) fn access_error(e: wait::Error) -> AccessError {
     match e {
         wait::Error::Timeout => AccessError::Timeout,
         wait::Error::Io(e) => match e.kind() {

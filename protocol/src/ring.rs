@@ -451,16 +451,22 @@ impl SpinBudget {
         Duration::from_nanos(self.max)
     }
 
+    /// After a spin cut short because another process wanted the CPU:
+    /// halves the budget, so that peers sharing a CPU take turns asleep.
+    pub fn contended(&mut self) {
+        self.ns /= 2;
+        if self.ns < SPIN_START_NS {
+            self.ns = 0;
+        }
+    }
+
     /// After a sleep of `slept` (the spin before it found nothing).
     pub fn slept(&mut self, slept: Duration) {
         let slept = u64::try_from(slept.as_nanos()).unwrap_or(u64::MAX);
         if slept <= self.max {
             self.ns = (self.ns * 2).clamp(SPIN_START_NS, self.max);
         } else {
-            self.ns /= 2;
-            if self.ns < SPIN_START_NS {
-                self.ns = 0;
-            }
+            self.contended();
         }
     }
 }

@@ -40,7 +40,7 @@ impl Deadline {
 
     /// The time left, rounded up to whole milliseconds for `poll`: `-1` for
     /// forever, `None` once the deadline has passed.
-    fn poll_timeout(&self) -> Option<libc::c_int> {
+    pub fn poll_timeout(&self) -> Option<libc::c_int> {
         let Some(at) = self.0 else {
             return Some(-1);
         };

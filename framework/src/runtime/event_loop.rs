@@ -4,7 +4,7 @@
 //! callers that poll the backend's fd from their own loop.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Backend, Error, Flow};
 use crate::device::Device;
@@ -12,10 +12,12 @@ use crate::events::token;
 
 /// Events taken from the epoll set per wait.
 const EVENTS_PER_WAIT: usize = 32;
-/// Spin rounds between two looks at the epoll set.
-const SPIN_CHECK: u32 = 256;
-/// Spin rounds between two offers of the CPU to other processes.
-const SPIN_YIELD: u32 = 4 * SPIN_CHECK;
+/// Spin rounds between two looks at the epoll set and two offers of the
+/// CPU to other processes.
+const SPIN_CHECK: u32 = 64;
+/// A `sched_yield` that took this long let another process run: the CPU
+/// is shared, and the spin ends.
+const CONTENDED: Duration = Duration::from_micros(5);
 
 impl<D: Device> Backend<D> {
     /// Serves until the frontend disconnects or shuts the device down.
@@ -58,7 +60,13 @@ impl<D: Device> Backend<D> {
             if self.spin()? == Flow::Exit {
                 return Ok(Flow::Exit);
             }
-            if self.paused || !self.data.arm_sleep()? {
+            if self.paused {
+                return Ok(Flow::Continue);
+            }
+            if !self.data.arm_sleep()? {
+                // A command came after the spin (or there was no spin): serve it.
+                self.data
+                    .serve_rings(&mut self.device, self.state.as_mut())?;
                 return Ok(Flow::Continue);
             }
         }
@@ -84,8 +92,8 @@ impl<D: Device> Backend<D> {
 
     /// Polls the command rings until a whole spin budget passes with
     /// nothing to serve. Every [`SPIN_CHECK`] rounds the other fds get a
-    /// turn (control requests, doorbells, device events) and, every
-    /// [`SPIN_YIELD`] rounds, any other process waiting for this CPU.
+    /// turn (control requests, doorbells, device events), and so does any
+    /// other process waiting for this CPU; if one was, the spin ends.
     fn spin(&mut self) -> Result<Flow, Error> {
         let budget = self.data.spin.budget();
         if budget.is_zero() {
@@ -113,10 +121,15 @@ impl<D: Device> Backend<D> {
                 if idle_since.elapsed() >= budget {
                     break;
                 }
-                if round % SPIN_YIELD == 0 {
-                    // SAFETY: sched_yield takes no arguments and only
-                    // gives up the CPU.
-                    unsafe { libc::sched_yield() };
+                // Another process wanting this CPU is served at once: a
+                // yield that took long means one ran, and a spin that
+                // keeps others from the CPU is not worth it.
+                let yielded = Instant::now();
+                // SAFETY: sched_yield takes no arguments and only gives up the CPU.
+                unsafe { libc::sched_yield() };
+                if yielded.elapsed() >= CONTENDED {
+                    self.data.spin.contended();
+                    break;
                 }
             }
             std::hint::spin_loop();

@@ -32,6 +32,9 @@
 //!                              # relays it to one client of this socket at
 //!                              # a time, with nothing lost or repeated
 //!                              # across restarts and upgrades
+//! cmd_ring = 0                 # optional, default 256: entries of each
+//!                              # region's shared-memory command ring (a
+//!                              # power of two, 8..=4096); 0: data sockets only
 //! [[device.region]]
 //! index = 0
 //! addr = 0xd0000000            # optional; default: backend's preference, else next free
@@ -75,6 +78,9 @@ pub enum Error {
     /// device {0}: `host_stream` needs a spawned backend (`backend`)
     #[error("device {0}: `host_stream` needs a spawned backend (`backend`)")]
     HostStream(String),
+    /// device {0}: `cmd_ring` must be 0 or a power of two in 8..=4096
+    #[error("device {0}: `cmd_ring` must be 0 or a power of two in 8..=4096")]
+    CmdRing(String),
     /// device {0}: bad restart policy
     #[error("device {0}: bad restart policy")]
     Restart(String, #[source] outboard_frontend::restart::Error),
@@ -107,6 +113,7 @@ struct DeviceEntry {
     restart_backoff_ms: Option<u64>,
     restart_limit: Option<u32>,
     host_stream: Option<PathBuf>,
+    cmd_ring: Option<u32>,
     #[serde(default, rename = "region")]
     regions: Vec<RegionEntry>,
     #[serde(default)]
@@ -181,6 +188,12 @@ impl Config {
             if d.host_stream.is_some() && !matches!(source, Source::Spawn { .. }) {
                 return Err(Error::HostStream(d.name));
             }
+            let cmd_ring = d
+                .cmd_ring
+                .unwrap_or(outboard_protocol::ring::DEFAULT_ENTRIES);
+            if cmd_ring != 0 && !outboard_protocol::ring::valid_entries(cmd_ring) {
+                return Err(Error::CmdRing(d.name));
+            }
             let mut regions: Vec<Placement> = Vec::new();
             for r in d.regions {
                 if regions.iter().any(|p| p.index == r.index) {
@@ -212,6 +225,7 @@ impl Config {
                 sandbox: d.sandbox.unwrap_or(true),
                 restart,
                 host_stream: d.host_stream,
+                cmd_ring,
             });
         }
         Ok(Config {

@@ -436,6 +436,7 @@ impl RemoteDevice {
             }
         };
         let region = Arc::new(region);
+        let ring = region.start_ring();
         if let Some(reg) = registrar {
             if let Err(e) = self.register(reg, &placed, true) {
                 let _ = self.link.conn().remove_region(&placed.set_region());
@@ -444,12 +445,13 @@ impl RemoteDevice {
         }
         self.link.remember_region(placed.set_region(), &region);
         info!(
-            "{}: region {index} ({}) at {} {addr:#x}+{:#x}{}",
+            "{}: region {index} ({}) at {} {addr:#x}+{:#x}{}{}",
             self.name(),
             placed.info.name,
             placed.space(),
             placed.info.size,
-            if posted { ", posted writes" } else { "" }
+            if posted { ", posted writes" } else { "" },
+            if ring { ", command ring" } else { "" }
         );
         self.placed[index as usize] = Some(placed);
         Ok(region)
@@ -494,7 +496,8 @@ impl RemoteDevice {
         .with_vcpu_tokens(placed.vcpu_tokens)
         .with_doorbells(doorbells, fast_mmio)
         .with_control(Arc::downgrade(&self.link.conn()))
-        .with_link(&self.link))
+        .with_link(&self.link)
+        .with_cmd_ring(self.options.cmd_ring))
     }
 
     /// Registers (or unregisters) the connected doorbells of a placed region.

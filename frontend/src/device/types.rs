@@ -24,6 +24,9 @@ pub struct DeviceOptions {
     pub vcpu_tokens: u32,
     /// What happens when the backend dies (only spawned backends restart).
     pub restart: crate::restart::RestartPolicy,
+    /// Entries of each region's command ring where the backend offers one
+    /// (0: data sockets only).
+    pub cmd_ring: u32,
 }
 
 impl Default for DeviceOptions {
@@ -33,6 +36,7 @@ impl Default for DeviceOptions {
             posted_writes: true,
             vcpu_tokens: 8,
             restart: crate::restart::RestartPolicy::default(),
+            cmd_ring: outboard_protocol::ring::DEFAULT_ENTRIES,
         }
     }
 }

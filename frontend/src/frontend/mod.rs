@@ -343,6 +343,7 @@ impl Frontend {
             posted_writes: spec.posted_writes,
             vcpu_tokens: self.options.vcpu_tokens,
             restart: spec.restart,
+            cmd_ring: spec.cmd_ring,
         }
     }
 

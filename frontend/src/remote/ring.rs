@@ -1,0 +1,206 @@
+//! The frontend's half of a region's command ring (docs/protocol.md
+//! section 7.11): commands go into shared memory, and the backend is
+//! kicked only when its flag says it sleeps.
+//!
+//! A caller holds the region's lock, so there is one producer and at most
+//! one synchronous access outstanding, exactly as on the data socket. It
+//! waits for an answer (or for room in a full ring) by spinning for an
+//! adaptive budget, then by sleeping in `poll` on the `notify` eventfd and
+//! the data socket, whose hang-up says the backend is gone: its death is
+//! noticed without any read, within the access's deadline. Every index the
+//! backend wrote is checked before it is used; a lie fails the device.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use outboard_protocol::control::SetCmdRing;
+use outboard_protocol::ioregionfd::Cmd;
+use outboard_protocol::ring::{self, Ring, SpinBudget};
+use outboard_protocol::wait::{self, Deadline};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backend::{self, Connection};
+use crate::bus::AccessError;
+
+/// The longest the frontend spins for an answer before it sleeps.
+pub(crate) const SPIN_MAX: Duration = Duration::from_micros(50);
+
+/// Spin rounds between two looks at the clock.
+const CLOCK_EVERY: u32 = 64;
+
+/// Why a ring could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// cannot make the ring
+    #[error("cannot make the ring")]
+    Ring(#[source] ring::Error),
+    /// cannot make the ring's eventfds
+    #[error("cannot make the ring's eventfds")]
+    Eventfd(#[source] std::io::Error),
+    /// the backend refused the ring
+    #[error("the backend refused the ring")]
+    Refused(#[source] backend::Error),
+}
+
+/// One region's ring, as the frontend drives it.
+#[derive(Debug)]
+pub(crate) struct RingLink {
+    ring: Ring,
+    /// Commands published.
+    tail: u32,
+    /// Commands the backend has consumed, as last read (and checked).
+    head: u32,
+    /// Sequence of the last answer taken.
+    answered: u32,
+    kick: EventFd,
+    notify: EventFd,
+    spin: SpinBudget,
+}
+
+impl RingLink {
+    /// Makes a ring of `entries` entries for region `region` and hands it
+    /// to the backend with SET_CMD_RING.
+    pub(crate) fn set_up(conn: &Connection, region: u32, entries: u32) -> Result<Self, Error> {
+        let (ring, memfd) = Ring::create(entries).map_err(Error::Ring)?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
+        let notify =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::Eventfd)?;
+        conn.set_cmd_ring(
+            &SetCmdRing {
+                index: region,
+                entries,
+            },
+            [memfd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()],
+        )
+        .map_err(Error::Refused)?;
+        Ok(RingLink {
+            ring,
+            tail: 0,
+            head: 0,
+            answered: 0,
+            kick,
+            notify,
+            spin: SpinBudget::new(SPIN_MAX),
+        })
+    }
+
+    /// Sends `cmd` and, if it asks for one, waits for its answer, all by
+    /// `deadline`. `sock` is the region's data socket, watched for the
+    /// backend's hang-up only.
+    pub(crate) fn exchange(
+        &mut self,
+        cmd: &Cmd,
+        sock: &UnixStream,
+        deadline: &Deadline,
+    ) -> Result<u64, AccessError> {
+        let entries = self.ring.entries();
+        if self.tail.wrapping_sub(self.head) >= entries {
+            let tail = self.tail;
+            let seen = self.head;
+            self.head = self.wait(sock, deadline, |r| {
+                let head = r.consumed(seen, tail)?;
+                Ok((tail.wrapping_sub(head) < entries).then_some(head))
+            })?;
+        }
+        let pos = self.tail;
+        self.ring.put(pos, &cmd.encode());
+        self.tail = pos.wrapping_add(1);
+        if self.ring.publish(self.tail) {
+            wait::signal_eventfd(&self.kick).map_err(super::access_error)?;
+        }
+        if !cmd.resp {
+            return Ok(0);
+        }
+        let answered = self.answered;
+        let data = self.wait(sock, deadline, |r| r.response(pos, answered))?;
+        self.answered = pos.wrapping_add(1);
+        // The answer comes after every command before it was consumed.
+        self.head = self.tail;
+        Ok(data)
+    }
+
+    /// Polls `check` until it yields: spinning for the budget, then asleep
+    /// on `notify` (with the flag set, and one more look after setting it)
+    /// until the deadline.
+    fn wait<T>(
+        &mut self,
+        sock: &UnixStream,
+        deadline: &Deadline,
+        mut check: impl FnMut(&Ring) -> Result<Option<T>, ring::Error>,
+    ) -> Result<T, AccessError> {
+        let corrupt = AccessError::CorruptRing;
+        let budget = self.spin.budget();
+        if !budget.is_zero() {
+            let start = Instant::now();
+            for round in 1u32.. {
+                if let Some(v) = check(&self.ring).map_err(corrupt)? {
+                    return Ok(v);
+                }
+                if round % CLOCK_EVERY == 0 && start.elapsed() >= budget {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let mut first = true;
+        loop {
+            self.ring.set_frontend_waiting(true);
+            if let Some(v) = check(&self.ring).map_err(corrupt)? {
+                self.ring.set_frontend_waiting(false);
+                return Ok(v);
+            }
+            let slept = Instant::now();
+            let woke = self.sleep(sock, deadline);
+            self.ring.set_frontend_waiting(false);
+            if first {
+                self.spin.slept(slept.elapsed());
+                first = false;
+            }
+            // An answer may have come with the hang-up or the deadline.
+            if let Some(v) = check(&self.ring).map_err(corrupt)? {
+                return Ok(v);
+            }
+            woke?;
+        }
+    }
+
+    /// Sleeps until `notify` is signalled, the backend hangs up or the
+    /// deadline passes.
+    fn sleep(&self, sock: &UnixStream, deadline: &Deadline) -> Result<(), AccessError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.notify.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sock.as_fd().as_raw_fd(),
+                // Hang-up only: bytes a backend writes there mean nothing here.
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        let ms = deadline.poll_timeout().ok_or(AccessError::Timeout)?;
+        // SAFETY: two valid pollfds in a live array, for the call only.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(AccessError::Io(e));
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            // Nonblocking; the counter only says "look again".
+            let _ = self.notify.read();
+        }
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Err(AccessError::BackendGone);
+        }
+        if n == 0 && deadline.poll_timeout().is_none() {
+            return Err(AccessError::Timeout);
+        }
+        Ok(())
+    }
+}
