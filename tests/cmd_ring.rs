@@ -59,7 +59,11 @@ fn ring_when_idle_for_a_second_after_a_burst_then_backend_uses_under_one_percent
 fn explore_latency() {
     let mut fe = frontend(T);
     let a = fe
-        .attach(&DeviceSpec::spawn("ring", "outboard-scratch", &[]))
+        .attach(&DeviceSpec::spawn(
+            "ring",
+            "outboard-scratch",
+            &["--log-level", "info"],
+        ))
         .unwrap()
         .placed(0)
         .unwrap()
@@ -92,6 +96,9 @@ fn explore_latency() {
             let t = std::time::Instant::now();
             mmio.try_read(a, AccessSize::B4).unwrap();
             ra.push(t.elapsed().as_nanos());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        for _ in 0..20000 {
             let t = std::time::Instant::now();
             mmio.try_read(b, AccessSize::B4).unwrap();
             rb.push(t.elapsed().as_nanos());

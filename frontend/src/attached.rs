@@ -279,6 +279,16 @@ impl Attached {
         }
     }
 
+    /// True when placed region `index` carries its commands on a command
+    /// ring (docs/protocol.md section 7.11) rather than its data socket.
+    pub fn on_ring(&self, index: u32) -> bool {
+        match self {
+            Attached::Outboard(d) => d.remote.on_ring(index),
+            #[cfg(feature = "vhost-user")]
+            Attached::VhostUser(_) => false,
+        }
+    }
+
     /// The spawned backend's pid.
     pub fn pid(&self) -> Option<u32> {
         match self {

@@ -36,8 +36,9 @@
 //! the four operations fall into one total order: either the sleeper's
 //! load sees the new index (it does not sleep), or the waker's swap sees
 //! the flag (it signals the eventfd). A wake-up is never lost, and the
-//! waker clears the flag it acts on, so one sleep costs at most one
-//! `write` to the eventfd however many commands follow.
+//! waker clears the flag it acts on (a swap, after a plain load that
+//! keeps the line shared while the other side is awake), so one sleep
+//! costs at most one `write` to the eventfd however many commands follow.
 //!
 //! # Hostile peers
 //!
@@ -324,7 +325,7 @@ impl Ring {
     /// must then signal `kick`).
     pub fn publish(&self, tail: u32) -> bool {
         self.u32_at(OFF_TAIL).store(tail, Ordering::SeqCst);
-        self.u32_at(OFF_BE_SLEEPING).swap(0, Ordering::SeqCst) != 0
+        take_flag(self.u32_at(OFF_BE_SLEEPING))
     }
 
     /// Frontend: commands consumed, checked against what it published:
@@ -406,7 +407,7 @@ impl Ring {
             self.u32_at(OFF_RESP_SEQ)
                 .store(pos.wrapping_add(1), Ordering::SeqCst);
         }
-        self.u32_at(OFF_FE_WAITING).swap(0, Ordering::SeqCst) != 0
+        take_flag(self.u32_at(OFF_FE_WAITING))
     }
 
     /// Backend: says it is (or is no longer) asleep on `kick`. Call
@@ -415,6 +416,14 @@ impl Ring {
         self.u32_at(OFF_BE_SLEEPING)
             .store(u32::from(sleeping), Ordering::SeqCst);
     }
+}
+
+/// The waker's half of the handshake, after its index store: true if the
+/// other side sleeps, and then the flag is cleared. A plain load first, so
+/// that the common case (the other side awake) leaves the flag's cache
+/// line shared instead of taking it over on every command.
+fn take_flag(flag: &AtomicU32) -> bool {
+    flag.load(Ordering::SeqCst) != 0 && flag.swap(0, Ordering::SeqCst) != 0
 }
 
 /// An adaptive spin budget, in the manner of KVM's halt polling: how long
@@ -429,16 +438,32 @@ impl Ring {
 pub struct SpinBudget {
     ns: u64,
     max: u64,
+    floor: u64,
 }
 
 /// Spin a budget grows from when it was zero.
 const SPIN_START_NS: u64 = 1_000;
 
 impl SpinBudget {
-    /// A budget of at most `max`, starting at a quarter of it.
+    /// A budget of at most `max`, starting at a quarter of it, that may
+    /// shrink to nothing.
     pub fn new(max: Duration) -> Self {
         let max = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-        SpinBudget { ns: max / 4, max }
+        SpinBudget {
+            ns: max / 4,
+            max,
+            floor: 0,
+        }
+    }
+
+    /// The same, never below `floor`: for a side that waits for an answer
+    /// it needs anyway, where a short spin costs nothing and keeps the
+    /// budget able to learn.
+    pub fn with_floor(max: Duration, floor: Duration) -> Self {
+        let mut b = SpinBudget::new(max);
+        b.floor = u64::try_from(floor.as_nanos()).unwrap_or(0).min(b.max);
+        b.ns = b.ns.max(b.floor);
+        b
     }
 
     /// How long to spin now.
@@ -458,6 +483,18 @@ impl SpinBudget {
         if self.ns < SPIN_START_NS {
             self.ns = 0;
         }
+        self.ns = self.ns.max(self.floor);
+    }
+
+    /// After a spin that met what it waited for: doubles the budget.
+    pub fn caught(&mut self) {
+        self.ns = (self.ns * 2).clamp(SPIN_START_NS.min(self.max), self.max);
+    }
+
+    /// After a spin that ran out before what it waited for came: halves
+    /// the budget (the wait that follows was long anyway).
+    pub fn missed(&mut self) {
+        self.contended();
     }
 
     /// After a sleep of `slept` (the spin before it found nothing).
@@ -554,5 +591,18 @@ mod tests {
         assert_eq!(b.budget(), Duration::ZERO);
         b.slept(Duration::from_micros(1));
         assert_eq!(b.budget(), Duration::from_nanos(SPIN_START_NS));
+        let mut f = SpinBudget::with_floor(Duration::from_micros(8), Duration::from_micros(2));
+        for _ in 0..8 {
+            f.missed();
+        }
+        assert_eq!(
+            f.budget(),
+            Duration::from_micros(2),
+            "never below the floor"
+        );
+        f.caught();
+        f.caught();
+        f.caught();
+        assert_eq!(f.budget(), f.max());
     }
 }

@@ -106,6 +106,8 @@ pub(crate) struct DataPlane {
     pub(super) rings: Vec<Option<super::ring::RegionRing>>,
     /// How long the loop polls the rings before it sleeps.
     pub(super) spin: outboard_protocol::ring::SpinBudget,
+    /// What the spins did, for the log at exit.
+    pub(super) spin_stats: super::ring::SpinStats,
 }
 
 impl DataPlane {
@@ -123,6 +125,7 @@ impl DataPlane {
             vetter: super::sockcheck::Vetter::new(),
             rings: regions_none(regions_len),
             spin: outboard_protocol::ring::SpinBudget::new(super::ring::SPIN_MAX),
+            spin_stats: super::ring::SpinStats::default(),
         }
     }
 

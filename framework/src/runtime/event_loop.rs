@@ -37,8 +37,26 @@ impl<D: Device> Backend<D> {
     }
 
     fn serve(&mut self) -> Result<(), Error> {
-        while self.poll(-1)? == Flow::Continue {}
-        Ok(())
+        let result = loop {
+            match self.poll(-1) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Exit) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        if self.data.has_rings() {
+            let s = self.data.spin_stats;
+            log::info!(
+                "command rings: {} batches met spinning, {} spins ran out, {} cut short \
+                 for another process, {} sleeps; spin budget now {:?}",
+                s.caught,
+                s.ran_out,
+                s.contended,
+                s.sleeps,
+                self.data.spin.budget()
+            );
+        }
+        result
     }
 
     /// Serves one batch of whatever is ready (up to 32 ready fds) without
@@ -74,6 +92,7 @@ impl<D: Device> Backend<D> {
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
         let waited = self.epoll.wait(timeout_ms, &mut events);
         if rings {
+            self.data.spin_stats.sleeps += 1;
             self.data.disarm_sleep();
             self.data.spin.slept(slept.elapsed());
         }
@@ -107,6 +126,7 @@ impl<D: Device> Backend<D> {
                 .serve_rings(&mut self.device, self.state.as_mut())?
             {
                 idle_since = Instant::now();
+                self.data.spin_stats.caught += 1;
             }
             if round % SPIN_CHECK == 0 {
                 let n = self.epoll.wait(0, &mut events).map_err(Error::Epoll)?;
@@ -119,6 +139,7 @@ impl<D: Device> Backend<D> {
                     }
                 }
                 if idle_since.elapsed() >= budget {
+                    self.data.spin_stats.ran_out += 1;
                     break;
                 }
                 // Another process wanting this CPU is served at once: a
@@ -128,6 +149,7 @@ impl<D: Device> Backend<D> {
                 // SAFETY: sched_yield takes no arguments and only gives up the CPU.
                 unsafe { libc::sched_yield() };
                 if yielded.elapsed() >= CONTENDED {
+                    self.data.spin_stats.contended += 1;
                     self.data.spin.contended();
                     break;
                 }

@@ -28,6 +28,19 @@ use crate::state::Keeper;
 /// The longest the loop polls its rings after the last command.
 pub(crate) const SPIN_MAX: Duration = Duration::from_micros(200);
 
+/// Counts of what the loop's spins ended with.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct SpinStats {
+    /// Spins that ran out of budget.
+    pub(crate) ran_out: u64,
+    /// Spins cut short because another process wanted the CPU.
+    pub(crate) contended: u64,
+    /// Sleeps in `epoll_wait` with the rings armed.
+    pub(crate) sleeps: u64,
+    /// Batches of ring commands served while spinning.
+    pub(crate) caught: u64,
+}
+
 /// One region's ring and the backend's own copy of its consumed index.
 #[derive(Debug)]
 pub(crate) struct RegionRing {

@@ -214,6 +214,15 @@ impl Link {
         r.regions.push((set, Arc::downgrade(region)));
     }
 
+    /// The placed region `index`, while it is on the bus.
+    pub(crate) fn region(&self, index: u32) -> Option<Arc<RemoteRegion>> {
+        lock(&self.recipe)
+            .regions
+            .iter()
+            .find(|(s, _)| s.index == index)
+            .and_then(|(_, r)| r.upgrade())
+    }
+
     pub(crate) fn forget_region(&self, index: u32) {
         lock(&self.recipe).regions.retain(|(s, _)| s.index != index);
     }

@@ -271,6 +271,12 @@ impl RemoteDevice {
         &self.irqs
     }
 
+    /// True when placed region `index` carries its commands on a command
+    /// ring (docs/protocol.md section 7.11) rather than its data socket.
+    pub fn on_ring(&self, index: u32) -> bool {
+        self.link.region(index).is_some_and(|r| r.on_ring())
+    }
+
     /// Region `index` if it is placed.
     pub fn placed(&self, index: u32) -> Option<&PlacedRegion> {
         self.placed.get(index as usize).and_then(Option::as_ref)

@@ -7,7 +7,10 @@
 //! waits for an answer (or for room in a full ring) by spinning for an
 //! adaptive budget, then by sleeping in `poll` on the `notify` eventfd and
 //! the data socket, whose hang-up says the backend is gone: its death is
-//! noticed without any read, within the access's deadline. Every index the
+//! noticed without any read, within the access's deadline. The budget
+//! doubles when a spin meets the answer and halves when it runs out or
+//! when a `sched_yield` shows another process wanted the CPU (perhaps the
+//! very backend it waits for). Every index the
 //! backend wrote is checked before it is used; a lie fails the device.
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -23,11 +26,20 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::backend::{self, Connection};
 use crate::bus::AccessError;
 
-/// The longest the frontend spins for an answer before it sleeps.
-pub(crate) const SPIN_MAX: Duration = Duration::from_micros(50);
-
+/// The longest the frontend spins for an answer before it sleeps: about
+/// what waking a sleeping process on another CPU costs on a nested VM, so
+/// an access to a backend that had gone to sleep is still met spinning.
+pub(crate) const SPIN_MAX: Duration = Duration::from_micros(100);
+/// The shortest: the caller waits anyway, and a spin this short both
+/// catches an awake backend's answer and lets the budget learn again.
+const SPIN_FLOOR: Duration = Duration::from_micros(2);
 /// Spin rounds between two looks at the clock.
 const CLOCK_EVERY: u32 = 64;
+/// After spinning this long, the spin offers the CPU to other processes
+/// at every look at the clock (the backend may be waiting for this CPU).
+const YIELD_AFTER: Duration = Duration::from_micros(5);
+/// A `sched_yield` that took this long let another process run.
+const CONTENDED: Duration = Duration::from_micros(5);
 
 /// Why a ring could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +93,7 @@ impl RingLink {
             answered: 0,
             kick,
             notify,
-            spin: SpinBudget::new(SPIN_MAX),
+            spin: SpinBudget::with_floor(SPIN_MAX, SPIN_FLOOR),
         })
     }
 
@@ -131,32 +143,41 @@ impl RingLink {
     ) -> Result<T, AccessError> {
         let corrupt = AccessError::CorruptRing;
         let budget = self.spin.budget();
-        if !budget.is_zero() {
-            let start = Instant::now();
-            for round in 1u32.. {
-                if let Some(v) = check(&self.ring).map_err(corrupt)? {
-                    return Ok(v);
+        let start = Instant::now();
+        for round in 1u32.. {
+            if let Some(v) = check(&self.ring).map_err(corrupt)? {
+                if round > 1 {
+                    self.spin.caught();
                 }
-                if round % CLOCK_EVERY == 0 && start.elapsed() >= budget {
+                return Ok(v);
+            }
+            if round % CLOCK_EVERY == 0 {
+                let spun = start.elapsed();
+                if spun >= budget {
+                    self.spin.missed();
                     break;
                 }
-                std::hint::spin_loop();
+                if spun >= YIELD_AFTER {
+                    let t = Instant::now();
+                    // SAFETY: sched_yield takes no arguments and only gives up the CPU.
+                    unsafe { libc::sched_yield() };
+                    if t.elapsed() >= CONTENDED {
+                        // Someone, perhaps the backend, wanted this CPU.
+                        self.spin.contended();
+                        break;
+                    }
+                }
             }
+            std::hint::spin_loop();
         }
-        let mut first = true;
         loop {
             self.ring.set_frontend_waiting(true);
             if let Some(v) = check(&self.ring).map_err(corrupt)? {
                 self.ring.set_frontend_waiting(false);
                 return Ok(v);
             }
-            let slept = Instant::now();
             let woke = self.sleep(sock, deadline);
             self.ring.set_frontend_waiting(false);
-            if first {
-                self.spin.slept(slept.elapsed());
-                first = false;
-            }
             // An answer may have come with the hang-up or the deadline.
             if let Some(v) = check(&self.ring).map_err(corrupt)? {
                 return Ok(v);

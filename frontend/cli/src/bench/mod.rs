@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Instant;
 
 use outboard::inprocess::InProcess;
@@ -20,12 +21,14 @@ mod fig_blk;
 mod fig_kvm;
 mod fig_linux;
 mod fig_restart;
+mod fig_ring;
 mod fig_scale;
 
 use fig_blk::blk_figures;
 use fig_kvm::kvm_figures;
 use fig_linux::linux_figures;
 use fig_restart::restart_figures;
+use fig_ring::ring_figures;
 use fig_scale::scale_figures;
 
 /// Sizes of one run.
@@ -250,9 +253,16 @@ pub(super) fn pin_thread(tid: i32, cpu: usize) {
 /// The CPUs the run is spread over: this process on the first, every peer
 /// and backend on the second (when there is one), so every figure pays the
 /// same cross-CPU wake-up its baseline pays.
+///
+/// Decided once, before anything is pinned: `available_parallelism` counts
+/// the calling thread's allowed CPUs, which is one once this thread is
+/// pinned (asking again afterwards put every backend on the frontend's CPU).
 pub(super) fn cpus() -> (usize, usize) {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (0, if n > 1 { 1 } else { 0 })
+    static CPUS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0, if n > 1 { 1 } else { 0 })
+    })
 }
 
 /// Pins every backend process of `fe` to the peers' CPU.
@@ -330,15 +340,16 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     let (mut raw_ep, _) = listener.accept()?;
     pin_process(_peer_ep.0.id(), peer_cpu);
     let _ = std::fs::remove_file(&sock);
-    // (2) Synchronous MMIO round trips through the Bus to outboard-scratch,
-    // sampled interleaved with (1) so both see the same machine state.
+    // (2) Synchronous MMIO round trips through the Bus to outboard-scratch
+    // on data sockets, sampled interleaved with (1) so both see the same
+    // machine state. The command ring has figures of its own (fig_ring.rs).
     let mut fe = Frontend::new(options.clone());
     let base = fe
-        .attach(&DeviceSpec::spawn("scratch", "outboard-scratch", &[]))?
+        .attach(&DeviceSpec::spawn("scratch", "outboard-scratch", &[]).cmd_ring(0))?
         .placed(0)
         .ok_or("scratch not placed")?
         .addr;
-    let mut sync_spec = DeviceSpec::spawn("scratch-sync", "outboard-scratch", &[]);
+    let mut sync_spec = DeviceSpec::spawn("scratch-sync", "outboard-scratch", &[]).cmd_ring(0);
     sync_spec.posted_writes = false;
     let sync_base = fe
         .attach(&sync_spec)?
@@ -347,7 +358,11 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         .addr;
     // The same backend unconfined (--no-sandbox): what confinement costs.
     let open_base = fe
-        .attach(&DeviceSpec::spawn("scratch-open", "outboard-scratch", &[]).without_sandbox())?
+        .attach(
+            &DeviceSpec::spawn("scratch-open", "outboard-scratch", &[])
+                .without_sandbox()
+                .cmd_ring(0),
+        )?
         .placed(0)
         .ok_or("scratch not placed")?
         .addr;
@@ -416,7 +431,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     let (read_med, read_p99) = stats(read_ns);
     r.add(Figure {
         id: "2r",
-        name: "MMIO read round trip, Bus -> outboard-scratch".into(),
+        name: "MMIO read round trip, Bus -> outboard-scratch, data socket".into(),
         value: read_med,
         unit: "ns",
         p99: Some(read_p99),
@@ -428,7 +443,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     let (confined_med, confined_p99) = stats(confined_ns);
     r.add(Figure {
         id: "2s",
-        name: "MMIO read round trip, confined vs --no-sandbox, alternating".into(),
+        name: "socket read round trip, confined vs --no-sandbox, alternating".into(),
         value: confined_med,
         unit: "ns",
         p99: Some(confined_p99),
@@ -439,7 +454,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     let (write_med, write_p99) = stats(write_ns);
     r.add(Figure {
         id: "2w",
-        name: "MMIO write round trip (not posted)".into(),
+        name: "MMIO write round trip (not posted), data socket".into(),
         value: write_med,
         unit: "ns",
         p99: Some(write_p99),
@@ -467,7 +482,10 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     let sync_rate = 1e9 / write_med;
     r.add(Figure {
         id: "3",
-        name: format!("posted writes, {} then a read barrier", plan.posted_writes),
+        name: format!(
+            "posted writes on the socket, {} then a read barrier",
+            plan.posted_writes
+        ),
         value: posted_rate,
         unit: "/s",
         p99: None,
@@ -477,7 +495,7 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
     });
     r.add(Figure {
         id: "3s",
-        name: "posted writes, confined (3) vs --no-sandbox, median of 3".into(),
+        name: "socket posted writes, confined (3) vs --no-sandbox".into(),
         value: posted_rate,
         unit: "/s",
         p99: None,
@@ -528,34 +546,14 @@ pub fn run(options: Options, quick: bool, json: Option<PathBuf>) -> Result<(), A
         target: None,
     });
 
-    // (5) The same device logic in process vs out of process.
-    // The same device model in this process, through the framework's adapter.
+    // (5) The command ring beside the socket and beside a device in process.
     let inproc = InProcess::new(Scratch::default())?;
     let local = inproc.region(0).ok_or("scratch has no region 0")?;
-    let local_bus = outboard_frontend::Bus::new(outboard_frontend::Space::Mmio);
-    local_bus.insert(0x1000, scratch::REGS_SIZE, local.clone())?;
-    // Interleaved with Outboard reads, so both see the same machine state.
-    let (mut inproc_ns, mut remote_ns) = (Vec::new(), Vec::new());
-    for _ in 0..plan.latency_iters {
-        let t = Instant::now();
-        local_bus.try_read(0x1000 + scratch::REG_ID, AccessSize::B4)?;
-        inproc_ns.push(t.elapsed().as_nanos() as u64);
-        let t = Instant::now();
-        mmio.try_read(base + scratch::REG_ID, AccessSize::B4)?;
-        remote_ns.push(t.elapsed().as_nanos() as u64);
-    }
-    let (remote_med, _) = stats(remote_ns);
-    let (inproc_med, inproc_p99) = stats(inproc_ns);
-    r.add(Figure {
-        id: "5",
-        name: "scratch read in process (no isolation)".into(),
-        value: inproc_med,
-        unit: "ns",
-        p99: Some(inproc_p99),
-        baseline: Some(("Outboard read, interleaved".into(), remote_med)),
-        ratio: Some(remote_med / inproc_med.max(1.0)),
-        target: None,
-    });
+    let socket = fig_ring::SocketPath {
+        base,
+        read_ns: read_med,
+    };
+    ring_figures(&mut r, &plan, &mut fe, &socket, Arc::clone(&local))?;
 
     // (6) KVM: guest MMIO reads to an in-frontend device vs an Outboard backend.
     match kvm::available() {
