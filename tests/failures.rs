@@ -16,7 +16,7 @@ use outboard_frontend::{AccessError, AccessSize, DeviceSpec};
 use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{
     DeviceInfo, DeviceKind, Header, Hello, Payload, RegionInfo, Request, Status, StatusReply,
-    FEATURES_SUPPORTED, REGION_READ, REGION_WRITE,
+    FEATURES_SUPPORTED, F_CMD_RING, REGION_READ, REGION_WRITE,
 };
 use outboard_protocol::ioregionfd::{Resp, CMD_SIZE};
 use outboard_tests::{alive, bin, frontend, signal, socket_path, HANG_GUARD};
@@ -209,7 +209,8 @@ fn fake_backend(lie: Lie) -> std::path::PathBuf {
                         reply(&h.encode()).unwrap()
                     }
                     Lie::Silent => thread::sleep(Duration::from_secs(5)),
-                    _ => reply(&Hello::ours(FEATURES_SUPPORTED).encode()).unwrap(),
+                    // A socket fake: it serves no command ring.
+                    _ => reply(&Hello::ours(FEATURES_SUPPORTED & !F_CMD_RING).encode()).unwrap(),
                 },
                 Request::GetDeviceInfo => {
                     let d = DeviceInfo {

@@ -19,12 +19,16 @@ use outboard_protocol::channel::Channel;
 use outboard_protocol::control::{
     DeviceInfo, DeviceKind, DoorbellInfo, Header, Hello, IrqInfo, Payload, RegionIndex, RegionInfo,
     Request, Status, StatusReply, FEATURES_SUPPORTED, FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY,
-    MAX_FDS, MAX_PAYLOAD, REGION_READ, REGION_WRITE,
+    F_CMD_RING, MAX_FDS, MAX_PAYLOAD, REGION_READ, REGION_WRITE,
 };
 use outboard_protocol::ioregionfd::{Cmd, Op, Resp, CMD_SIZE, RESP_SIZE};
 use outboard_tests::{socket_path, Rand};
 
 use crate::mutation_support::{backend_fd, FdKind};
+
+/// What the fake offers: everything but command rings (it serves data
+/// sockets only).
+pub const FAKE_FEATURES: u64 = FEATURES_SUPPORTED & !F_CMD_RING;
 
 /// The device the fake describes when it is faithful.
 pub fn device_info() -> DeviceInfo {
@@ -197,7 +201,8 @@ fn serve_control(
 fn faithful(code: u32, payload: &[u8]) -> Reply {
     let index = RegionIndex::decode(payload).map_or(u32::MAX, |r| r.index);
     let data: Result<Vec<u8>, Status> = match Request::from_u32(code) {
-        Ok(Request::Hello) => Ok(Hello::ours(FEATURES_SUPPORTED).encode()),
+        // It serves data sockets only, never a command ring.
+        Ok(Request::Hello) => Ok(Hello::ours(FAKE_FEATURES).encode()),
         Ok(Request::GetDeviceInfo) => Ok(device_info().encode()),
         Ok(Request::GetRegionInfo) => region_info(index)
             .map(|r| r.encode())

@@ -155,6 +155,9 @@ fn no_timeout(e: &dyn std::error::Error, what: &str) {
 fn options() -> DeviceOptions {
     DeviceOptions {
         timeout: REPLY_BOUND,
+        // The fake serves data sockets; a mutated HELLO that offers
+        // F_CMD_RING must not move the accesses to a ring it never reads.
+        cmd_ring: 0,
         ..DeviceOptions::default()
     }
 }

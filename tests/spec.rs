@@ -13,7 +13,7 @@ use outboard_frontend::memory::GuestRam;
 use outboard_frontend::DeviceSpec;
 use outboard_protocol::channel::{Channel, Error as ChannelError};
 use outboard_protocol::control::{
-    DeviceInfo, Header, Hello, Payload, Request, SetRegion, Status, FEATURES_SUPPORTED,
+    DeviceInfo, Header, Hello, Payload, Request, SetRegion, Status, FEATURES_SUPPORTED, F_CMD_RING,
     F_DIRECT_MAP, F_DOORBELL, F_FAST_MMIO, F_IRQ, F_MEM_TABLE, F_POSTED_WRITES, F_STATE,
     F_VCPU_TOKENS,
 };
@@ -97,6 +97,7 @@ fn feature_table_when_read_from_spec_then_matches_constants_and_offers() {
             "F_DIRECT_MAP" => F_DIRECT_MAP,
             "F_VCPU_TOKENS" => F_VCPU_TOKENS,
             "F_STATE" => F_STATE,
+            "F_CMD_RING" => F_CMD_RING,
             "reserved" => {
                 reserved = Some(row[0].to_owned());
                 continue;
