@@ -290,7 +290,7 @@ impl Ring {
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= HEADER_SIZE);
         // SAFETY: `off` is one of the header's constants: 4-aligned and
         // inside the first 256 bytes of a page-aligned mapping that lives
         // as long as `&self`. AtomicU32 has u32's size and alignment, and
@@ -299,7 +299,7 @@ impl Ring {
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= HEADER_SIZE);
         // SAFETY: as in `u32_at`, with an 8-aligned offset.
         unsafe { &*self.map.ptr.as_ptr().add(off).cast::<AtomicU64>() }
     }
