@@ -12,6 +12,8 @@ use crate::events::token;
 
 /// Events taken from the epoll set per wait.
 const EVENTS_PER_WAIT: usize = 32;
+/// Rounds of ring service one [`Backend::process_ready`] call makes at most.
+const ONCE_ROUNDS: usize = 16;
 /// Spin rounds between two looks at the epoll set and two offers of the
 /// CPU to other processes.
 const SPIN_CHECK: u32 = 64;
@@ -71,6 +73,9 @@ impl<D: Device> Backend<D> {
         if self.paused {
             return self.poll_control(timeout_ms);
         }
+        if timeout_ms == 0 && self.data.has_rings() {
+            return self.poll_rings_once();
+        }
         // With command rings, a blocking wait first polls them for the spin
         // budget, then marks them asleep (and looks once more) before it blocks.
         let rings = timeout_ms != 0 && self.data.has_rings();
@@ -98,6 +103,30 @@ impl<D: Device> Backend<D> {
         }
         let n = waited.map_err(Error::Epoll)?;
         self.dispatch_all(&events[..n])
+    }
+
+    /// [`Backend::process_ready`] with command rings: serves what the rings
+    /// and the epoll set hold, then leaves the rings marked asleep, so that
+    /// the next command kicks the epoll fd the caller polls.
+    fn poll_rings_once(&mut self) -> Result<Flow, Error> {
+        self.data.disarm_sleep();
+        self.data
+            .serve_rings(&mut self.device, self.state.as_mut())?;
+        let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
+        let n = self.epoll.wait(0, &mut events).map_err(Error::Epoll)?;
+        if self.dispatch_all(&events[..n])? == Flow::Exit {
+            return Ok(Flow::Exit);
+        }
+        for _ in 0..ONCE_ROUNDS {
+            if self.paused || self.data.arm_sleep()? {
+                return Ok(Flow::Continue);
+            }
+            self.data
+                .serve_rings(&mut self.device, self.state.as_mut())?;
+        }
+        // Still busy: keep the epoll fd readable for the caller's next turn.
+        self.data.kick_self();
+        Ok(Flow::Continue)
     }
 
     fn dispatch_all(&mut self, events: &[epoll::Event]) -> Result<Flow, Error> {
@@ -315,6 +344,33 @@ mod tests {
         assert_eq!(d.lines, vec![1]);
         assert_eq!(d.resamples, vec![1]);
         assert_eq!(d.events, vec![WATCH_ID]);
+    }
+
+    #[test]
+    fn process_ready_when_commands_on_a_ring_then_epoll_fd_readable_and_answered() {
+        use outboard_protocol::control::SetCmdRing;
+        use outboard_protocol::ring::Ring;
+        let (mut b, ch) = backend(TestDevice::default());
+        hello(&mut b, &ch);
+        let _data = place(&mut b, &ch, 0, 0, 1);
+        let (ring, memfd) = Ring::create(8).unwrap_or_else(|e| panic!("{e}"));
+        let (kick, notify) = (eventfd(), eventfd());
+        let fds = [memfd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()];
+        let set = SetCmdRing {
+            index: 0,
+            entries: 8,
+        };
+        send(&ch, Request::SetCmdRing, &set.encode(), &fds);
+        assert_eq!(status(&reply(&mut b, &ch)), Status::Ok);
+        assert_eq!(b.process_ready().ok(), Some(Flow::Continue));
+        assert!(!readable(b.as_raw_fd()), "idle, rings marked asleep");
+        ring.put(0, &Cmd::read(1, 0, AccessSize::B1).encode());
+        assert!(ring.publish(1), "the backend said it sleeps");
+        kick.write(1).unwrap_or_else(|e| panic!("{e}"));
+        assert!(readable(b.as_raw_fd()), "the kick wakes the caller's poll");
+        assert_eq!(b.process_ready().ok(), Some(Flow::Continue));
+        let answer = ring.response(0, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(answer, Some(0x88));
     }
 
     #[test]

@@ -215,6 +215,15 @@ impl DataPlane {
         Ok(true)
     }
 
+    /// Signals every ring's `kick` eventfd ourselves, so the epoll set
+    /// stays readable while commands wait (a caller of `process_ready`
+    /// that stopped serving a busy ring comes back for them).
+    pub(crate) fn kick_self(&self) {
+        for r in self.rings.iter().flatten() {
+            let _ = wait::signal_eventfd(&r.kick);
+        }
+    }
+
     /// After the loop woke: every ring awake again.
     pub(crate) fn disarm_sleep(&mut self) {
         for r in self.rings.iter().flatten() {
