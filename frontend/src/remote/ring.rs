@@ -127,8 +127,22 @@ impl RingLink {
         let answered = self.answered;
         let data = self.wait(sock, deadline, |r| r.response(pos, answered))?;
         self.answered = pos.wrapping_add(1);
-        // The answer comes after every command before it was consumed.
-        self.head = self.tail;
+        // The answer comes after every command up to it was consumed: the
+        // backend stores `head` first, so it must read exactly `tail` now.
+        let head = self
+            .ring
+            .consumed(self.head, self.tail)
+            .map_err(AccessError::CorruptRing)?;
+        if head != self.tail {
+            return Err(AccessError::CorruptRing(ring::Error::Corrupt {
+                what: "head after the answer",
+                got: head,
+                base: self.head,
+                tail: self.tail,
+                entries,
+            }));
+        }
+        self.head = head;
         Ok(data)
     }
 
