@@ -90,7 +90,7 @@ impl Transport {
     /// `timeout` for the whole access, on the ring if there is one.
     fn exchange(&mut self, cmd: &Cmd, timeout: Duration) -> Result<u64, AccessError> {
         match &mut self.ring {
-            Some(r) => r.exchange(cmd, &self.sock, &Deadline::after(Some(timeout))),
+            Some(r) => r.exchange(cmd, &self.sock, timeout),
             None => exchange(&self.sock, cmd, timeout),
         }
     }

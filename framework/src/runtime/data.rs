@@ -255,12 +255,23 @@ impl DataPlane {
             source,
         })?;
         // Dispatch by user_data, as a kernel-written stream would need; a
-        // token of another region on this channel is as wrong as an unknown one.
-        let (index, vcpu) = self
-            .by_user_data
-            .get(&cmd.user_data)
-            .copied()
-            .filter(|&(i, _)| i == channel_region)
+        // token of another region on this channel is as wrong as an unknown
+        // one. The channel's own placement says which tokens are its: the
+        // base token, then one per vCPU (the same as `by_user_data`, without
+        // hashing on every command).
+        let index = channel_region;
+        let vcpu = self
+            .placements
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .and_then(|p| {
+                let d = cmd.user_data.wrapping_sub(p.set.user_data);
+                match d {
+                    0 => Some(None),
+                    d if d <= u64::from(p.set.vcpu_tokens()) => Some(Some((d - 1) as u32)),
+                    _ => None,
+                }
+            })
             .ok_or(Error::UnknownUserData {
                 region: channel_region,
                 user_data: cmd.user_data,

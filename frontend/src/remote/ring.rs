@@ -97,19 +97,23 @@ impl RingLink {
         })
     }
 
-    /// Sends `cmd` and, if it asks for one, waits for its answer, all by
-    /// `deadline`. `sock` is the region's data socket, watched for the
-    /// backend's hang-up only.
+    /// Sends `cmd` and, if it asks for one, waits for its answer, all
+    /// within `timeout`. `sock` is the region's data socket, watched for
+    /// the backend's hang-up only.
     pub(crate) fn exchange(
         &mut self,
         cmd: &Cmd,
         sock: &UnixStream,
-        deadline: &Deadline,
+        timeout: Duration,
     ) -> Result<u64, AccessError> {
         let entries = self.ring.entries();
+        // Started only when the access has to wait: a posted write into a
+        // ring with room reads no clock at all.
+        let mut deadline = None;
         if self.tail.wrapping_sub(self.head) >= entries {
             let tail = self.tail;
             let seen = self.head;
+            let deadline = deadline.get_or_insert_with(|| Deadline::after(Some(timeout)));
             self.head = self.wait(sock, deadline, |r| {
                 let head = r.consumed(seen, tail)?;
                 Ok((tail.wrapping_sub(head) < entries).then_some(head))
@@ -125,6 +129,7 @@ impl RingLink {
             return Ok(0);
         }
         let answered = self.answered;
+        let deadline = deadline.get_or_insert_with(|| Deadline::after(Some(timeout)));
         let data = self.wait(sock, deadline, |r| r.response(pos, answered))?;
         self.answered = pos.wrapping_add(1);
         // The answer comes after every command up to it was consumed: the
