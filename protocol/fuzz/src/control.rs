@@ -4,11 +4,12 @@ use std::fmt::Debug;
 
 use outboard_protocol::control::{
     check_name, DeviceInfo, DoorbellInfo, Error, Header, Hello, IrqInfo, MemTable, Payload,
-    RegionIndex, RegionInfo, Request, SetIrq, SetRegion, Status, StatusReply, DEVICE_NAME_LEN,
-    DOORBELL_DATAMATCH, FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY, FLAG_VERSION_MASK, HEADER_SIZE,
-    HEADER_VERSION, IRQ_LEVEL, IRQ_RESAMPLE, MAX_FDS, MAX_MEM_REGIONS, MAX_PAYLOAD,
-    REGION_NAME_LEN, SET_REGION_POSTED, SET_REGION_VCPUS_SHIFT,
+    RegionIndex, RegionInfo, Request, SetCmdRing, SetIrq, SetRegion, Status, StatusReply,
+    DEVICE_NAME_LEN, DOORBELL_DATAMATCH, FLAG_ERROR, FLAG_NEED_REPLY, FLAG_REPLY,
+    FLAG_VERSION_MASK, HEADER_SIZE, HEADER_VERSION, IRQ_LEVEL, IRQ_RESAMPLE, MAX_FDS,
+    MAX_MEM_REGIONS, MAX_PAYLOAD, REGION_NAME_LEN, SET_REGION_POSTED, SET_REGION_VCPUS_SHIFT,
 };
+use outboard_protocol::ring::{area_size, valid_entries};
 
 const FLAGS_KNOWN: u32 = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY | FLAG_ERROR;
 
@@ -206,6 +207,15 @@ pub fn irq_info(data: &[u8]) {
 pub fn set_irq(data: &[u8]) {
     if let Ok(s) = fixed::<SetIrq>(data) {
         assert_eq!(s.flags & !IRQ_RESAMPLE, 0);
+    }
+}
+
+/// SetCmdRing: accepted entries are a valid ring size (a power of two in
+/// 8..=4096), and the ring they describe has a size.
+pub fn set_cmd_ring(data: &[u8]) {
+    if let Ok(s) = fixed::<SetCmdRing>(data) {
+        assert!(valid_entries(s.entries), "{s:?}");
+        assert!(area_size(s.entries).is_ok());
     }
 }
 

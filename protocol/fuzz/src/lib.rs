@@ -21,15 +21,17 @@
 mod control;
 mod data;
 mod host_stream;
+mod ring;
 mod seeds;
 mod state;
 
 pub use control::{
     control_header, device_info, doorbell_info, hello, irq_info, mem_table, region_index,
-    region_info, set_irq, set_region, status_reply,
+    region_info, set_cmd_ring, set_irq, set_region, status_reply,
 };
 pub use data::{ioregionfd_cmd, ioregionfd_resp};
 pub use host_stream::host_stream;
+pub use ring::cmd_ring;
 pub use seeds::seeds;
 pub use state::state_area;
 
@@ -53,6 +55,8 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("mem_table", mem_table),
     ("state_area", state_area),
     ("host_stream", host_stream),
+    ("set_cmd_ring", set_cmd_ring),
+    ("cmd_ring", cmd_ring),
 ];
 
 #[cfg(test)]

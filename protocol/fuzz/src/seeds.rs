@@ -2,9 +2,9 @@
 
 use outboard_protocol::control::{
     DeviceInfo, DeviceKind, DoorbellInfo, Header, Hello, IrqInfo, MemRegion, MemTable, Payload,
-    RegionIndex, RegionInfo, Request, SetIrq, SetRegion, Status, StatusReply, DOORBELL_DATAMATCH,
-    FEATURES_SUPPORTED, IRQ_LEVEL, IRQ_RESAMPLE, REGION_PIO, REGION_POSTED_WRITES, REGION_READ,
-    REGION_WRITE, SET_REGION_POSTED,
+    RegionIndex, RegionInfo, Request, SetCmdRing, SetIrq, SetRegion, Status, StatusReply,
+    DOORBELL_DATAMATCH, FEATURES_SUPPORTED, IRQ_LEVEL, IRQ_RESAMPLE, REGION_PIO,
+    REGION_POSTED_WRITES, REGION_READ, REGION_WRITE, SET_REGION_POSTED,
 };
 use outboard_protocol::{AccessSize, Cmd, Resp};
 
@@ -126,6 +126,28 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 flags: IRQ_LEVEL,
             }
             .encode(),
+        ],
+        "set_cmd_ring" => vec![
+            SetCmdRing {
+                index: 0,
+                entries: 256,
+            }
+            .encode(),
+            SetCmdRing {
+                index: 3,
+                entries: 8,
+            }
+            .encode(),
+        ],
+        "cmd_ring" => vec![
+            // A 256-entry ring: publish, consume, answer, read the answer.
+            vec![
+                5, 2, 1, 0, 0, 0, 1, 0, 0, 0, 0, 5, 9, 0, 0, 0, 3, 0, 0, 0, 0, 4, 0, 0, 0, 0,
+            ],
+            // An 8-entry ring whose peer rewrites tail and head.
+            vec![
+                0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 0,
+            ],
         ],
         "set_irq" => vec![
             SetIrq { index: 0, flags: 0 }.encode(),
