@@ -515,6 +515,16 @@ fn raw_scratch(
     (child, ch, ours)
 }
 
+/// A read on the raw data socket is still answered.
+fn assert_socket_serves(data: &mut std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    data.write_all(&outboard_protocol::Cmd::read(1, 0, AccessSize::B8).encode())
+        .unwrap();
+    let mut resp = [0u8; 32];
+    data.read_exact(&mut resp).unwrap();
+    assert_eq!(outboard_protocol::Resp::decode(&resp).unwrap().data, ID);
+}
+
 fn eventfd() -> vmm_sys_util::eventfd::EventFd {
     vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()
 }
@@ -523,7 +533,6 @@ fn eventfd() -> vmm_sys_util::eventfd::EventFd {
 fn set_cmd_ring_when_fds_or_region_wrong_then_spec_status_and_backend_serves_on() {
     use outboard_protocol::control::{Payload, Request, SetCmdRing, Status, FEATURES_SUPPORTED};
     use outboard_protocol::ring::Ring;
-    use std::io::{Read, Write};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let (mut child, ch, mut data) = raw_scratch(FEATURES_SUPPORTED);
     let set = SetCmdRing {
@@ -580,11 +589,7 @@ fn set_cmd_ring_when_fds_or_region_wrong_then_spec_status_and_backend_serves_on(
         assert_eq!(outboard_tests::error_status(&m), Some(status), "{what}");
     }
     // Still serving on the data socket.
-    data.write_all(&outboard_protocol::Cmd::read(1, 0, AccessSize::B8).encode())
-        .unwrap();
-    let mut resp = [0u8; 32];
-    data.read_exact(&mut resp).unwrap();
-    assert_eq!(outboard_protocol::Resp::decode(&resp).unwrap().data, ID);
+    assert_socket_serves(&mut data);
     drop(ch);
     assert!(outboard_tests::wait_exit(&mut child).success());
 }
@@ -595,7 +600,6 @@ fn set_cmd_ring_when_not_negotiated_then_unsupported_and_socket_serves() {
         Payload, Request, SetCmdRing, Status, FEATURES_SUPPORTED, F_CMD_RING,
     };
     use outboard_protocol::ring::Ring;
-    use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
     let (mut child, ch, mut data) = raw_scratch(FEATURES_SUPPORTED & !F_CMD_RING);
     let (_ring, memfd) = Ring::create(8).unwrap();
@@ -611,11 +615,7 @@ fn set_cmd_ring_when_not_negotiated_then_unsupported_and_socket_serves() {
         &[memfd.as_raw_fd(), k.as_raw_fd(), n.as_raw_fd()],
     );
     assert_eq!(outboard_tests::error_status(&m), Some(Status::Unsupported));
-    data.write_all(&outboard_protocol::Cmd::read(1, 0, AccessSize::B8).encode())
-        .unwrap();
-    let mut resp = [0u8; 32];
-    data.read_exact(&mut resp).unwrap();
-    assert_eq!(outboard_protocol::Resp::decode(&resp).unwrap().data, ID);
+    assert_socket_serves(&mut data);
     drop(ch);
     assert!(outboard_tests::wait_exit(&mut child).success());
 }

@@ -247,6 +247,15 @@ mod tests {
         unsafe { std::os::fd::FromRawFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(e)) }
     }
 
+    /// Gives placed region 0 of `r` an 8-entry ring made of `fds`.
+    fn ring_on_region_0(r: &mut crate::runtime::data::tests::Rig, fds: Vec<OwnedFd>) {
+        let set = SetCmdRing {
+            index: 0,
+            entries: 8,
+        };
+        r.plane.set_ring(set, fds, &r.epoll).unwrap();
+    }
+
     fn dup(fd: &OwnedFd) -> OwnedFd {
         fd.try_clone().unwrap()
     }
@@ -298,16 +307,7 @@ mod tests {
         let (front, memfd) = Ring::create(8).unwrap();
         let notify = eventfd();
         let fds = vec![dup(&memfd), eventfd(), dup(&notify)];
-        r.plane
-            .set_ring(
-                SetCmdRing {
-                    index: 0,
-                    entries: 8,
-                },
-                fds,
-                &r.epoll,
-            )
-            .unwrap();
+        ring_on_region_0(&mut r, fds);
         for p in 0..7u32 {
             front.put(
                 p,
@@ -337,16 +337,7 @@ mod tests {
         let _sock = r.place(set(0, 0, 1), 0).unwrap();
         let (front, memfd) = Ring::create(8).unwrap();
         let fds = vec![dup(&memfd), eventfd(), eventfd()];
-        r.plane
-            .set_ring(
-                SetCmdRing {
-                    index: 0,
-                    entries: 8,
-                },
-                fds,
-                &r.epoll,
-            )
-            .unwrap();
+        ring_on_region_0(&mut r, fds);
         front.publish(100);
         assert!(matches!(
             r.plane.serve_rings(&mut r.dev, None),
