@@ -193,6 +193,18 @@ pub fn signal_eventfd(fd: &impl AsRawFd) -> Result<Signal, Error> {
     }
 }
 
+/// A pidfd for process `pid` (`pidfd_open`, close-on-exec): readable once
+/// the process has exited, whatever fds it shared.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open just returned this new fd (close-on-exec); we own it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as libc::c_int) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

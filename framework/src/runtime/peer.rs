@@ -206,16 +206,7 @@ fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     pidfd_open(peer_pid(sock)?)
 }
 
-/// A pidfd for process `pid` (`pidfd_open`, close-on-exec).
-pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointers.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open just returned this new fd (close-on-exec); we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
-}
+pub(crate) use outboard_protocol::wait::pidfd_open;
 
 /// The pid of the process at the other end of `sock` (`SO_PEERCRED`).
 fn peer_pid(sock: BorrowedFd<'_>) -> io::Result<libc::pid_t> {

@@ -6,14 +6,16 @@
 //! one synchronous access outstanding, exactly as on the data socket. It
 //! waits for an answer (or for room in a full ring) by spinning for an
 //! adaptive budget, then by sleeping in `poll` on the `notify` eventfd and
-//! the data socket, whose hang-up says the backend is gone: its death is
-//! noticed without any read, within the access's deadline. The budget
+//! the data socket, whose hang-up says the backend is gone, and on the
+//! backend's pidfd where the frontend spawned it (readable once the
+//! process died, even if another process still holds its sockets): its
+//! death is noticed without any read, within the access's deadline. The budget
 //! doubles when a spin meets the answer and halves when it runs out or
 //! when a `sched_yield` shows another process wanted the CPU (perhaps the
 //! very backend it waits for). Every index the
 //! backend wrote is checked before it is used; a lie fails the device.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -68,6 +70,9 @@ pub(crate) struct RingLink {
     kick: EventFd,
     notify: EventFd,
     spin: SpinBudget,
+    /// The backend's process, where the frontend knows it (a spawned
+    /// backend): readable once it died, whoever still holds its sockets.
+    pidfd: Option<OwnedFd>,
 }
 
 impl RingLink {
@@ -86,6 +91,11 @@ impl RingLink {
             [memfd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()],
         )
         .map_err(Error::Refused)?;
+        // Taken while the backend has just answered, so the pid is its own.
+        let pidfd = conn
+            .pid()
+            .and_then(|p| libc::pid_t::try_from(p).ok())
+            .and_then(|p| wait::pidfd_open(p).ok());
         Ok(RingLink {
             ring,
             tail: 0,
@@ -94,6 +104,7 @@ impl RingLink {
             kick,
             notify,
             spin: SpinBudget::with_floor(SPIN_MAX, SPIN_FLOOR),
+            pidfd,
         })
     }
 
@@ -205,9 +216,14 @@ impl RingLink {
         }
     }
 
-    /// Sleeps until `notify` is signalled, the backend hangs up or the
-    /// deadline passes.
+    /// Sleeps until `notify` is signalled, the backend hangs up or exits,
+    /// or the deadline passes.
     fn sleep(&self, sock: &UnixStream, deadline: &Deadline) -> Result<(), AccessError> {
+        let pid = libc::pollfd {
+            fd: self.pidfd.as_ref().map_or(-1, |p| p.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         let mut fds = [
             libc::pollfd {
                 fd: self.notify.as_raw_fd(),
@@ -220,10 +236,12 @@ impl RingLink {
                 events: libc::POLLRDHUP,
                 revents: 0,
             },
+            // A negative fd is skipped by poll.
+            pid,
         ];
         let ms = deadline.poll_timeout().ok_or(AccessError::Timeout)?;
-        // SAFETY: two valid pollfds in a live array, for the call only.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        // SAFETY: three valid pollfds in a live array, for the call only.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -235,7 +253,9 @@ impl RingLink {
             // Nonblocking; the counter only says "look again".
             let _ = self.notify.read();
         }
-        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+            || fds[2].revents & libc::POLLIN != 0
+        {
             return Err(AccessError::BackendGone);
         }
         if n == 0 && deadline.poll_timeout().is_none() {
