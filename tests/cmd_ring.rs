@@ -525,6 +525,28 @@ fn assert_socket_serves(data: &mut std::os::unix::net::UnixStream) {
     assert_eq!(outboard_protocol::Resp::decode(&resp).unwrap().data, ID);
 }
 
+/// Sends SET_CMD_RING for region 0 with a fresh 8-entry ring; the reply,
+/// the frontend's half of the ring and its kick eventfd.
+fn offer_ring(
+    ch: &outboard_protocol::channel::Channel,
+) -> (
+    outboard_protocol::channel::Message,
+    outboard_protocol::ring::Ring,
+    vmm_sys_util::eventfd::EventFd,
+) {
+    use outboard_protocol::control::{Payload, Request, SetCmdRing};
+    use std::os::fd::AsRawFd;
+    let (ring, memfd) = outboard_protocol::ring::Ring::create(8).unwrap();
+    let (kick, notify) = (eventfd(), eventfd());
+    let set = SetCmdRing {
+        index: 0,
+        entries: 8,
+    };
+    let fds = [memfd.as_raw_fd(), kick.as_raw_fd(), notify.as_raw_fd()];
+    let m = outboard_tests::call(ch, Request::SetCmdRing, &set.encode(), &fds);
+    (m, ring, kick)
+}
+
 fn eventfd() -> vmm_sys_util::eventfd::EventFd {
     vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap()
 }
@@ -596,24 +618,9 @@ fn set_cmd_ring_when_fds_or_region_wrong_then_spec_status_and_backend_serves_on(
 
 #[test]
 fn set_cmd_ring_when_not_negotiated_then_unsupported_and_socket_serves() {
-    use outboard_protocol::control::{
-        Payload, Request, SetCmdRing, Status, FEATURES_SUPPORTED, F_CMD_RING,
-    };
-    use outboard_protocol::ring::Ring;
-    use std::os::fd::AsRawFd;
+    use outboard_protocol::control::{Status, FEATURES_SUPPORTED, F_CMD_RING};
     let (mut child, ch, mut data) = raw_scratch(FEATURES_SUPPORTED & !F_CMD_RING);
-    let (_ring, memfd) = Ring::create(8).unwrap();
-    let (k, n) = (eventfd(), eventfd());
-    let set = SetCmdRing {
-        index: 0,
-        entries: 8,
-    };
-    let m = outboard_tests::call(
-        &ch,
-        Request::SetCmdRing,
-        &set.encode(),
-        &[memfd.as_raw_fd(), k.as_raw_fd(), n.as_raw_fd()],
-    );
+    let (m, _ring, _kick) = offer_ring(&ch);
     assert_eq!(outboard_tests::error_status(&m), Some(Status::Unsupported));
     assert_socket_serves(&mut data);
     drop(ch);
@@ -622,22 +629,9 @@ fn set_cmd_ring_when_not_negotiated_then_unsupported_and_socket_serves() {
 
 #[test]
 fn ring_when_frontend_publishes_past_the_ring_then_backend_exits_naming_the_corrupt_ring() {
-    use outboard_protocol::control::{Payload, Request, SetCmdRing, FEATURES_SUPPORTED};
-    use outboard_protocol::ring::Ring;
-    use std::os::fd::AsRawFd;
+    use outboard_protocol::control::FEATURES_SUPPORTED;
     let (mut child, ch, _data) = raw_scratch(FEATURES_SUPPORTED);
-    let (ring, memfd) = Ring::create(8).unwrap();
-    let (k, n) = (eventfd(), eventfd());
-    let set = SetCmdRing {
-        index: 0,
-        entries: 8,
-    };
-    let m = outboard_tests::call(
-        &ch,
-        Request::SetCmdRing,
-        &set.encode(),
-        &[memfd.as_raw_fd(), k.as_raw_fd(), n.as_raw_fd()],
-    );
+    let (m, ring, k) = offer_ring(&ch);
     assert_eq!(outboard_tests::error_status(&m), None);
     // An honest command first, answered on the ring.
     ring.put(
