@@ -78,7 +78,7 @@ impl<D: Device> Backend<D> {
         }
         // With command rings, a blocking wait first polls them for the spin
         // budget, then marks them asleep (and looks once more) before it blocks.
-        let rings = timeout_ms != 0 && self.data.has_rings();
+        let rings = self.data.has_rings();
         if rings {
             if self.spin()? == Flow::Exit {
                 return Ok(Flow::Exit);
