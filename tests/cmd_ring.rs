@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use outboard_backends::scratch::{self, ID};
-use outboard_frontend::{AccessSize, DeviceSpec};
+use outboard_frontend::{AccessError, AccessSize, DeviceSpec};
 use outboard_tests::frontend;
 
 const T: Duration = Duration::from_secs(10);
@@ -132,6 +132,40 @@ fn ring_when_two_vcpus_post_10000_writes_each_then_each_region_reads_them_all_in
     );
 }
 
+/// Hammers reads of a scratch register at `addr` from another thread and,
+/// once 1000 were served (both sides spinning on the ring), calls `kill`.
+/// Returns the error the hammering thread's access ended with.
+fn kill_mid_spin(
+    bus: &std::sync::Arc<outboard_frontend::Bus>,
+    addr: u64,
+    kill: impl FnOnce(),
+) -> AccessError {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let served = std::sync::Arc::new(AtomicU64::new(0));
+    let hammer = {
+        let (bus, served) = (bus.clone(), served.clone());
+        std::thread::spawn(move || loop {
+            match bus.try_read(addr, AccessSize::B8) {
+                Ok(v) => {
+                    assert_eq!(v, ID, "a served read is never garbage");
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return e,
+            }
+        })
+    };
+    while served.load(Ordering::Relaxed) < 1000 {
+        assert!(!hammer.is_finished(), "the reads failed before the kill");
+        std::thread::yield_now();
+    }
+    kill();
+    let t = std::time::Instant::now();
+    let why = hammer.join().unwrap();
+    // Hang detector only: the wait is bounded by the access deadline.
+    assert!(t.elapsed() < outboard_tests::HANG_GUARD * 2);
+    why
+}
+
 #[test]
 fn ring_when_backend_sigkilled_mid_spin_then_device_fails_within_deadline_and_others_serve() {
     let mut fe = frontend(Duration::from_secs(2));
@@ -147,32 +181,12 @@ fn ring_when_backend_sigkilled_mid_spin_then_device_fails_within_deadline_and_ot
     );
     let pid = fe.device("victim").unwrap().pid().unwrap();
     let bus = fe.mmio().clone();
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let hammer = {
-        let (bus, served) = (bus.clone(), served.clone());
-        std::thread::spawn(move || loop {
-            match bus.try_read(victim, AccessSize::B8) {
-                Ok(v) => {
-                    assert_eq!(v, ID, "a served read is never garbage");
-                    served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e) => return e.to_string(),
-            }
-        })
-    };
-    // Kill the backend while a stream of reads keeps it spinning.
-    while served.load(std::sync::atomic::Ordering::Relaxed) < 1000 {
-        std::thread::yield_now();
-    }
-    outboard_tests::signal(pid, libc::SIGKILL);
-    let t = std::time::Instant::now();
-    let why = hammer.join().unwrap();
+    let why = kill_mid_spin(&bus, victim, || outboard_tests::signal(pid, libc::SIGKILL));
     assert!(
-        why.contains("backend") || why.contains("failed"),
-        "the access failed for the backend's death: {why}"
+        matches!(why, AccessError::BackendGone),
+        "the access failed for the backend's death, not its deadline: {}",
+        outboard_protocol::error_chain(&why)
     );
-    // Hang detector only: the wait is bounded by the access deadline.
-    assert!(t.elapsed() < Duration::from_secs(30));
     let d = fe.device("victim").unwrap();
     assert!(d.is_failed(), "the device failed once");
     assert_eq!(
@@ -185,6 +199,36 @@ fn ring_when_backend_sigkilled_mid_spin_then_device_fails_within_deadline_and_ot
         ID,
         "others serve"
     );
+}
+
+#[test]
+fn ring_when_connected_backend_sigkilled_mid_spin_then_its_socket_hang_up_fails_the_device() {
+    // A backend the frontend did not spawn: no pidfd to watch, so only the
+    // data socket's hang-up can wake the sleeping access. The deadline is
+    // long, so an access that noticed nothing would end in Timeout instead.
+    let (mut child, path) = outboard_tests::spawn_listening("outboard-scratch", &[]);
+    let mut fe = frontend(outboard_tests::HANG_GUARD);
+    let (far, _) = ring_device(&mut fe, "far", DeviceSpec::connect("far", &path));
+    assert_eq!(fe.device("far").unwrap().pid(), None, "not spawned here");
+    let (other, _) = ring_device(
+        &mut fe,
+        "other",
+        DeviceSpec::spawn("other", "outboard-scratch", &[]),
+    );
+    let bus = fe.mmio().clone();
+    let why = kill_mid_spin(&bus, far, || child.kill().unwrap());
+    assert!(
+        matches!(why, AccessError::BackendGone),
+        "the hang-up, not the deadline: {}",
+        outboard_protocol::error_chain(&why)
+    );
+    assert!(fe.device("far").unwrap().is_failed());
+    assert!(matches!(
+        bus.try_read(far, AccessSize::B8),
+        Err(AccessError::DeviceFailed(_))
+    ));
+    assert_eq!(bus.try_read(other, AccessSize::B8).unwrap(), ID);
+    let _ = child.wait();
 }
 
 #[test]
@@ -247,7 +291,8 @@ fn ring_when_device_asks_for_none_then_commands_stay_on_the_data_socket() {
 }
 
 /// A backend written from docs/protocol.md that offers command rings
-/// (or not) and, once it has one, lies in it as `lie` says.
+/// (or not) and, once it has one, lies in it as `lie` says. Its one
+/// region takes posted writes.
 mod fake {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::{UnixListener, UnixStream};
@@ -258,7 +303,8 @@ mod fake {
     use outboard_protocol::channel::Channel;
     use outboard_protocol::control::{
         DeviceInfo, DeviceKind, Header, Hello, Payload, RegionInfo, Request, SetCmdRing, Status,
-        StatusReply, FEATURES_SUPPORTED, F_CMD_RING, REGION_READ, REGION_WRITE,
+        StatusReply, FEATURES_SUPPORTED, F_CMD_RING, REGION_POSTED_WRITES, REGION_READ,
+        REGION_WRITE,
     };
     use outboard_protocol::ioregionfd::{Cmd, Resp, CMD_SIZE};
     use outboard_protocol::ring::Ring;
@@ -273,6 +319,8 @@ mod fake {
         HeadPastTail,
         /// Answers with a sequence that is neither the last nor the expected.
         WrongSequence,
+        /// Takes the ring, stays connected, and never consumes a command.
+        Silent,
     }
 
     pub const VALUE: u64 = 0x5a;
@@ -319,7 +367,7 @@ mod fake {
                 Request::GetRegionInfo => reply(
                     &RegionInfo {
                         index: 0,
-                        flags: REGION_READ | REGION_WRITE,
+                        flags: REGION_READ | REGION_WRITE | REGION_POSTED_WRITES,
                         size: 16,
                         preferred_addr: 0,
                         access_sizes: 0x0f,
@@ -342,7 +390,9 @@ mod fake {
                     let ring = Ring::open(&fds.next().unwrap(), set.entries).unwrap();
                     let _kick = fds.next().unwrap();
                     let notify = fds.next().unwrap();
-                    workers.push(std::thread::spawn(move || serve_ring(ring, notify, lie)));
+                    if lie != Lie::Silent {
+                        workers.push(std::thread::spawn(move || serve_ring(ring, notify, lie)));
+                    }
                     ok();
                 }
                 Request::Shutdown => {
@@ -465,15 +515,26 @@ fn ring_when_backend_lies_about_indices_then_corrupt_ring_fails_only_that_device
             match fe.mmio().try_read(base, AccessSize::B4) {
                 Ok(v) => assert_eq!(v, fake::VALUE, "{lie:?}: a value is never garbage"),
                 Err(e) => {
-                    err = Some(outboard_protocol::error_chain(&e));
+                    err = Some(e);
                     break;
                 }
             }
         }
         let err = err.unwrap_or_else(|| panic!("{lie:?}: the lie went unnoticed"));
-        assert!(err.contains("corrupt"), "{lie:?}: {err}");
+        assert!(
+            matches!(err, AccessError::CorruptRing(_)),
+            "{lie:?}: {}",
+            outboard_protocol::error_chain(&err)
+        );
         let failure = fe.device(&name).unwrap().failure().unwrap();
         assert!(failure.contains("corrupt"), "{lie:?}: {failure}");
+        assert!(
+            matches!(
+                fe.mmio().try_read(base, AccessSize::B4),
+                Err(AccessError::DeviceFailed(_))
+            ),
+            "{lie:?}: later accesses fail fast"
+        );
         assert_eq!(fe.mmio().read(base, AccessSize::B4), 0xffff_ffff);
         assert_eq!(
             fe.mmio().try_read(other, AccessSize::B8).unwrap(),
@@ -481,6 +542,40 @@ fn ring_when_backend_lies_about_indices_then_corrupt_ring_fails_only_that_device
             "others serve"
         );
     }
+}
+
+#[test]
+fn ring_when_backend_never_consumes_then_posted_writes_fill_it_and_the_next_times_out() {
+    let mut fe = frontend(Duration::from_millis(500));
+    let other = fe
+        .attach(&DeviceSpec::spawn("other", "outboard-scratch", &[]))
+        .unwrap()
+        .placed(0)
+        .unwrap()
+        .addr;
+    let (path, _fake) = fake::start(fake::Lie::Silent);
+    let d = fe
+        .attach(&DeviceSpec::connect("mute", &path).cmd_ring(8))
+        .unwrap();
+    assert!(d.on_ring(0));
+    let base = d.placed(0).unwrap().addr;
+    // Posted writes need no answer: exactly as many as the ring holds go in.
+    for x in 0..8u64 {
+        fe.mmio().try_write(base, AccessSize::B4, x).unwrap();
+    }
+    // The ninth waits for room that never comes, until its deadline.
+    let e = fe.mmio().try_write(base, AccessSize::B4, 8).unwrap_err();
+    assert!(
+        matches!(e, AccessError::Timeout),
+        "{}",
+        outboard_protocol::error_chain(&e)
+    );
+    assert!(fe.device("mute").unwrap().is_failed());
+    assert!(matches!(
+        fe.mmio().try_write(base, AccessSize::B4, 9),
+        Err(AccessError::DeviceFailed(_))
+    ));
+    assert_eq!(fe.mmio().try_read(other, AccessSize::B8).unwrap(), ID);
 }
 
 /// A raw frontend on a real scratch backend: HELLO (with `features`), one
