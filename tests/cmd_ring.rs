@@ -271,6 +271,48 @@ fn ring_when_backend_sigkilled_under_restart_policy_then_resumes_on_a_new_ring_w
 }
 
 #[test]
+fn ring_when_stateful_backend_sigkilled_after_posted_writes_then_state_and_replay_restore_the_last_value(
+) {
+    // The UART keeps its registers in a state area and takes posted writes.
+    // Round 0 kills it right after a burst (the state holds what it served);
+    // round 1 stops it first, so not one of the burst leaves the ring and
+    // every write reaches the new backend by the replay on its data socket,
+    // before its new ring carries the read.
+    let mut g = outboard_tests::guest(T);
+    g.fe.attach(
+        &DeviceSpec::spawn("com1", "outboard-uart", &["--output", "/dev/null"])
+            .restart(outboard_frontend::restart::RestartPolicy::on_failure()),
+    )
+    .unwrap();
+    let d = g.fe.device("com1").unwrap();
+    assert!(d.on_ring(0), "the UART's registers are on a ring");
+    assert!(d.placed(0).unwrap().posted, "its writes are posted");
+    let scr = d.placed(0).unwrap().addr + 7;
+    let pio = g.fe.pio().clone();
+    for (round, stop) in [false, true].into_iter().enumerate() {
+        let pid = g.fe.device("com1").unwrap().pid().unwrap();
+        if stop {
+            outboard_tests::signal(pid, libc::SIGSTOP);
+        }
+        // Fewer than the ring's entries: none waits for room.
+        for x in 1..=200u64 {
+            pio.try_write(scr, AccessSize::B1, (x + 17 * round as u64) & 0xff)
+                .unwrap();
+        }
+        outboard_tests::signal(pid, libc::SIGKILL);
+        assert_eq!(
+            pio.try_read(scr, AccessSize::B1).unwrap(),
+            (200 + 17 * round as u64) & 0xff,
+            "stopped first: {stop}"
+        );
+        let d = g.fe.device("com1").unwrap();
+        assert_ne!(d.pid().unwrap(), pid, "a new backend");
+        assert!(d.on_ring(0), "on a new ring");
+        assert!(!d.is_failed());
+    }
+}
+
+#[test]
 fn ring_when_device_asks_for_none_then_commands_stay_on_the_data_socket() {
     let mut fe = frontend(T);
     let d = fe
