@@ -629,12 +629,27 @@ fn raw_scratch(
     outboard_protocol::channel::Channel,
     std::os::unix::net::UnixStream,
 ) {
+    raw_backend("outboard-scratch", features, |_| {})
+}
+
+/// [`raw_scratch`] for any backend `program`; `setup` runs on the control
+/// channel right after HELLO.
+fn raw_backend(
+    program: &str,
+    features: u64,
+    setup: impl FnOnce(&outboard_protocol::channel::Channel),
+) -> (
+    std::process::Child,
+    outboard_protocol::channel::Channel,
+    std::os::unix::net::UnixStream,
+) {
     use outboard_protocol::control::{Hello, Payload, Request, SetRegion};
     use std::os::fd::AsRawFd;
-    let (child, path) = outboard_tests::spawn_listening("outboard-scratch", &[]);
+    let (child, path) = outboard_tests::spawn_listening(program, &[]);
     let ch = outboard_tests::connect(&path);
     let m = outboard_tests::call(&ch, Request::Hello, &Hello::ours(features).encode(), &[]);
     assert_eq!(outboard_tests::error_status(&m), None);
+    setup(&ch);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let set = SetRegion {
         index: 0,
@@ -801,4 +816,65 @@ fn ring_when_frontend_publishes_past_the_ring_then_backend_exits_naming_the_corr
         "{stderr}"
     );
     drop(ch);
+}
+
+#[test]
+fn ring_when_command_published_without_a_kick_then_a_control_request_serves_it_first() {
+    use outboard_protocol::control::{Request, FEATURES_SUPPORTED};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // The UART keeps state, so SAVE_STATE can pause it: after that reply
+    // the backend serves control only, and a ring command it had not
+    // taken before the reply would stay unconsumed for good.
+    let (mut child, ch, _data) = raw_backend("outboard-uart", FEATURES_SUPPORTED, |ch| {
+        // SAFETY: (test) a NUL-terminated name, plain flags; owned at once.
+        let area = unsafe {
+            OwnedFd::from_raw_fd(libc::memfd_create(
+                c"state".as_ptr(),
+                libc::MFD_ALLOW_SEALING,
+            ))
+        };
+        std::fs::File::from(area.try_clone().unwrap())
+            .set_len(64 << 10)
+            .unwrap();
+        // SAFETY: (test) adds a seal to our memfd.
+        let rc = unsafe { libc::fcntl(area.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(rc, 0);
+        let m = outboard_tests::call(ch, Request::SetStateArea, &[], &[area.as_raw_fd()]);
+        assert_eq!(outboard_tests::error_status(&m), None);
+    });
+    let (m, ring, kick) = offer_ring(&ch);
+    assert_eq!(outboard_tests::error_status(&m), None);
+    // A first read, kicked and answered: the ring works.
+    let scratch_reg = 7; // the 16550's scratch register
+    ring.put(
+        0,
+        &outboard_protocol::Cmd::read(1, scratch_reg, AccessSize::B1).encode(),
+    );
+    if ring.publish(1) {
+        kick.write(1).unwrap();
+    }
+    let deadline = std::time::Instant::now() + T;
+    while ring.response(0, 0).unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer on the ring"
+        );
+        std::thread::yield_now();
+    }
+    // Let the backend's spin run out so that it sleeps in epoll_wait, then
+    // publish a write and do not kick: only the control request wakes it.
+    std::thread::sleep(Duration::from_millis(50));
+    let write = outboard_protocol::Cmd::write(1, scratch_reg, AccessSize::B1, 0x5a, true);
+    ring.put(1, &write.encode());
+    assert!(ring.publish(2), "the backend slept");
+    let m = outboard_tests::call(&ch, Request::SaveState, &[], &[]);
+    assert_eq!(outboard_tests::error_status(&m), None);
+    // Paused now: what it consumed, it consumed before answering.
+    assert_eq!(
+        ring.consumed(1, 2).unwrap(),
+        2,
+        "the write was served before SAVE_STATE"
+    );
+    drop(ch);
+    assert!(outboard_tests::wait_exit(&mut child).success());
 }
